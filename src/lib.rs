@@ -1,0 +1,11 @@
+//! latchkey: a local forward proxy that lets AI agents call real APIs with a short-lived,
+//! scoped token while the real credential is injected from an encrypted store.
+//!
+//! One request flows `proxy::server -> tls -> auth -> policy -> inject -> proxy::forward -> audit`.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod authority;
+pub mod policy;
+pub mod secrets;
+pub mod tls;
