@@ -9,3 +9,5 @@ pub mod authority;
 pub mod policy;
 pub mod secrets;
 pub mod tls;
+pub mod auth;
+pub mod fsutil;

@@ -1,0 +1,543 @@
+//! Agent tokens: latchkey's own Ed25519 signing key, issuing JWTs, verifying them, and the
+//! revocation list. The algorithm is pinned to EdDSA and never read from the token.
+//!
+//! SECURITY: the token is the agent's only credential. It is never logged, never forwarded
+//! upstream, and never part of an error message.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use http::HeaderValue;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::policy::decision::{AuthStage, Deny};
+
+/// Issuer claim of every latchkey token.
+pub const ISSUER: &str = "latchkey";
+/// Audience claim of every latchkey token.
+pub const AUDIENCE: &str = "latchkey-proxy";
+/// Tokens longer than this are refused before any parsing (a cheap DoS guard).
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (the contract says at most one).
+pub const LEEWAY_SECS: u64 = 1;
+
+const SIGNING_KEY_FILE: &str = "signing.key";
+const VERIFY_KEY_FILE: &str = "signing.pub";
+const REVOCATIONS_FILE: &str = "revocations.json";
+
+/// The claims of an agent token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Always `latchkey`.
+    pub iss: String,
+    /// Always `latchkey-proxy`.
+    pub aud: String,
+    /// The agent name.
+    pub sub: String,
+    /// Session id.
+    pub jti: String,
+    /// Issued at (unix seconds).
+    pub iat: u64,
+    /// Expiry (unix seconds).
+    pub exp: u64,
+    /// Not before (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// The user on whose behalf the agent acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obo: Option<String>,
+    /// Free text describing the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Narrowing to a subset of the agent's route ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<String>>,
+}
+
+impl Claims {
+    /// Whether `exp` has passed at `now` (unix seconds), with the contract's leeway.
+    pub fn is_expired_at(&self, now: u64) -> bool {
+        now > self.exp.saturating_add(LEEWAY_SECS)
+    }
+}
+
+/// What to put in a new token.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    /// Agent name (`sub`).
+    pub agent: String,
+    /// Lifetime.
+    pub ttl: Duration,
+    /// Delegating user.
+    pub on_behalf_of: Option<String>,
+    /// Task text.
+    pub task: Option<String>,
+    /// Route narrowing; empty means every route of the agent.
+    pub routes: Vec<String>,
+}
+
+/// Errors loading keys or issuing tokens (CLI side). Verification failures are `Deny`s.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Reading or writing a key file failed.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file exists but cannot be used.
+    #[error("the token key file {0} is not a valid Ed25519 PEM key")]
+    BadKey(PathBuf),
+    /// Generating a key failed.
+    #[error("cannot generate a token signing key: {0}")]
+    KeyGeneration(String),
+    /// Signing failed.
+    #[error("cannot sign the token: {0}")]
+    Signing(String),
+    /// The revocation list cannot be parsed.
+    #[error("the revocation list {0} is corrupted")]
+    BadRevocations(PathBuf),
+}
+
+/// latchkey's token keys: the private key (for `token issue`) and the verification key.
+pub struct TokenKeys {
+    encoding: Option<EncodingKey>,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys { [redacted] }")
+    }
+}
+
+impl TokenKeys {
+    /// Load the key pair from the state dir, creating it (private key 0600) on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<TokenKeys, AuthError> {
+        let key_path = state_dir.join(SIGNING_KEY_FILE);
+        let pub_path = state_dir.join(VERIFY_KEY_FILE);
+        if !key_path.exists() {
+            fsutil::ensure_private_dir(state_dir).map_err(|source| AuthError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+                .map_err(|e| AuthError::KeyGeneration(e.to_string()))?;
+            let private = zeroize::Zeroizing::new(pair.serialize_pem());
+            // Public key first: a crash between the two writes leaves no private key without its
+            // public half, and the next start regenerates both.
+            fsutil::write_atomic(&pub_path, pair.public_key_pem().as_bytes(), 0o644).map_err(
+                |source| AuthError::Io {
+                    path: pub_path.clone(),
+                    source,
+                },
+            )?;
+            fsutil::write_atomic(&key_path, private.as_bytes(), 0o600).map_err(|source| {
+                AuthError::Io {
+                    path: key_path.clone(),
+                    source,
+                }
+            })?;
+        }
+        let private = zeroize::Zeroizing::new(fs::read(&key_path).map_err(|source| {
+            AuthError::Io {
+                path: key_path.clone(),
+                source,
+            }
+        })?);
+        let encoding =
+            EncodingKey::from_ed_pem(&private).map_err(|_| AuthError::BadKey(key_path.clone()))?;
+        let public = fs::read(&pub_path).map_err(|source| AuthError::Io {
+            path: pub_path.clone(),
+            source,
+        })?;
+        let decoding =
+            DecodingKey::from_ed_pem(&public).map_err(|_| AuthError::BadKey(pub_path.clone()))?;
+        Ok(TokenKeys {
+            encoding: Some(encoding),
+            decoding,
+            validation: pinned_validation(),
+        })
+    }
+
+    /// Issue a token. Returns the JWT and its claims.
+    pub fn issue(&self, spec: &TokenSpec) -> Result<(String, Claims), AuthError> {
+        let encoding = self
+            .encoding
+            .as_ref()
+            .ok_or_else(|| AuthError::Signing("no private key loaded".into()))?;
+        let now = unix_now();
+        let claims = Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: spec.agent.clone(),
+            jti: new_id(),
+            iat: now,
+            exp: now + spec.ttl.as_secs().max(1),
+            nbf: Some(now),
+            obo: spec.on_behalf_of.clone(),
+            task: spec.task.clone(),
+            routes: if spec.routes.is_empty() {
+                None
+            } else {
+                Some(spec.routes.clone())
+            },
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, encoding)
+            .map_err(|e| AuthError::Signing(e.to_string()))?;
+        Ok((token, claims))
+    }
+
+    /// Verify signature and claims. `stage` decides 407 vs 403 for expiry.
+    pub fn verify(&self, token: &str, stage: AuthStage) -> Result<Claims, Deny> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(Deny::TokenInvalid("the token is too long"));
+        }
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => Deny::TokenExpired(stage),
+                ErrorKind::InvalidSignature => Deny::TokenInvalid("bad signature"),
+                ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+                    Deny::TokenInvalid("wrong algorithm")
+                }
+                ErrorKind::InvalidIssuer => Deny::TokenInvalid("wrong issuer"),
+                ErrorKind::InvalidAudience => Deny::TokenInvalid("wrong audience"),
+                ErrorKind::ImmatureSignature => Deny::TokenInvalid("not valid yet (nbf)"),
+                ErrorKind::MissingRequiredClaim(_) => Deny::TokenInvalid("a required claim is missing"),
+                ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => {
+                    Deny::TokenInvalid("a claim has the wrong format")
+                }
+                _ => Deny::TokenInvalid("malformed token"),
+            })?;
+        let claims = data.claims;
+        if claims.jti.is_empty() || claims.sub.is_empty() {
+            return Err(Deny::TokenInvalid("a required claim is missing"));
+        }
+        // SECURITY: jsonwebtoken does not check `iat`; a token "issued" in the future was not
+        // minted by this clock and is refused.
+        if claims.iat > unix_now() + LEEWAY_SECS {
+            return Err(Deny::TokenInvalid("issued in the future (iat)"));
+        }
+        Ok(claims)
+    }
+}
+
+fn pinned_validation() -> Validation {
+    // SECURITY: the algorithm list is fixed to EdDSA, so `alg: none`, HS256-with-public-key and
+    // any other algorithm confusion fails before the signature is even looked at.
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_issuer(&[ISSUER]);
+    v.set_audience(&[AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub", "jti"]);
+    v.leeway = LEEWAY_SECS;
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v
+}
+
+/// Extract the token from a `Proxy-Authorization` header: `Basic base64(user:token)` (any user
+/// name) or `Bearer token`.
+pub fn token_from_header(value: Option<&HeaderValue>) -> Result<String, Deny> {
+    let value = value.ok_or(Deny::TokenMissing)?;
+    let text = value
+        .to_str()
+        .map_err(|_| Deny::TokenInvalid("the Proxy-Authorization header is not ASCII"))?
+        .trim();
+    if text.is_empty() {
+        return Err(Deny::TokenMissing);
+    }
+    let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        if rest.is_empty() {
+            return Err(Deny::TokenMissing);
+        }
+        return Ok(rest.to_owned());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        if rest.len() > MAX_TOKEN_LEN * 2 {
+            return Err(Deny::TokenInvalid("the token is too long"));
+        }
+        let decoded = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .map_err(|_| Deny::TokenInvalid("the Basic credentials are not base64"))?,
+        );
+        let text = std::str::from_utf8(&decoded)
+            .map_err(|_| Deny::TokenInvalid("the Basic credentials are not UTF-8"))?;
+        let (_user, password) = text
+            .split_once(':')
+            .ok_or(Deny::TokenInvalid("the Basic credentials have no password"))?;
+        if password.is_empty() {
+            return Err(Deny::TokenMissing);
+        }
+        return Ok(password.to_owned());
+    }
+    Err(Deny::TokenInvalid("unsupported Proxy-Authorization scheme"))
+}
+
+/// Seconds since the unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random 128-bit id, hex (session ids and request ids).
+pub fn new_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+/// The revocation list as stored on disk.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct RevocationFile {
+    /// Revoked session ids and their token's expiry (kept until then, then pruned).
+    #[serde(default)]
+    sessions: HashMap<String, u64>,
+    /// Per agent: every token issued at or before this unix second is revoked.
+    #[serde(default)]
+    agents: HashMap<String, u64>,
+}
+
+/// Revoked sessions and agents, shared by the CLI (writes) and the proxy (reads, reloaded when
+/// the file changes).
+pub struct Revocations {
+    path: PathBuf,
+    current: ArcSwap<RevocationFile>,
+    stamp: std::sync::Mutex<Option<fsutil::FileStamp>>,
+}
+
+impl Revocations {
+    /// Open the list in the state dir (a missing file is an empty list).
+    pub fn open(state_dir: &Path) -> Result<Revocations, AuthError> {
+        let r = Revocations {
+            path: state_dir.join(REVOCATIONS_FILE),
+            current: ArcSwap::from_pointee(RevocationFile::default()),
+            stamp: std::sync::Mutex::new(None),
+        };
+        r.reload_if_changed()?;
+        Ok(r)
+    }
+
+    /// Re-read the file if it changed since the last read. Cheap when unchanged (one stat).
+    pub fn reload_if_changed(&self) -> Result<bool, AuthError> {
+        let stamp = fsutil::FileStamp::of(&self.path);
+        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == stamp && last.is_some() {
+            return Ok(false);
+        }
+        let file = read_revocations(&self.path)?;
+        self.current.store(Arc::new(file));
+        *last = stamp;
+        Ok(true)
+    }
+
+    /// Whether these claims are revoked. Lock-free read of the current snapshot.
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        let cur = self.current.load();
+        cur.sessions.contains_key(&claims.jti)
+            || cur
+                .agents
+                .get(&claims.sub)
+                .is_some_and(|cutoff| claims.iat <= *cutoff)
+    }
+
+    /// Revoke one session until `exp`.
+    pub fn revoke_session(&self, jti: &str, exp: u64) -> Result<(), AuthError> {
+        self.update(|f| {
+            f.sessions.insert(jti.to_owned(), exp);
+        })
+    }
+
+    /// Revoke every token of `agent` issued until now.
+    pub fn revoke_agent(&self, agent: &str) -> Result<(), AuthError> {
+        let now = unix_now();
+        self.update(|f| {
+            f.agents.insert(agent.to_owned(), now);
+        })
+    }
+
+    fn update(&self, change: impl FnOnce(&mut RevocationFile)) -> Result<(), AuthError> {
+        let io = |source| AuthError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fsutil::ensure_private_dir(dir).map_err(io)?;
+        let _lock = fsutil::lock_file(&dir.join("revocations.lock")).map_err(io)?;
+        let mut file = read_revocations(&self.path)?;
+        change(&mut file);
+        let now = unix_now();
+        file.sessions.retain(|_, exp| *exp + LEEWAY_SECS >= now);
+        let mut bytes = serde_json::to_vec_pretty(&file).expect("revocation list serialises");
+        bytes.push(b'\n');
+        fsutil::write_atomic(&self.path, &bytes, 0o600).map_err(io)?;
+        drop(_lock);
+        self.reload_if_changed()?;
+        Ok(())
+    }
+}
+
+fn read_revocations(path: &Path) -> Result<RevocationFile, AuthError> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|_| AuthError::BadRevocations(path.to_owned()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RevocationFile::default()),
+        Err(source) => Err(AuthError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (tempfile::TempDir, TokenKeys) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = TokenKeys::load_or_create(dir.path()).unwrap();
+        (dir, k)
+    }
+
+    fn spec(agent: &str) -> TokenSpec {
+        TokenSpec {
+            agent: agent.into(),
+            ttl: Duration::from_secs(60),
+            on_behalf_of: Some("alice".into()),
+            task: Some("triage".into()),
+            routes: vec![],
+        }
+    }
+
+    #[test]
+    fn issued_token_verifies_and_carries_claims() {
+        let (_d, k) = keys();
+        let (tok, claims) = k.issue(&spec("bot")).unwrap();
+        let got = k.verify(&tok, AuthStage::Proxy).unwrap();
+        assert_eq!(got, claims);
+        assert_eq!(got.obo.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn private_key_is_created_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, _k) = keys();
+        let mode = fs::metadata(d.path().join(SIGNING_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn token_from_another_latchkey_is_invalid() {
+        let (_d1, k1) = keys();
+        let (_d2, k2) = keys();
+        let (tok, _) = k1.issue(&spec("bot")).unwrap();
+        assert_eq!(k2.verify(&tok, AuthStage::Proxy).unwrap_err().code(), "token_invalid");
+    }
+
+    #[test]
+    fn alg_none_is_invalid() {
+        let (_d, k) = keys();
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let now = unix_now();
+        let body = format!(
+            r#"{{"iss":"latchkey","aud":"latchkey-proxy","sub":"bot","jti":"x","iat":{now},"exp":{}}}"#,
+            now + 60
+        );
+        let tok = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&body));
+        assert_eq!(k.verify(&tok, AuthStage::Proxy).unwrap_err().code(), "token_invalid");
+    }
+
+    #[test]
+    fn expired_token_is_expired_not_invalid() {
+        let (_d, k) = keys();
+        let now = unix_now();
+        let claims = Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: "bot".into(),
+            jti: "j".into(),
+            iat: now - 100,
+            exp: now - 10,
+            nbf: None,
+            obo: None,
+            task: None,
+            routes: None,
+        };
+        let tok = jsonwebtoken::encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            k.encoding.as_ref().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            k.verify(&tok, AuthStage::Tunnel).unwrap_err().status(),
+            403
+        );
+        assert_eq!(k.verify(&tok, AuthStage::Proxy).unwrap_err().code(), "token_expired");
+    }
+
+    #[test]
+    fn proxy_authorization_forms() {
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("agent:tok.en.x")
+        );
+        assert_eq!(
+            token_from_header(Some(&HeaderValue::from_str(&basic).unwrap())).unwrap(),
+            "tok.en.x"
+        );
+        assert_eq!(
+            token_from_header(Some(&HeaderValue::from_static("Bearer abc"))).unwrap(),
+            "abc"
+        );
+        assert_eq!(token_from_header(None).unwrap_err().code(), "token_missing");
+        assert_eq!(
+            token_from_header(Some(&HeaderValue::from_static("Digest x")))
+                .unwrap_err()
+                .code(),
+            "token_invalid"
+        );
+        assert_eq!(
+            token_from_header(Some(&HeaderValue::from_static("Basic !!!")))
+                .unwrap_err()
+                .code(),
+            "token_invalid"
+        );
+    }
+
+    #[test]
+    fn revocation_by_session_and_by_agent() {
+        let (d, k) = keys();
+        let revs = Revocations::open(d.path()).unwrap();
+        let (_, a) = k.issue(&spec("bot")).unwrap();
+        let (_, b) = k.issue(&spec("other")).unwrap();
+        assert!(!revs.is_revoked(&a));
+        revs.revoke_session(&a.jti, a.exp).unwrap();
+        assert!(revs.is_revoked(&a));
+        assert!(!revs.is_revoked(&b));
+        // A second handle (another process) sees the change after reload.
+        let other = Revocations::open(d.path()).unwrap();
+        other.revoke_agent("other").unwrap();
+        revs.reload_if_changed().unwrap();
+        assert!(revs.is_revoked(&b));
+    }
+}
