@@ -11,3 +11,6 @@ pub mod secrets;
 pub mod tls;
 pub mod auth;
 pub mod fsutil;
+pub mod cli;
+pub mod inject;
+pub mod proxy;

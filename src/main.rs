@@ -1,1 +1,31 @@
-fn main() {}
+//! The `latchkey` binary: parse arguments, set up tracing, run, map errors to an exit code.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = latchkey::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("latchkey: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(latchkey::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("latchkey: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

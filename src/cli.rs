@@ -1,0 +1,664 @@
+//! The command line: clap types and one function per subcommand. `anyhow` stops here; every
+//! error reaches the user as one sentence with its cause chain (`{:#}`), never a panic.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use arc_swap::ArcSwap;
+use clap::{Args, Parser, Subcommand};
+
+use crate::audit::{self, AuditSink};
+use crate::auth::{self, Revocations, TokenKeys, TokenSpec};
+use crate::authority::Authority;
+use crate::fsutil;
+use crate::policy::{path, Grant, Policies, Scheme, Severity};
+use crate::proxy::server::{self, Drain};
+use crate::proxy::{Limits, ResolvePin, Shared, Upstream};
+use crate::secrets::{Secret, SecretStore};
+use crate::tls::{CertificateAuthority, LeafCache};
+
+/// latchkey: give AI agents scoped, short-lived access to real APIs without ever handing them a key.
+#[derive(Debug, Parser)]
+#[command(name = "latchkey", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    dirs: Dirs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The three places latchkey keeps its files.
+#[derive(Debug, Clone, Args)]
+pub struct Dirs {
+    /// Directory of per-agent policy files.
+    #[arg(long, global = true, env = "LATCHKEY_POLICIES", default_value = "policies")]
+    pub policies: PathBuf,
+    /// Directory holding ca.crt (give to agents) and ca.key.
+    #[arg(long, global = true, env = "LATCHKEY_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+    /// Directory for keys, the encrypted secret store, revocations and the audit log.
+    #[arg(long, global = true, env = "LATCHKEY_STATE_DIR", default_value = ".latchkey")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve(ServeArgs),
+    /// Manage credentials in the encrypted store.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Issue and revoke agent tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Validate and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Logs(LogsCmd),
+    /// Check the audit log's hash chain.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Manage latchkey's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Extra PEM file of roots trusted for upstream TLS (repeatable).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    upstream_ca: Vec<PathBuf>,
+    /// Pin HOST:PORT to ADDR, like curl's --resolve (repeatable).
+    #[arg(long, value_name = "HOST:PORT:ADDR")]
+    resolve: Vec<ResolvePin>,
+    /// Audit log file (default: <state-dir>/audit.jsonl).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// How long the upstream may take to send its response head.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCmd {
+    /// Store a secret; the value is read from standard input (one trailing newline dropped).
+    Set {
+        /// Secret name, as routes refer to it.
+        name: String,
+    },
+    /// List secret names and dates (never values).
+    List,
+    /// Remove a secret.
+    Rm {
+        /// Secret name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Issue a token for an agent; prints the JWT alone on stdout.
+    Issue(IssueArgs),
+    /// Revoke one session (by its id, the token's jti) or every token of an agent.
+    Revoke {
+        /// Session id (jti) to revoke.
+        #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+        jti: Option<String>,
+        /// Revoke every token of this agent issued until now.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct IssueArgs {
+    /// Agent name (must have a policy file).
+    #[arg(long)]
+    agent: String,
+    /// Lifetime (capped by the policy's max_ttl).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    ttl: Duration,
+    /// The user on whose behalf the agent acts.
+    #[arg(long)]
+    on_behalf_of: Option<String>,
+    /// What the agent is doing (shown in the audit log).
+    #[arg(long)]
+    task: Option<String>,
+    /// Narrow the token to these route ids (repeatable).
+    #[arg(long = "route", value_name = "ID")]
+    routes: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Validate every policy file; errors name file, line and field.
+    Check,
+    /// Show whether a request would be allowed and by which route.
+    Explain {
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Full URL, e.g. https://api.github.com/repos/acme/backend/issues.
+        url: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogsCmd {
+    /// Print audit lines, one readable line per request.
+    Tail {
+        /// Keep following the log.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only allow or deny.
+        #[arg(long, value_parser = ["allow", "deny"])]
+        decision: Option<String>,
+        /// Only lines newer than this, e.g. 10m.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Print raw JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Audit log file (default: <state-dir>/audit.jsonl).
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Verify the hash chain; reports the first edited, dropped, inserted or reordered line.
+    Verify {
+        /// Audit log file (default: <state-dir>/audit.jsonl).
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Create certs/ca.crt and certs/ca.key if they do not exist.
+    Init,
+    /// Print the CA certificate (PEM) and its fingerprint.
+    Show,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    if d.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(d)
+}
+
+/// Run the parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let dirs = cli.dirs;
+    match cli.command {
+        Command::Serve(args) => serve(&dirs, args).await,
+        Command::Secret(cmd) => secret(&dirs, cmd),
+        Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, args),
+        Command::Token(TokenCmd::Revoke { jti, agent }) => token_revoke(&dirs, jti, agent),
+        Command::Policy(PolicyCmd::Check) => policy_check(&dirs),
+        Command::Policy(PolicyCmd::Explain { agent, method, url }) => {
+            policy_explain(&dirs, &agent, &method, &url)
+        }
+        Command::Logs(LogsCmd::Tail {
+            follow,
+            agent,
+            decision,
+            since,
+            json,
+            audit_log,
+        }) => {
+            let path = audit_log.unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
+            let filter = audit::TailFilter {
+                agent,
+                decision: decision.map(|d| {
+                    if d == "allow" {
+                        audit::Decision::Allow
+                    } else {
+                        audit::Decision::Deny
+                    }
+                }),
+                since: since
+                    .map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()),
+            };
+            let colour = std::io::stdout().is_terminal();
+            let mut out = std::io::stdout();
+            audit::tail(&path, &filter, json, colour, follow, &mut out, shutdown_signal())
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCmd::Verify { audit_log }) => {
+            let path = audit_log.unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
+            match audit::verify(&path) {
+                Ok(report) => {
+                    println!("OK: {} lines, chain intact ({})", report.lines, path.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("latchkey: audit log {} failed verification: {e}", path.display());
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Ca(CaCmd::Init) => {
+            let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
+            let crt = dirs.certs.join("ca.crt");
+            if created {
+                println!("created {} (fingerprint {})", crt.display(), ca.fingerprint());
+            } else {
+                println!("{} already exists (fingerprint {})", crt.display(), ca.fingerprint());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCmd::Show) => {
+            let ca = CertificateAuthority::load(&dirs.certs)?;
+            print!("{}", ca.cert_pem());
+            eprintln!("SHA-256 fingerprint: {}", ca.fingerprint());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn load_policies(dirs: &Dirs) -> Result<Policies> {
+    let report = Policies::load_dir(&dirs.policies)
+        .with_context(|| format!("cannot read policies from {}", dirs.policies.display()))?;
+    let mut errors = 0;
+    for d in &report.diagnostics {
+        if d.severity == Severity::Error {
+            errors += 1;
+            eprintln!("error: {d}");
+        } else {
+            eprintln!("{d}");
+        }
+    }
+    if errors > 0 {
+        bail!(
+            "{errors} error(s) in policy files under {}; run `latchkey policy check`",
+            dirs.policies.display()
+        );
+    }
+    Ok(report.policies)
+}
+
+async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
+    let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
+    if created {
+        eprintln!(
+            "latchkey: created a new CA at {} (give this file to agents)",
+            dirs.certs.join("ca.crt").display()
+        );
+    }
+    let keys = TokenKeys::load_or_create(&dirs.state_dir)?;
+    let revocations = Revocations::open(&dirs.state_dir)?;
+    let secrets = Arc::new(SecretStore::open(&dirs.state_dir)?);
+    let policies = load_policies(dirs)?;
+    let upstream = Upstream::try_new(&args.upstream_ca, &args.resolve, args.upstream_timeout)?;
+    let leaves = LeafCache::try_new(Arc::new(ca), 10_000)?;
+    let audit_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
+    let (audit, audit_writer) = AuditSink::open(&audit_path)
+        .await
+        .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?;
+    let limits = Limits {
+        upstream_timeout: args.upstream_timeout,
+        ..Limits::default()
+    };
+    let shared = Arc::new(Shared {
+        policies: ArcSwap::from_pointee(policies),
+        keys,
+        revocations,
+        secrets,
+        leaves,
+        upstream,
+        audit: audit.clone(),
+        limits,
+        policies_dir: dirs.policies.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    fsutil::ensure_private_dir(&dirs.state_dir)?;
+    fsutil::write_atomic(
+        &dirs.state_dir.join("proxy.addr"),
+        format!("{addr}\n").as_bytes(),
+        0o600,
+    )?;
+    let (drain, stop, mut alive) = Drain::new();
+    let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone()));
+    let server = tokio::spawn(server::serve(listener, shared.clone(), drain));
+    println!("latchkey listening on {addr}");
+    let _ = std::io::stdout().flush();
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop.send(true);
+    let _ = server.await;
+    let _ = reloader.await;
+    drop(shared);
+    // Every connection holds a Drain; recv returns None once the last one is gone.
+    if tokio::time::timeout(Limits::default().drain_timeout, alive.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish in time");
+    }
+    let lines = audit_writer
+        .shutdown(audit)
+        .await
+        .context("cannot flush the audit log")?;
+    tracing::info!(lines, "audit log flushed");
+    let _ = std::fs::remove_file(dirs.state_dir.join("proxy.addr"));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pick up revocations and policy edits while serving. Polling one stat per file keeps this
+/// independent of inotify limits and works on every filesystem.
+async fn reload_loop(shared: Arc<Shared>, drain: Drain) {
+    let mut stop = drain.stop.clone();
+    drop(drain);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_policy_stamp = policy_dir_stamp(&shared.policies_dir);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = shared.revocations.reload_if_changed() {
+            tracing::error!(error = %e, "cannot reload revocations; keeping the last list");
+        }
+        let stamp = policy_dir_stamp(&shared.policies_dir);
+        if stamp != last_policy_stamp {
+            last_policy_stamp = stamp;
+            match Policies::load_dir(&shared.policies_dir) {
+                Ok(report) if !report.has_errors() => {
+                    shared.policies.store(Arc::new(report.policies));
+                    tracing::info!("policies reloaded");
+                }
+                Ok(report) => {
+                    for d in report.diagnostics.iter().filter(|d| d.severity == Severity::Error) {
+                        tracing::error!("policy not reloaded, keeping the last good one: {d}");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
+            }
+        }
+    }
+}
+
+fn policy_dir_stamp(dir: &Path) -> Vec<(PathBuf, Option<fsutil::FileStamp>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .map(|p| {
+                    let s = fsutil::FileStamp::of(&p);
+                    (p, s)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn secret(dirs: &Dirs, cmd: SecretCmd) -> Result<ExitCode> {
+    let store = SecretStore::open(&dirs.state_dir)?;
+    match cmd {
+        SecretCmd::Set { name } => {
+            crate::secrets::validate_name(&name)?;
+            let mut buf = zeroize::Zeroizing::new(Vec::new());
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read the secret from standard input")?;
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+                if buf.last() == Some(&b'\r') {
+                    buf.pop();
+                }
+            }
+            if buf.is_empty() {
+                bail!("the secret read from standard input is empty; pipe the value in, e.g. `printf %s \"$TOKEN\" | latchkey secret set {name}`");
+            }
+            let value = Secret::new(std::mem::take(&mut *buf));
+            store.set(&name, value)?;
+            eprintln!("stored secret {name}");
+        }
+        SecretCmd::List => {
+            let list = store.list()?;
+            if list.is_empty() {
+                eprintln!("no secrets stored in {}", dirs.state_dir.display());
+            }
+            for m in list {
+                println!(
+                    "{}\tcreated {}\tupdated {}",
+                    m.name,
+                    m.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    m.updated.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+            }
+        }
+        SecretCmd::Rm { name } => {
+            if !store.remove(&name)? {
+                bail!("no secret named {name}");
+            }
+            eprintln!("removed secret {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token_issue(dirs: &Dirs, args: IssueArgs) -> Result<ExitCode> {
+    let policies = load_policies(dirs)?;
+    let policy = policies.get(&args.agent).ok_or_else(|| {
+        anyhow!(
+            "no policy for agent {:?} in {}; write one before issuing tokens",
+            args.agent,
+            dirs.policies.display()
+        )
+    })?;
+    for id in &args.routes {
+        if policy.route(id).is_none() {
+            bail!("agent {} has no route {id:?}", args.agent);
+        }
+    }
+    if let Some(max) = policy.max_ttl() {
+        if args.ttl > max {
+            bail!(
+                "--ttl {} exceeds the policy's max_ttl of {} for agent {}",
+                humantime::format_duration(args.ttl),
+                humantime::format_duration(max),
+                args.agent
+            );
+        }
+    }
+    let keys = TokenKeys::load_or_create(&dirs.state_dir)?;
+    let (token, claims) = keys.issue(&TokenSpec {
+        agent: args.agent,
+        ttl: args.ttl,
+        on_behalf_of: args.on_behalf_of,
+        task: args.task,
+        routes: args.routes,
+    })?;
+    record_session(&dirs.state_dir, &claims)?;
+    println!("{token}");
+    eprintln!(
+        "session {} for agent {} expires {}",
+        claims.jti,
+        claims.sub,
+        chrono::DateTime::from_timestamp(claims.exp as i64, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sessions issued here (never the token itself), so that `token revoke JTI` knows how long
+/// to keep the revocation.
+fn record_session(state_dir: &Path, claims: &auth::Claims) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("sessions.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot record the session in {}", path.display()))?;
+    let line = serde_json::json!({
+        "jti": claims.jti, "agent": claims.sub, "obo": claims.obo, "task": claims.task,
+        "iat": claims.iat, "exp": claims.exp, "routes": claims.routes,
+    });
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn session_exp(state_dir: &Path, jti: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(state_dir.join("sessions.jsonl")).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["jti"] == jti)
+        .and_then(|v| v["exp"].as_u64())
+}
+
+fn token_revoke(dirs: &Dirs, jti: Option<String>, agent: Option<String>) -> Result<ExitCode> {
+    let revs = Revocations::open(&dirs.state_dir)?;
+    match (jti, agent) {
+        (Some(jti), _) => {
+            let exp = match session_exp(&dirs.state_dir, &jti) {
+                Some(exp) => exp,
+                None => {
+                    eprintln!("note: session {jti} was not issued here; revoking it for a year");
+                    auth::unix_now() + 366 * 24 * 3600
+                }
+            };
+            revs.revoke_session(&jti, exp)?;
+            eprintln!("revoked session {jti}");
+        }
+        (None, Some(agent)) => {
+            revs.revoke_agent(&agent)?;
+            eprintln!("revoked every token of agent {agent} issued until now");
+        }
+        (None, None) => bail!("give a session id (jti) or --agent NAME"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_check(dirs: &Dirs) -> Result<ExitCode> {
+    let report = Policies::load_dir(&dirs.policies)
+        .with_context(|| format!("cannot read policies from {}", dirs.policies.display()))?;
+    let mut diagnostics = report.diagnostics.clone();
+    // A missing credential is a warning: it may be stored after the policy is written.
+    if let Ok(store) = SecretStore::open(&dirs.state_dir) {
+        diagnostics.extend(
+            report
+                .policies
+                .missing_credentials(&|name| store.contains(name).unwrap_or(false)),
+        );
+    }
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    for d in &diagnostics {
+        if d.severity == Severity::Error {
+            eprintln!("error: {d}");
+        } else {
+            eprintln!("{d}");
+        }
+    }
+    let agents = report.policies.agents().count();
+    if errors > 0 {
+        eprintln!("{errors} error(s); {agents} valid agent policy file(s)");
+        return Ok(ExitCode::from(1));
+    }
+    println!("OK: {agents} agent policy file(s) valid in {}", dirs.policies.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_explain(dirs: &Dirs, agent: &str, method: &str, url: &str) -> Result<ExitCode> {
+    let policies = load_policies(dirs)?;
+    let policy = policies
+        .get(agent)
+        .ok_or_else(|| anyhow!("no policy for agent {agent:?}"))?;
+    let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => Scheme::Https,
+        Some("http") => Scheme::Http,
+        _ => bail!("{url:?} must start with https:// or http://"),
+    };
+    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+    let authority = Authority::parse(
+        uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        Some(default_port),
+    )?;
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| anyhow!("{method:?} is not an HTTP method"))?;
+    let normalized = match path::normalize(uri.path()) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("deny: bad_path: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    match policy.decide(scheme, &authority, &method, &normalized, Grant(None)) {
+        Ok(allowed) => {
+            let route = allowed.route();
+            println!(
+                "allow: route {} (credential {}) for {method} {authority}{normalized}",
+                route.id(),
+                route.credential().unwrap_or("none")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(deny) => {
+            println!("deny: {}: {deny}", deny.code());
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Put the real credential on an allowed request, after removing everything the agent sent
+//! that could carry a credential of its own or confuse the upstream about framing.
+//!
+//! Only a policy `Allowed` can reach `apply`; the secret value lives here for the time it
+//! takes to build one header or query parameter, in zeroizing buffers.
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Uri, Version};
+use zeroize::Zeroizing;
+
+use crate::authority::Authority;
+use crate::policy::decision::Deny;
+use crate::policy::{Allowed, Inject, Scheme};
+use crate::secrets::SecretStore;
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) plus the legacy `proxy-connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Prefix of latchkey's own headers; never accepted from either side.
+const OWN_PREFIX: &str = "x-latchkey-";
+
+/// Remove from an agent's request: hop-by-hop headers and those named in `Connection`, every
+/// `Proxy-*` header (the latchkey token travels there), `Authorization`, the header the route
+/// injects, `Host` (rebuilt from the checked authority) and latchkey's own headers.
+pub fn strip_request_headers(headers: &mut HeaderMap, injected: Option<&HeaderName>) {
+    remove_connection_listed(headers);
+    // `te: trailers` is the one TE value HTTP/2 permits (gRPC needs it); anything else goes.
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        if *name == header::TE && keep_te {
+            continue;
+        }
+        headers.remove(name);
+    }
+    // SECURITY: the agent may not bring its own credential; the only one upstream sees is ours.
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    if let Some(name) = injected {
+        headers.remove(name);
+    }
+    remove_prefixed(headers);
+}
+
+/// Remove from an upstream response: hop-by-hop headers, `Proxy-*` (an upstream must not make the
+/// agent believe the proxy asked for credentials) and `x-latchkey-*` (no spoofed proxy verdicts).
+pub fn strip_response_headers(headers: &mut HeaderMap) {
+    remove_connection_listed(headers);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    remove_prefixed(headers);
+}
+
+fn remove_connection_listed(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+fn remove_prefixed(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-") || k.as_str().starts_with(OWN_PREFIX))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// Rewrite an allowed request for the upstream: absolute URI from the checked authority and the
+/// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
+/// route's credential. `query` is the agent's raw query string, if any.
+pub fn apply(
+    parts: &mut Parts,
+    scheme: Scheme,
+    authority: &Authority,
+    path: &str,
+    query: Option<&str>,
+    allowed: &Allowed,
+    store: &SecretStore,
+) -> Result<(), Deny> {
+    let route = allowed.route();
+    let inject = route.inject();
+    let injected_header = match inject {
+        Some(Inject::Header { name, .. }) => Some(name),
+        _ => None,
+    };
+    strip_request_headers(&mut parts.headers, injected_header);
+
+    let secret = match route.credential() {
+        Some(name) => Some(
+            store
+                .get(name)
+                .map_err(|e| {
+                    tracing::error!(credential = name, error = %e, "secret store unreadable");
+                    Deny::SecretUnavailable(name.to_owned())
+                })?
+                .ok_or_else(|| Deny::SecretUnavailable(name.to_owned()))?,
+        ),
+        None => None,
+    };
+
+    let scheme_str = match scheme {
+        Scheme::Https => "https",
+        Scheme::Http => "http",
+    };
+    let mut target = Zeroizing::new(String::with_capacity(
+        scheme_str.len() + 3 + 64 + path.len() + query.map_or(0, str::len) + 64,
+    ));
+    target.push_str(scheme_str);
+    target.push_str("://");
+    target.push_str(&authority.to_string());
+    target.push_str(path);
+
+    match (inject, &secret) {
+        (Some(Inject::Query { name }), Some(secret)) => {
+            target.push('?');
+            let mut first = true;
+            for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+                let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                // SECURITY: drop the agent's own copy of the parameter, in any encoding.
+                if decode_component(key).as_slice() == name.as_bytes() {
+                    continue;
+                }
+                if !first {
+                    target.push('&');
+                }
+                target.push_str(pair);
+                first = false;
+            }
+            if !first {
+                target.push('&');
+            }
+            target.push_str(name);
+            target.push('=');
+            encode_component(secret.expose(), &mut target);
+        }
+        _ => {
+            if let Some(q) = query {
+                target.push('?');
+                target.push_str(q);
+            }
+        }
+    }
+    parts.uri = Uri::try_from(target.as_str())
+        .map_err(|_| Deny::BadRequest("the request target cannot be rebuilt".into()))?;
+
+    match (inject, &secret) {
+        (Some(Inject::Header { name, prefix, suffix }), Some(secret)) => {
+            let mut value = Zeroizing::new(Vec::with_capacity(
+                prefix.len() + secret.len() + suffix.len(),
+            ));
+            value.extend_from_slice(prefix.as_bytes());
+            value.extend_from_slice(secret.expose());
+            value.extend_from_slice(suffix.as_bytes());
+            parts
+                .headers
+                .insert(name.clone(), sensitive_value(&value, route.credential())?);
+        }
+        (Some(Inject::BasicUser { user }), Some(secret)) => {
+            let mut pair = Zeroizing::new(Vec::with_capacity(user.len() + 1 + secret.len()));
+            pair.extend_from_slice(user.as_bytes());
+            pair.push(b':');
+            pair.extend_from_slice(secret.expose());
+            let mut value = Zeroizing::new(b"Basic ".to_vec());
+            let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
+            value.extend_from_slice(encoded.as_bytes());
+            parts
+                .headers
+                .insert(header::AUTHORIZATION, sensitive_value(&value, route.credential())?);
+        }
+        _ => {}
+    }
+    // The pooled client speaks HTTP/2 or HTTP/1.1 upstream, whatever the agent used.
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+fn sensitive_value(bytes: &[u8], credential: Option<&str>) -> Result<HeaderValue, Deny> {
+    // SECURITY: a secret with CR/LF or other control bytes would split headers; refuse it
+    // rather than inject it, and never echo it.
+    let mut v = HeaderValue::from_bytes(bytes).map_err(|_| {
+        Deny::SecretUnavailable(format!(
+            "{} (its value is not valid in an HTTP header)",
+            credential.unwrap_or("?")
+        ))
+    })?;
+    // Keeps the value out of HPACK tables and out of `Debug` output.
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Percent-encode every byte outside RFC 3986 unreserved characters.
+fn encode_component(bytes: &[u8], out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+}
+
+/// Decode `%XX` and `+` in a query component (invalid escapes stay literal).
+fn decode_component(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_credentials_and_hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer agent-own"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("proxy-foo", HeaderValue::from_static("1"));
+        h.insert("connection", HeaderValue::from_static("close, x-drop-me"));
+        h.insert("x-drop-me", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-api-key", HeaderValue::from_static("agent-key"));
+        h.insert("x-latchkey-request-id", HeaderValue::from_static("spoof"));
+        h.insert("host", HeaderValue::from_static("evil.test"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_request_headers(&mut h, Some(&HeaderName::from_static("x-api-key")));
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn te_trailers_survives_but_other_te_does_not() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_request_headers(&mut h, None);
+        assert!(h.contains_key("te"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_request_headers(&mut h, None);
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn response_cannot_spoof_proxy_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-latchkey-request-id", HeaderValue::from_static("spoof"));
+        h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn query_components_round_trip() {
+        let mut s = String::new();
+        encode_component(b"a b&c=d/\xff", &mut s);
+        assert_eq!(s, "a%20b%26c%3Dd%2F%FF");
+        assert_eq!(decode_component("api%5Fkey"), b"api_key");
+        assert_eq!(decode_component("a+b%2"), b"a b%2");
+        assert_eq!(decode_component("%"), b"%");
+    }
+}

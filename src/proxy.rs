@@ -1,0 +1,67 @@
+//! The proxy: accept agent connections, authenticate, intercept TLS, decide, inject, forward,
+//! audit. `server` owns the life of a connection and of each request; `forward` owns the
+//! upstream client.
+
+pub mod forward;
+pub mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::audit::AuditSink;
+use crate::auth::{Revocations, TokenKeys};
+use crate::policy::Policies;
+use crate::secrets::SecretStore;
+use crate::tls::LeafCache;
+
+pub use forward::{ResolvePin, Upstream};
+
+/// Everything a request needs, shared by all connections. Read-mostly: the policy sits behind
+/// `ArcSwap` so a reload never blocks a request.
+pub struct Shared {
+    /// Compiled policies of every agent.
+    pub policies: ArcSwap<Policies>,
+    /// Token verification.
+    pub keys: TokenKeys,
+    /// Revoked sessions and agents (reloaded by a background task).
+    pub revocations: Revocations,
+    /// The encrypted secret store (re-read when the file changes).
+    pub secrets: Arc<SecretStore>,
+    /// Leaf certificates per host.
+    pub leaves: LeafCache,
+    /// The pooled upstream client.
+    pub upstream: Upstream,
+    /// The audit log.
+    pub audit: AuditSink,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// Where policies are loaded from (for hot reload).
+    pub policies_dir: PathBuf,
+}
+
+/// Timeouts and sizes that bound what one agent can make the proxy hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for an agent to send a complete request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Time allowed for the TLS handshake inside a tunnel.
+    pub handshake_timeout: Duration,
+    /// Time allowed for the upstream to send its response head.
+    pub upstream_timeout: Duration,
+    /// How long graceful shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The upstream client: pooled keep-alive connections (HTTP/2 when the upstream offers it by
+//! ALPN), TLS always verified against the system roots plus `--upstream-ca` files, and
+//! `--resolve` pins applied in our own connector so the address we dial is the address we chose.
+//!
+//! This module never sees policy or tokens; it gets a finished request and returns a response
+//! or a typed upstream `Deny`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::policy::decision::Deny;
+
+/// Body type of requests sent upstream (the agent's body, streamed).
+pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How long a TCP connect may take before the upstream counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle pooled connections are closed after this long (upstreams often close at 60 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// A `--resolve HOST:PORT:ADDR` pin: the admin says where a name lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvePin {
+    /// Lower-case host name (no brackets).
+    pub host: String,
+    /// Port the pin applies to.
+    pub port: u16,
+    /// Address to dial.
+    pub addr: IpAddr,
+}
+
+impl std::str::FromStr for ResolvePin {
+    type Err = String;
+
+    /// Parse curl's `HOST:PORT:ADDR` (ADDR may be a bracketed IPv6 literal).
+    fn from_str(s: &str) -> Result<ResolvePin, String> {
+        let mut parts = s.splitn(3, ':');
+        let (Some(host), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!("--resolve {s:?} is not HOST:PORT:ADDR"));
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host.is_empty() {
+            return Err(format!("--resolve {s:?} has an empty host"));
+        }
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("--resolve {s:?} has an invalid port"))?;
+        let addr = addr.trim_start_matches('[').trim_end_matches(']');
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("--resolve {s:?}: {addr:?} is not an IP address"))?;
+        Ok(ResolvePin { host, port, addr })
+    }
+}
+
+/// Errors building the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// An `--upstream-ca` file cannot be read or holds no certificate.
+    #[error("cannot use upstream CA file {path}: {why}")]
+    BadCaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// No root at all could be loaded.
+    #[error("no trusted root certificates: neither the system store nor --upstream-ca gave any")]
+    NoRoots,
+}
+
+/// The TCP half of the upstream connector: applies pins, resolves, dials with a timeout.
+#[derive(Clone)]
+pub struct PinnedConnector {
+    pins: Arc<HashMap<(String, u16), IpAddr>>,
+}
+
+impl tower_service::Service<Uri> for PinnedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let pins = self.pins.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io_err("the upstream URI has no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            let addrs: Vec<SocketAddr> = if let Some(ip) = pins.get(&(host.clone(), port)) {
+                vec![SocketAddr::new(*ip, port)]
+            } else if let Ok(ip) = host.parse::<IpAddr>() {
+                vec![SocketAddr::new(ip, port)]
+            } else {
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
+                    .await
+                    .map_err(|_| io_err("DNS lookup timed out"))??
+                    .collect()
+            };
+            let mut last = io_err("the name resolved to no address");
+            for addr in addrs {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) => last = e,
+                    Err(_) => {
+                        last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                    }
+                }
+            }
+            Err(last)
+        })
+    }
+}
+
+fn io_err(msg: &'static str) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+/// The pooled upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<PinnedConnector>, UpstreamBody>,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    /// Build the client: system roots plus `extra_roots` PEM files, `pins` for `--resolve`.
+    pub fn try_new(
+        extra_roots: &[PathBuf],
+        pins: &[ResolvePin],
+        response_timeout: Duration,
+    ) -> Result<Upstream, ForwardError> {
+        let mut roots = rustls::RootCertStore::empty();
+        // A broken system store is not fatal when --upstream-ca gives roots.
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        for path in extra_roots {
+            add_pem_roots(&mut roots, path)?;
+        }
+        if roots.is_empty() {
+            return Err(ForwardError::NoRoots);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("the aws-lc-rs provider supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = PinnedConnector {
+            pins: Arc::new(
+                pins.iter()
+                    .map(|p| ((p.host.clone(), p.port), p.addr))
+                    .collect(),
+            ),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(tcp);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Ok(Upstream {
+            client,
+            response_timeout,
+        })
+    }
+
+    /// Send one request and wait for the response head. Bodies stream both ways.
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Deny> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(Deny::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+}
+
+fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), ForwardError> {
+    let bad = |why: String| ForwardError::BadCaFile {
+        path: path.to_owned(),
+        why,
+    };
+    let data = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut added = 0;
+    for cert in rustls_pemfile::certs(&mut data.as_slice()) {
+        let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("invalid certificate: {e}")))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(bad("no certificate found".into()));
+    }
+    Ok(())
+}
+
+/// Map a client error to the upstream reason the agent and the audit log see. The messages
+/// name causes (refused, certificate), never the URI (its query may carry a credential).
+fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut io_kind = None;
+    while let Some(err) = source {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Deny::UpstreamTls(tls.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Deny::UpstreamTls(tls.to_string());
+            }
+            io_kind.get_or_insert(io.kind());
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return Deny::UpstreamTimeout;
+            }
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        let why = match io_kind {
+            Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_owned(),
+            Some(kind) => kind.to_string(),
+            None => "connect failed".to_owned(),
+        };
+        return Deny::UpstreamUnreachable(why);
+    }
+    let why = match io_kind {
+        Some(kind) => kind.to_string(),
+        None => innermost(e),
+    };
+    Deny::UpstreamProtocol(why)
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_pins_parse_like_curl() {
+        let p: ResolvePin = "API.Test:8443:127.0.0.1".parse().unwrap();
+        assert_eq!(p.host, "api.test");
+        assert_eq!(p.port, 8443);
+        let v6: ResolvePin = "h:443:[::1]".parse().unwrap();
+        assert_eq!(v6.addr, "::1".parse::<IpAddr>().unwrap());
+        for bad in ["h:443", "h:0:127.0.0.1", "h:x:127.0.0.1", ":443:127.0.0.1", "h:443:nope"] {
+            assert!(bad.parse::<ResolvePin>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ca_file_without_certificates_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("empty.pem");
+        std::fs::write(&p, "not a pem").unwrap();
+        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1)).err().unwrap();
+        assert!(e.to_string().contains("no certificate found"), "{e}");
+    }
+}
