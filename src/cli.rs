@@ -68,6 +68,21 @@ enum Command {
     /// Manage latchkey's certificate authority.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Run a command as an agent: mint a token for its lifetime, point its proxy and CA
+    /// variables at latchkey, pass its exit code through, revoke the token when it exits.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    token: IssueArgs,
+    /// Proxy address (host:port); default: the running `latchkey serve` recorded in the state dir.
+    #[arg(long)]
+    proxy: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -125,9 +140,9 @@ struct IssueArgs {
     /// Agent name (must have a policy file).
     #[arg(long)]
     agent: String,
-    /// Lifetime (capped by the policy's max_ttl).
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
-    ttl: Duration,
+    /// Lifetime (default 15m, or the policy's max_ttl if that is shorter; more than max_ttl is refused).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
     /// The user on whose behalf the agent acts.
     #[arg(long)]
     on_behalf_of: Option<String>,
@@ -259,6 +274,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Run(args) => run_agent(&dirs, args).await,
         Command::Ca(CaCmd::Init) => {
             let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
             let crt = dirs.certs.join("ca.crt");
@@ -495,6 +511,29 @@ fn secret(dirs: &Dirs, cmd: SecretCmd) -> Result<ExitCode> {
 }
 
 fn token_issue(dirs: &Dirs, args: IssueArgs) -> Result<ExitCode> {
+    let (token, claims) = issue_token(dirs, args, DEFAULT_TTL)?;
+    println!("{}", token.as_str());
+    eprintln!(
+        "session {} for agent {} expires {}",
+        claims.jti,
+        claims.sub,
+        chrono::DateTime::from_timestamp(claims.exp as i64, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_RUN_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// Check the request against the agent's policy (agent exists, routes exist, TTL within
+/// max_ttl), sign, and record the session.
+fn issue_token(
+    dirs: &Dirs,
+    args: IssueArgs,
+    default_ttl: Duration,
+) -> Result<(zeroize::Zeroizing<String>, auth::Claims)> {
     let policies = load_policies(dirs)?;
     let policy = policies.get(&args.agent).ok_or_else(|| {
         anyhow!(
@@ -508,35 +547,136 @@ fn token_issue(dirs: &Dirs, args: IssueArgs) -> Result<ExitCode> {
             bail!("agent {} has no route {id:?}", args.agent);
         }
     }
-    if let Some(max) = policy.max_ttl() {
-        if args.ttl > max {
-            bail!(
-                "--ttl {} exceeds the policy's max_ttl of {} for agent {}",
-                humantime::format_duration(args.ttl),
-                humantime::format_duration(max),
-                args.agent
-            );
-        }
-    }
+    let ttl = match (args.ttl, policy.max_ttl()) {
+        (Some(ttl), Some(max)) if ttl > max => bail!(
+            "--ttl {} exceeds the policy's max_ttl of {} for agent {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(max),
+            args.agent
+        ),
+        (Some(ttl), _) => ttl,
+        (None, Some(max)) => default_ttl.min(max),
+        (None, None) => default_ttl,
+    };
     let keys = TokenKeys::load_or_create(&dirs.state_dir)?;
     let (token, claims) = keys.issue(&TokenSpec {
         agent: args.agent,
-        ttl: args.ttl,
+        ttl,
         on_behalf_of: args.on_behalf_of,
         task: args.task,
         routes: args.routes,
     })?;
     record_session(&dirs.state_dir, &claims)?;
-    println!("{token}");
-    eprintln!(
-        "session {} for agent {} expires {}",
-        claims.jti,
-        claims.sub,
-        chrono::DateTime::from_timestamp(claims.exp as i64, 0)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok((zeroize::Zeroizing::new(token), claims))
+}
+
+async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
+    let proxy = match args.proxy {
+        Some(p) => p.trim_start_matches("http://").trim_end_matches('/').to_owned(),
+        None => {
+            let file = dirs.state_dir.join("proxy.addr");
+            std::fs::read_to_string(&file)
+                .map(|s| s.trim().to_owned())
+                .map_err(|_| {
+                    anyhow!(
+                        "no running latchkey found ({} is missing); start `latchkey serve` or pass --proxy HOST:PORT",
+                        file.display()
+                    )
+                })?
+        }
+    };
+    let ca = CertificateAuthority::load_or_create(&dirs.certs)?.0;
+    let (token, claims) = issue_token(dirs, args.token, DEFAULT_RUN_TTL)?;
+    let bundle_path = dirs.state_dir.join(format!("ca-bundle-{}.pem", claims.jti));
+    let bundle = ca_bundle(ca.cert_pem());
+    fsutil::write_atomic(&bundle_path, bundle.as_bytes(), 0o644)?;
+    let proxy_url = zeroize::Zeroizing::new(format!("http://{}:{}@{proxy}", claims.sub, token.as_str()));
+
+    let mut cmd = tokio::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        cmd.env(var, proxy_url.as_str());
+    }
+    for var in ["NO_PROXY", "no_proxy"] {
+        cmd.env(var, "localhost,127.0.0.1,::1");
+    }
+    for var in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ] {
+        cmd.env(var, &bundle_path);
+    }
+    cmd.env("LATCHKEY_SESSION", &claims.jti);
+    let spawned = cmd.spawn();
+    let status = match spawned {
+        Ok(child) => wait_forwarding_signals(child).await,
+        Err(e) => Err(anyhow!(e).context(format!(
+            "cannot start {}",
+            args.command[0].to_string_lossy()
+        ))),
+    };
+    // The task is over: its token dies with it, whatever happened.
+    let revoked = Revocations::open(&dirs.state_dir).and_then(|r| r.revoke_session(&claims.jti, claims.exp));
+    let _ = std::fs::remove_file(&bundle_path);
+    revoked.context("cannot revoke the session token after the command exited")?;
+    let status = status?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    };
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Wait for the child; SIGTERM, SIGHUP and SIGQUIT sent to latchkey are passed on. SIGINT from a
+/// terminal already reaches the whole foreground group, so latchkey only survives it and waits.
+async fn wait_forwarding_signals(
+    mut child: tokio::process::Child,
+) -> Result<std::process::ExitStatus> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use tokio::signal::unix::{signal, SignalKind};
+    let pid = child.id().map(|p| Pid::from_raw(p as i32));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        let sig = tokio::select! {
+            status = child.wait() => return Ok(status?),
+            _ = term.recv() => Signal::SIGTERM,
+            _ = hup.recv() => Signal::SIGHUP,
+            _ = quit.recv() => Signal::SIGQUIT,
+            _ = int.recv() => continue,
+        };
+        if let Some(pid) = pid {
+            let _ = kill(pid, sig);
+        }
+    }
+}
+
+/// System roots plus latchkey's CA, as one PEM bundle for tools that take a single file.
+fn ca_bundle(latchkey_ca: &str) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.push_str(latchkey_ca);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 /// Sessions issued here (never the token itself), so that `token revoke JTI` knows how long
