@@ -17,3 +17,6 @@ pub use event::{AuditEvent, Decision};
 pub use sink::{AuditError, AuditSink, AuditWriter};
 pub use tail::{format_line, tail, TailFilter, TailReport};
 pub use verify::{verify, VerifyError, VerifyReport};
+
+#[cfg(test)]
+mod tests;
