@@ -58,7 +58,9 @@ impl Chain {
     /// Continue after a line whose `hash` is `last_hash`; `None` if it is not 64 lowercase hex digits.
     pub fn resume(last_hash: &str) -> Option<Chain> {
         let bytes = last_hash.as_bytes();
-        if bytes.len() != HASH_HEX_LEN || !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if bytes.len() != HASH_HEX_LEN
+            || !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return None;
         }
         let mut prev = [0u8; HASH_HEX_LEN];
@@ -204,7 +206,16 @@ mod tests {
     #[test]
     fn awkward_durations_still_verify_after_reparse() {
         let mut chain = Chain::genesis();
-        for d in [0.0, 1e-9, 0.1 + 0.2, 123_456.789_012_3, 9e12, f64::NAN, 5e-4, 1e20] {
+        for d in [
+            0.0,
+            1e-9,
+            0.1 + 0.2,
+            123_456.789_012_3,
+            9e12,
+            f64::NAN,
+            5e-4,
+            1e20,
+        ] {
             let mut e = event(0);
             e.duration_ms = d;
             let mut out = Vec::new();

@@ -287,14 +287,16 @@ async fn run_writer(
             rx.recv_many(&mut batch, MAX_BATCH).await
         } else {
             tokio::select! {
+                // Close first: under steady traffic the queue is never empty, and shutdown
+                // must still begin. A dropped `AuditWriter` also lands here (graceful close).
                 biased;
-                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
                 _ = &mut close => {
                     // Refuse new events; everything already queued is still received.
                     rx.close();
                     closing = true;
                     continue;
                 }
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
             }
         };
         if received == 0 {

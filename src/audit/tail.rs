@@ -167,7 +167,10 @@ pub async fn tail(
             let size = f.file.metadata().await.map_err(read_err)?.len();
             if size < f.offset {
                 // Truncated in place: start over from the top.
-                f.file.seek(io::SeekFrom::Start(0)).await.map_err(read_err)?;
+                f.file
+                    .seek(io::SeekFrom::Start(0))
+                    .await
+                    .map_err(read_err)?;
                 f.offset = 0;
                 printer.pending.clear();
                 printer.drain(f).await?;

@@ -15,18 +15,25 @@ fn event(i: u64) -> AuditEvent {
         ts: Utc.with_ymd_and_hms(2026, 11, 22, 18, 0, 0).unwrap()
             + chrono::Duration::milliseconds(i as i64),
         request_id: format!("req-{i}"),
-        agent: Some(if i % 2 == 0 { "claude" } else { "codex" }.into()),
+        agent: Some(
+            if i.is_multiple_of(2) {
+                "claude"
+            } else {
+                "codex"
+            }
+            .into(),
+        ),
         on_behalf_of: Some("alice".into()),
         session: Some("jti-1".into()),
         task: None,
         route: Some("github".into()),
         credential: Some("gh_token".into()),
-        decision: if i % 3 == 0 {
+        decision: if i.is_multiple_of(3) {
             Decision::Deny
         } else {
             Decision::Allow
         },
-        reason: if i % 3 == 0 {
+        reason: if i.is_multiple_of(3) {
             Some("no_matching_rule".into())
         } else {
             None
@@ -34,7 +41,7 @@ fn event(i: u64) -> AuditEvent {
         method: "GET".into(),
         host: "api.github.com".into(),
         path: format!("/repos/{i}"),
-        status: if i % 3 == 0 { 403 } else { 200 },
+        status: if i.is_multiple_of(3) { 403 } else { 200 },
         duration_ms: 1.0 / (i as f64 + 3.0),
     }
 }
@@ -78,8 +85,7 @@ async fn chain_of_1000_records_verifies() {
     let (_dir, path) = log_of(1000).await;
     let report = verify(&path).unwrap();
     assert_eq!(report.lines, 1000);
-    let last: serde_json::Value =
-        serde_json::from_str(read_lines(&path).last().unwrap()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(read_lines(&path).last().unwrap()).unwrap();
     assert_eq!(last["hash"], report.last_hash.as_str());
     let first: serde_json::Value = serde_json::from_str(&read_lines(&path)[0]).unwrap();
     assert_eq!(first["prev_hash"], GENESIS_HASH);
@@ -127,7 +133,13 @@ async fn verify_reports_a_dropped_line() {
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
     assert!(
-        matches!(err, VerifyError::BrokenChain { line: 5, previous: 4 }),
+        matches!(
+            err,
+            VerifyError::BrokenChain {
+                line: 5,
+                previous: 4
+            }
+        ),
         "{err}"
     );
 }
@@ -140,7 +152,10 @@ async fn verify_reports_an_inserted_line() {
     lines.insert(6, copy);
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::BrokenChain { line: 7, .. }), "{err}");
+    assert!(
+        matches!(err, VerifyError::BrokenChain { line: 7, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -150,7 +165,10 @@ async fn verify_reports_swapped_lines() {
     lines.swap(3, 4);
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::BrokenChain { line: 4, .. }), "{err}");
+    assert!(
+        matches!(err, VerifyError::BrokenChain { line: 4, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -159,7 +177,10 @@ async fn verify_reports_a_truncated_last_line() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::NotJson { line: 10, .. }), "{err}");
+    assert!(
+        matches!(err, VerifyError::NotJson { line: 10, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -172,7 +193,10 @@ async fn verify_reports_a_missing_field() {
     lines[1] = serde_json::to_string(&v).unwrap();
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::BadRecord { line: 2, .. }), "{err}");
+    assert!(
+        matches!(err, VerifyError::BadRecord { line: 2, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("status"), "{err}");
 }
 
@@ -266,7 +290,16 @@ fn format_line_shows_the_decision_without_ansi_when_colour_is_off() {
     let mut e = event(3);
     e.path = "/a\u{1b}[2Jb".into();
     let line = format_line(&e, false);
-    for part in ["codex", "alice", "403", "github", "gh_token", "no_matching_rule", "DENY", "GET api.github.com/a"] {
+    for part in [
+        "codex",
+        "alice",
+        "403",
+        "github",
+        "gh_token",
+        "no_matching_rule",
+        "DENY",
+        "GET api.github.com/a",
+    ] {
         assert!(line.contains(part), "{part} missing from {line}");
     }
     assert!(!line.contains('\u{1b}'), "{line:?}");
@@ -303,7 +336,10 @@ fn filter_by_agent_decision_and_since() {
 #[tokio::test]
 async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
     let (_dir, path) = log_of(6).await;
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     f.write_all(b"garbage\n{\"half\":").unwrap();
     drop(f);
     let filter = TailFilter {
@@ -311,10 +347,24 @@ async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
         ..TailFilter::default()
     };
     let mut out = Vec::new();
-    let report = tail(&path, &filter, true, false, false, &mut out, std::future::pending())
-        .await
-        .unwrap();
-    assert_eq!(report, TailReport { printed: 2, skipped: 2 });
+    let report = tail(
+        &path,
+        &filter,
+        true,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        TailReport {
+            printed: 2,
+            skipped: 2
+        }
+    );
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2);
@@ -322,9 +372,17 @@ async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
     assert!(lines[1].contains("\"req-3\""));
 
     let mut out = Vec::new();
-    tail(&path, &TailFilter::default(), false, false, false, &mut out, std::future::pending())
-        .await
-        .unwrap();
+    tail(
+        &path,
+        &TailFilter::default(),
+        false,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     let text = String::from_utf8(out).unwrap();
     assert_eq!(text.lines().count(), 6);
     assert!(text.lines().all(|l| l.starts_with("2026-11-22T18:00:00.")));
@@ -389,7 +447,16 @@ async fn follow_picks_up_appended_and_replaced_lines_and_stops_on_signal() {
             let stop = async {
                 let _ = stop_rx.await;
             };
-            tail(&path, &TailFilter::default(), true, false, true, &mut out, stop).await
+            tail(
+                &path,
+                &TailFilter::default(),
+                true,
+                false,
+                true,
+                &mut out,
+                stop,
+            )
+            .await
         })
     };
     out.wait_for(|t| t.lines().count() == 2).await;
@@ -412,5 +479,11 @@ async fn follow_picks_up_appended_and_replaced_lines_and_stops_on_signal() {
         .expect("tail stops when signalled")
         .unwrap()
         .unwrap();
-    assert_eq!(report, TailReport { printed: 4, skipped: 0 });
+    assert_eq!(
+        report,
+        TailReport {
+            printed: 4,
+            skipped: 0
+        }
+    );
 }

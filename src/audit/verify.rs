@@ -47,7 +47,9 @@ pub enum VerifyError {
     },
     /// The line's `prev_hash` is not the previous line's `hash`: a line was dropped,
     /// inserted or reordered just before it.
-    #[error("line {line} does not follow line {previous}: a line was dropped, inserted or reordered")]
+    #[error(
+        "line {line} does not follow line {previous}: a line was dropped, inserted or reordered"
+    )]
     BrokenChain {
         /// 1-based line number.
         line: u64,
@@ -92,10 +94,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
             line,
             detail: d.to_owned(),
         })?;
-        AuditEvent::deserialize_fields(&object).map_err(|detail| VerifyError::BadRecord {
-            line,
-            detail,
-        })?;
+        AuditEvent::deserialize_fields(&object)
+            .map_err(|detail| VerifyError::BadRecord { line, detail })?;
         if check.recomputed != check.hash {
             return Err(VerifyError::Edited { line });
         }
