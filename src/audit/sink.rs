@@ -206,7 +206,13 @@ fn open_blocking(path: &Path) -> Result<(File, Chain), AuditError> {
         .mode(0o600)
         .open(path)
         .map_err(open_err)?;
-    let mode = file.metadata().map_err(open_err)?.permissions().mode();
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.is_file() {
+        // Refuse devices and FIFOs: the chain needs an append-only regular file, and
+        // tightening the mode below must never chmod something like /dev/null.
+        return Err(open_err(io::Error::other("not a regular file")));
+    }
+    let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit log was readable by others; tightening to 0600");
         file.set_permissions(std::fs::Permissions::from_mode(0o600))

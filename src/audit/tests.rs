@@ -285,6 +285,15 @@ async fn an_existing_world_readable_log_is_tightened() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+#[tokio::test]
+async fn open_refuses_something_that_is_not_a_regular_file() {
+    let err = AuditSink::open(Path::new("/dev/null")).await.unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = AuditSink::open(dir.path()).await.unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err}");
+}
+
 #[test]
 fn format_line_shows_the_decision_without_ansi_when_colour_is_off() {
     let mut e = event(3);
