@@ -1,0 +1,146 @@
+//! The audit record: what was decided for one request, and by whom.
+//!
+//! An event never holds a secret value, only the credential's name; everything here is
+//! safe to write to disk and to print.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The outcome recorded for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// The request was forwarded (with its credential injected, if any).
+    Allow,
+    /// The request was refused by the proxy.
+    Deny,
+}
+
+impl Decision {
+    /// The lowercase word used in the log (`allow` / `deny`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
+/// One decision. Never holds a secret value: only the credential's name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When the request was received; serialised RFC 3339 with milliseconds and `Z`.
+    #[serde(with = "ts_millis")]
+    pub ts: DateTime<Utc>,
+    /// Proxy-assigned id of the request.
+    pub request_id: String,
+    /// Authenticated agent, if the token was valid.
+    pub agent: Option<String>,
+    /// Human or service the agent acts for.
+    pub on_behalf_of: Option<String>,
+    /// Session id (the token's `jti`).
+    pub session: Option<String>,
+    /// Task label carried by the token.
+    pub task: Option<String>,
+    /// Policy route that matched.
+    pub route: Option<String>,
+    /// Name (never the value) of the credential injected.
+    pub credential: Option<String>,
+    /// Allowed or denied.
+    pub decision: Decision,
+    /// Stable reason code (a `Deny::code()` for denials).
+    pub reason: Option<String>,
+    /// HTTP method (or `CONNECT`).
+    pub method: String,
+    /// Target host.
+    pub host: String,
+    /// Request path without the query string (queries may carry secrets).
+    pub path: String,
+    /// Status returned to the agent.
+    pub status: u16,
+    /// Time from receipt to response, in milliseconds.
+    pub duration_ms: f64,
+}
+
+impl AuditEvent {
+    /// `ts` as written to the log: RFC 3339, milliseconds, `Z`.
+    pub fn ts_string(&self) -> String {
+        self.ts.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+}
+
+/// Round a duration to whole microseconds and clamp non-finite or negative values to 0.
+///
+/// Why: the verifier re-serialises the number it parsed back from the line. A value with at
+/// most three decimals parses back to exactly the same `f64` (exact fast path), so its
+/// shortest representation, and thus the hash, is stable. Arbitrary floats may not be with
+/// serde_json's default float parsing, and NaN would be written as `null`.
+pub fn normalise_duration_ms(ms: f64) -> f64 {
+    if ms.is_finite() && ms > 0.0 {
+        (ms * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// chrono's `serde` feature is not enabled in this crate, and we want a fixed format anyway.
+pub(crate) mod ts_millis {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Write `ts` as `2026-11-22T18:00:00.123Z`.
+    pub fn serialize<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&ts.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    /// Read any RFC 3339 timestamp and convert it to UTC.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&raw)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn ts_is_written_with_millis_and_z_and_reads_back() {
+        let ts = Utc.with_ymd_and_hms(2026, 11, 22, 18, 0, 0).unwrap()
+            + chrono::Duration::microseconds(123_456);
+        let e = AuditEvent {
+            ts,
+            request_id: "r1".into(),
+            agent: None,
+            on_behalf_of: None,
+            session: None,
+            task: None,
+            route: None,
+            credential: None,
+            decision: Decision::Deny,
+            reason: Some("no_rule".into()),
+            method: "GET".into(),
+            host: "h".into(),
+            path: "/".into(),
+            status: 403,
+            duration_ms: 1.5,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["ts"], "2026-11-22T18:00:00.123Z");
+        assert_eq!(v["decision"], "deny");
+        assert!(v["agent"].is_null());
+        let back: AuditEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back.ts, ts - chrono::Duration::microseconds(456));
+    }
+
+    #[test]
+    fn durations_are_normalised_to_microseconds() {
+        assert_eq!(normalise_duration_ms(1.234_567_8), 1.235);
+        assert_eq!(normalise_duration_ms(f64::NAN), 0.0);
+        assert_eq!(normalise_duration_ms(-3.0), 0.0);
+        assert_eq!(normalise_duration_ms(f64::INFINITY), 0.0);
+    }
+}

@@ -1,0 +1,401 @@
+//! The audit writer: one task owns the log file and the hash chain.
+//!
+//! Request handlers only push an [`AuditEvent`] into a bounded queue ([`AuditSink::record`]);
+//! the writer drains whatever is queued, encodes and chains every line into one buffer and
+//! hands the batch to the OS in one write (group commit). It fsyncs on shutdown only: a
+//! crash may lose the last batch, but never reorders or silently breaks the chain.
+//! It must never drop an event while running: a full queue makes `record` wait, and a
+//! failed write is retried until it succeeds.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::chain::Chain;
+use super::event::AuditEvent;
+
+/// Events the queue holds before `record` starts waiting. At a few µs per line the writer
+/// empties it in well under 100 ms, so a full queue means the disk, not the encoder, is slow.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+/// Most events encoded into one batch (one write syscall).
+const MAX_BATCH: usize = 1024;
+
+/// Back-off between retries of a failed write: long enough not to spin on a full disk,
+/// short enough that the queue drains promptly once space is back.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Attempts a failing write gets once shutdown was requested; running, it retries forever.
+const SHUTDOWN_WRITE_ATTEMPTS: u32 = 5;
+
+/// Why the audit log could not be opened, written or closed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log's directory did not exist and could not be created.
+    #[error("cannot create audit log directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log could not be opened (or created) for appending.
+    #[error("cannot open audit log {path}")]
+    Open {
+        /// The log file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log could not be read (resuming the chain, or tailing).
+    #[error("cannot read audit log {path}")]
+    Read {
+        /// The log file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log's last line is not a complete chained record, so the chain cannot be resumed.
+    /// Fires on a torn write or an edited tail; we refuse rather than silently restart.
+    #[error("audit log {path} ends with a line that is not a complete chained record ({what}); refusing to restart the hash chain, run `latchkey audit verify`")]
+    CorruptTail {
+        /// The log file.
+        path: PathBuf,
+        /// What is wrong with the last line.
+        what: String,
+    },
+    /// Queued lines could not be written before shutdown gave up retrying.
+    #[error("cannot write {unwritten_lines} queued audit lines to {path}")]
+    Write {
+        /// The log file.
+        path: PathBuf,
+        /// Lines still unwritten (lost).
+        unwritten_lines: u64,
+        /// The last OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The final fsync failed: written lines may not be durable.
+    #[error("cannot fsync audit log {path}")]
+    Sync {
+        /// The log file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The writer task panicked or was cancelled (e.g. its runtime shut down first).
+    #[error("audit writer task ended abnormally")]
+    WriterGone,
+    /// Output of `tail` could not be written.
+    #[error("cannot write audit output")]
+    Output(#[source] io::Error),
+}
+
+/// Cheap to clone handle; lines are encoded, hashed and written by one dedicated task, off the request path.
+#[derive(Clone, Debug)]
+pub struct AuditSink {
+    tx: mpsc::Sender<AuditEvent>,
+}
+
+/// Owns the writer task; [`AuditWriter::shutdown`] drains and closes the log.
+#[derive(Debug)]
+pub struct AuditWriter {
+    close: oneshot::Sender<()>,
+    task: JoinHandle<Result<u64, AuditError>>,
+}
+
+impl AuditSink {
+    /// Open (create, mode 0600, parent dir created 0700) the log at `path`, resume the hash
+    /// chain from its last line, and spawn the writer task on the current tokio runtime.
+    ///
+    /// A last line that does not parse is an error: the chain is never silently restarted.
+    /// Must be called inside a tokio runtime.
+    pub async fn open(path: &Path) -> Result<(AuditSink, AuditWriter), AuditError> {
+        Self::open_with_capacity(path, QUEUE_CAPACITY).await
+    }
+
+    /// [`AuditSink::open`] with a chosen queue capacity (at least 1).
+    pub async fn open_with_capacity(
+        path: &Path,
+        capacity: usize,
+    ) -> Result<(AuditSink, AuditWriter), AuditError> {
+        let owned = path.to_path_buf();
+        let (file, chain) = tokio::task::spawn_blocking(move || open_blocking(&owned))
+            .await
+            .map_err(|_| AuditError::WriterGone)??;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (close_tx, close_rx) = oneshot::channel();
+        let task = tokio::spawn(run_writer(
+            LogFile {
+                path: path.to_path_buf(),
+                file: Some(file),
+            },
+            chain,
+            rx,
+            close_rx,
+        ));
+        Ok((
+            AuditSink { tx },
+            AuditWriter {
+                close: close_tx,
+                task,
+            },
+        ))
+    }
+
+    /// Queue one event; waits while the queue is full (backpressure, never drops).
+    ///
+    /// Only after [`AuditWriter::shutdown`] has begun is an event refused; that is logged
+    /// at `error` with its request id, since the audit trail then has a hole.
+    pub async fn record(&self, event: AuditEvent) {
+        if let Err(mpsc::error::SendError(event)) = self.tx.send(event).await {
+            tracing::error!(
+                request_id = %event.request_id,
+                "audit event recorded after the audit writer shut down; it is not in the log"
+            );
+        }
+    }
+}
+
+impl AuditWriter {
+    /// Close the queue, write everything still queued, flush and fsync, and return the
+    /// number of lines written during this run.
+    ///
+    /// Works while clones of [`AuditSink`] still exist (e.g. in connection tasks that are
+    /// finishing): their later `record` calls are refused and logged. Call after the server
+    /// stopped accepting requests.
+    pub async fn shutdown(self) -> Result<u64, AuditError> {
+        // The writer may already have ended (it never does on its own), so ignore a send error.
+        let _ = self.close.send(());
+        self.task.await.map_err(|_| AuditError::WriterGone)?
+    }
+}
+
+/// Open or create the log and find where the chain stands.
+fn open_blocking(path: &Path) -> Result<(File, Chain), AuditError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // SECURITY: the log names agents, hosts and paths; keep a new directory private.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| AuditError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    let open_err = |source| AuditError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    // SECURITY: 0600 so other local users (and agents running as them) cannot read it.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.is_file() {
+        // Refuse devices and FIFOs: the chain needs an append-only regular file, and
+        // tightening the mode below must never chmod something like /dev/null.
+        return Err(open_err(io::Error::other("not a regular file")));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "audit log was readable by others; tightening to 0600");
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(open_err)?;
+    }
+    let chain = resume_chain(&mut file, path)?;
+    Ok((file, chain))
+}
+
+/// Read the last line of the log and continue the chain from its `hash`.
+fn resume_chain(file: &mut File, path: &Path) -> Result<Chain, AuditError> {
+    let read_err = |source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let corrupt = |what: String| AuditError::CorruptTail {
+        path: path.to_path_buf(),
+        what,
+    };
+    let len = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    if len == 0 {
+        return Ok(Chain::genesis());
+    }
+    // Read backwards in chunks until the newline before the last line (or the file start).
+    const CHUNK: u64 = 8192;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut pos = len;
+    loop {
+        let start = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; usize::try_from(pos - start).expect("chunk fits usize")];
+        file.seek(SeekFrom::Start(start)).map_err(read_err)?;
+        file.read_exact(&mut chunk).map_err(read_err)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        pos = start;
+        // Skip the final byte: it should be the last line's own `\n`.
+        let body = &tail[..tail.len() - 1];
+        if body.contains(&b'\n') || pos == 0 {
+            break;
+        }
+    }
+    if tail.last() != Some(&b'\n') {
+        return Err(corrupt("last line is not terminated by a newline".into()));
+    }
+    let body = &tail[..tail.len() - 1];
+    let last = match body.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None => body,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(last).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
+    let hash = value
+        .get("hash")
+        .and_then(|h| h.as_str())
+        .ok_or_else(|| corrupt("no `hash` field".into()))?;
+    Chain::resume(hash).ok_or_else(|| corrupt("`hash` is not 64 lowercase hex digits".into()))
+}
+
+/// The log file, moved into `spawn_blocking` for each write and back.
+struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+/// The writer loop: drain, encode, write, repeat; on close, drain the rest and fsync.
+async fn run_writer(
+    mut log: LogFile,
+    mut chain: Chain,
+    mut rx: mpsc::Receiver<AuditEvent>,
+    mut close: oneshot::Receiver<()>,
+) -> Result<u64, AuditError> {
+    let mut batch: Vec<AuditEvent> = Vec::with_capacity(MAX_BATCH);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut written: u64 = 0;
+    let mut closing = false;
+    loop {
+        let received = if closing {
+            rx.recv_many(&mut batch, MAX_BATCH).await
+        } else {
+            tokio::select! {
+                // Close first: under steady traffic the queue is never empty, and shutdown
+                // must still begin. A dropped `AuditWriter` also lands here (graceful close).
+                biased;
+                _ = &mut close => {
+                    // Refuse new events; everything already queued is still received.
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            }
+        };
+        if received == 0 {
+            break; // queue closed (or every sink dropped) and empty
+        }
+        for event in batch.drain(..) {
+            chain.append(&event, &mut buf);
+        }
+        let lines = u64::try_from(received).expect("batch size fits u64");
+        buf = write_batch(&mut log, buf, lines, closing).await?;
+        written += lines;
+    }
+    sync(&mut log).await?;
+    Ok(written)
+}
+
+/// Write one batch, retrying on error. Returns the emptied buffer for reuse.
+async fn write_batch(
+    log: &mut LogFile,
+    mut buf: Vec<u8>,
+    lines: u64,
+    closing: bool,
+) -> Result<Vec<u8>, AuditError> {
+    let mut backoff = RETRY_MIN;
+    let mut attempts = 0u32;
+    loop {
+        let file = log.file.take().ok_or(AuditError::WriterGone)?;
+        let (file, res, rest) = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let res = write_all_tracked(&mut file, &buf);
+            let rest = match &res {
+                Ok(()) => {
+                    buf.clear();
+                    buf
+                }
+                // Keep only what the OS did not take, so a retry never duplicates a line.
+                Err((done, _)) => buf.split_off(*done),
+            };
+            (file, res.map_err(|(_, e)| e), rest)
+        })
+        .await
+        .map_err(|_| AuditError::WriterGone)?;
+        log.file = Some(file);
+        buf = rest;
+        match res {
+            Ok(()) => return Ok(buf),
+            Err(source) => {
+                attempts += 1;
+                tracing::error!(path = %log.path.display(), error = %source, attempts, "audit log write failed; retrying (requests wait meanwhile)");
+                if closing && attempts >= SHUTDOWN_WRITE_ATTEMPTS {
+                    return Err(AuditError::Write {
+                        path: log.path.clone(),
+                        unwritten_lines: bytecount_newlines(&buf).min(lines),
+                        source,
+                    });
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Like `write_all`, but on error says how many bytes were written.
+fn write_all_tracked(file: &mut File, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.write(&buf[done..]) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+fn bytecount_newlines(buf: &[u8]) -> u64 {
+    buf.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// fsync the log so everything written survives a crash.
+async fn sync(log: &mut LogFile) -> Result<(), AuditError> {
+    let file = log.file.take().ok_or(AuditError::WriterGone)?;
+    let (file, res) = tokio::task::spawn_blocking(move || {
+        let res = file.sync_all();
+        (file, res)
+    })
+    .await
+    .map_err(|_| AuditError::WriterGone)?;
+    log.file = Some(file);
+    res.map_err(|source| AuditError::Sync {
+        path: log.path.clone(),
+        source,
+    })
+}

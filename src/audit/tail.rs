@@ -1,0 +1,280 @@
+//! Reading the log for humans: `latchkey logs tail [-f] [--agent NAME] [--decision allow|deny] [--since 10m] [--json]`.
+//!
+//! Read-only: never writes the log and never checks the chain (that is `verify`).
+//! Log fields come from agents (paths, hosts, names), so control characters are escaped
+//! before they reach a terminal.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::event::{AuditEvent, Decision};
+use super::sink::AuditError;
+
+/// How often `-f` looks for new lines: fast enough to feel live, cheap enough to leave running.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Which events to show; `None` fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct TailFilter {
+    /// Only events of this agent.
+    pub agent: Option<String>,
+    /// Only allowed or only denied events.
+    pub decision: Option<Decision>,
+    /// Only events at or after this time.
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl TailFilter {
+    /// Whether `e` passes every set criterion.
+    pub fn matches(&self, e: &AuditEvent) -> bool {
+        self.agent
+            .as_deref()
+            .is_none_or(|a| e.agent.as_deref() == Some(a))
+            && self.decision.is_none_or(|d| e.decision == d)
+            && self.since.is_none_or(|s| e.ts >= s)
+    }
+}
+
+/// What `tail` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TailReport {
+    /// Lines printed (after filtering).
+    pub printed: u64,
+    /// Lines that did not parse as audit events and were skipped.
+    pub skipped: u64,
+}
+
+const GREEN: &str = "\x1b[32m";
+const RED: &str = "\x1b[31m";
+const RESET: &str = "\x1b[0m";
+
+/// One readable line: time, agent (obo), method host+path, status, route, credential, reason, latency.
+/// colour = ANSI colours (green allow / red deny) when true.
+pub fn format_line(e: &AuditEvent, colour: bool) -> String {
+    let (word, paint) = match e.decision {
+        Decision::Allow => ("ALLOW", GREEN),
+        Decision::Deny => ("DENY ", RED),
+    };
+    let mut s = String::with_capacity(160);
+    s.push_str(&e.ts_string());
+    s.push(' ');
+    if colour {
+        s.push_str(paint);
+        s.push_str(word);
+        s.push_str(RESET);
+    } else {
+        s.push_str(word);
+    }
+    s.push(' ');
+    s.push_str(&clean(e.agent.as_deref().unwrap_or("-")));
+    if let Some(obo) = &e.on_behalf_of {
+        let _ = write!(s, " (obo {})", clean(obo));
+    }
+    let _ = write!(
+        s,
+        " {} {}{} {} route={} cred={} reason={} {:.1}ms",
+        clean(&e.method),
+        clean(&e.host),
+        clean(&e.path),
+        e.status,
+        clean(e.route.as_deref().unwrap_or("-")),
+        clean(e.credential.as_deref().unwrap_or("-")),
+        clean(e.reason.as_deref().unwrap_or("-")),
+        e.duration_ms,
+    );
+    s
+}
+
+/// SECURITY: escape control characters so a crafted path or agent name cannot send escape
+/// sequences to the operator's terminal.
+fn clean(s: &str) -> Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        Cow::Owned(
+            s.chars()
+                .flat_map(|c| {
+                    let escaped: Vec<char> = if c.is_control() {
+                        c.escape_default().collect()
+                    } else {
+                        vec![c]
+                    };
+                    escaped
+                })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// Print matching existing lines of `path` to `out` (raw JSON line if `json`, else
+/// [`format_line`]); if `follow`, keep following the file like `tail -F` (new lines
+/// appended; file replaced or truncated -> reopen from the start) until `stop` resolves.
+///
+/// Lines that do not parse are counted in [`TailReport::skipped`], never a panic. Without
+/// `follow`, a missing file is an error; with it, `tail` waits for the file to appear.
+pub async fn tail(
+    path: &Path,
+    filter: &TailFilter,
+    json: bool,
+    colour: bool,
+    follow: bool,
+    out: &mut (dyn Write + Send),
+    stop: impl Future<Output = ()>,
+) -> Result<TailReport, AuditError> {
+    let mut printer = Printer {
+        path,
+        filter,
+        json,
+        colour,
+        out,
+        report: TailReport::default(),
+        pending: Vec::new(),
+    };
+    let read_err = |source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut current = match open(path).await {
+        Ok(f) => Some(f),
+        Err(e) if follow && e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(read_err(e)),
+    };
+    if let Some(f) = current.as_mut() {
+        printer.drain(f).await?;
+    }
+    if !follow {
+        printer.finish()?;
+        return Ok(printer.report);
+    }
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        if let Some(f) = current.as_mut() {
+            // Finish what the current file holds, even if it was just replaced.
+            printer.drain(f).await?;
+            let size = f.file.metadata().await.map_err(read_err)?.len();
+            if size < f.offset {
+                // Truncated in place: start over from the top.
+                f.file
+                    .seek(io::SeekFrom::Start(0))
+                    .await
+                    .map_err(read_err)?;
+                f.offset = 0;
+                printer.pending.clear();
+                printer.drain(f).await?;
+            }
+        }
+        let replaced = match tokio::fs::metadata(path).await {
+            Ok(meta) => current
+                .as_ref()
+                .is_none_or(|f| (meta.dev(), meta.ino()) != f.id),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(read_err(e)),
+        };
+        if replaced {
+            match open(path).await {
+                Ok(mut f) => {
+                    printer.pending.clear();
+                    printer.drain(&mut f).await?;
+                    current = Some(f);
+                }
+                // Gone again between the two calls: try on the next tick.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+    }
+    Ok(printer.report)
+}
+
+/// The followed file and how far it has been read.
+struct Followed {
+    file: tokio::fs::File,
+    id: (u64, u64),
+    offset: u64,
+}
+
+async fn open(path: &Path) -> io::Result<Followed> {
+    let file = tokio::fs::File::open(path).await?;
+    let meta = file.metadata().await?;
+    Ok(Followed {
+        file,
+        id: (meta.dev(), meta.ino()),
+        offset: 0,
+    })
+}
+
+/// Turns bytes into printed lines, holding back a partial last line until its `\n` arrives.
+struct Printer<'a> {
+    path: &'a Path,
+    filter: &'a TailFilter,
+    json: bool,
+    colour: bool,
+    out: &'a mut (dyn Write + Send),
+    report: TailReport,
+    pending: Vec<u8>,
+}
+
+impl Printer<'_> {
+    /// Read everything new in `f` and print the complete lines.
+    async fn drain(&mut self, f: &mut Followed) -> Result<(), AuditError> {
+        let n = f
+            .file
+            .read_to_end(&mut self.pending)
+            .await
+            .map_err(|source| AuditError::Read {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        f.offset += n as u64;
+        let Some(last_nl) = self.pending.iter().rposition(|&b| b == b'\n') else {
+            return Ok(());
+        };
+        let complete: Vec<u8> = self.pending.drain(..=last_nl).collect();
+        for line in complete.split(|&b| b == b'\n') {
+            self.line(line).map_err(AuditError::Output)?;
+        }
+        self.out.flush().map_err(AuditError::Output)
+    }
+
+    /// Without `-f`, a last line with no newline is printed (or skipped) as it is.
+    fn finish(&mut self) -> Result<(), AuditError> {
+        let rest = std::mem::take(&mut self.pending);
+        self.line(&rest).map_err(AuditError::Output)?;
+        self.out.flush().map_err(AuditError::Output)
+    }
+
+    fn line(&mut self, raw: &[u8]) -> io::Result<()> {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let Ok(event) = serde_json::from_slice::<AuditEvent>(raw) else {
+            self.report.skipped += 1;
+            return Ok(());
+        };
+        if !self.filter.matches(&event) {
+            return Ok(());
+        }
+        self.report.printed += 1;
+        if self.json {
+            self.out.write_all(raw)?;
+        } else {
+            self.out
+                .write_all(format_line(&event, self.colour).as_bytes())?;
+        }
+        self.out.write_all(b"\n")
+    }
+}

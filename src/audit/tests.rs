@@ -1,0 +1,498 @@
+//! End-to-end tests of the audit log on real files: writer, chain, verify, tail.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+
+use super::*;
+
+fn event(i: u64) -> AuditEvent {
+    AuditEvent {
+        ts: Utc.with_ymd_and_hms(2026, 11, 22, 18, 0, 0).unwrap()
+            + chrono::Duration::milliseconds(i as i64),
+        request_id: format!("req-{i}"),
+        agent: Some(
+            if i.is_multiple_of(2) {
+                "claude"
+            } else {
+                "codex"
+            }
+            .into(),
+        ),
+        on_behalf_of: Some("alice".into()),
+        session: Some("jti-1".into()),
+        task: None,
+        route: Some("github".into()),
+        credential: Some("gh_token".into()),
+        decision: if i.is_multiple_of(3) {
+            Decision::Deny
+        } else {
+            Decision::Allow
+        },
+        reason: if i.is_multiple_of(3) {
+            Some("no_matching_rule".into())
+        } else {
+            None
+        },
+        method: "GET".into(),
+        host: "api.github.com".into(),
+        path: format!("/repos/{i}"),
+        status: if i.is_multiple_of(3) { 403 } else { 200 },
+        duration_ms: 1.0 / (i as f64 + 3.0),
+    }
+}
+
+fn log_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("state").join("audit.jsonl")
+}
+
+async fn write_events(path: &Path, range: std::ops::Range<u64>) -> u64 {
+    let (sink, writer) = AuditSink::open(path).await.unwrap();
+    for i in range {
+        sink.record(event(i)).await;
+    }
+    writer.shutdown().await.unwrap()
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).unwrap();
+}
+
+/// A log of `n` lines for tamper tests.
+async fn log_of(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    assert_eq!(write_events(&path, 0..n).await, n);
+    (dir, path)
+}
+
+#[tokio::test]
+async fn chain_of_1000_records_verifies() {
+    let (_dir, path) = log_of(1000).await;
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 1000);
+    let last: serde_json::Value = serde_json::from_str(read_lines(&path).last().unwrap()).unwrap();
+    assert_eq!(last["hash"], report.last_hash.as_str());
+    let first: serde_json::Value = serde_json::from_str(&read_lines(&path)[0]).unwrap();
+    assert_eq!(first["prev_hash"], GENESIS_HASH);
+    assert!(first["task"].is_null());
+    assert_eq!(first["ts"], "2026-11-22T18:00:00.000Z");
+}
+
+#[tokio::test]
+async fn reopening_continues_the_chain() {
+    let (_dir, path) = log_of(10).await;
+    let first_run = verify(&path).unwrap();
+    assert_eq!(write_events(&path, 10..25).await, 15);
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 25);
+    let line11: serde_json::Value = serde_json::from_str(&read_lines(&path)[10]).unwrap();
+    assert_eq!(line11["prev_hash"], first_run.last_hash.as_str());
+}
+
+#[tokio::test]
+async fn empty_existing_log_starts_at_genesis() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, "").unwrap();
+    write_events(&path, 0..2).await;
+    assert_eq!(verify(&path).unwrap().lines, 2);
+}
+
+#[tokio::test]
+async fn verify_reports_the_edited_line() {
+    let (_dir, path) = log_of(10).await;
+    let mut lines = read_lines(&path);
+    assert!(lines[4].contains("\"/repos/4\""));
+    lines[4] = lines[4].replace("\"/repos/4\"", "\"/repos/evil\"");
+    write_lines(&path, &lines);
+    let err = verify(&path).unwrap_err();
+    assert!(matches!(err, VerifyError::Edited { line: 5 }), "{err}");
+    assert!(err.to_string().contains("line 5"));
+}
+
+#[tokio::test]
+async fn verify_reports_a_dropped_line() {
+    let (_dir, path) = log_of(10).await;
+    let mut lines = read_lines(&path);
+    lines.remove(4);
+    write_lines(&path, &lines);
+    let err = verify(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::BrokenChain {
+                line: 5,
+                previous: 4
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_an_inserted_line() {
+    let (_dir, path) = log_of(10).await;
+    let mut lines = read_lines(&path);
+    let copy = lines[2].clone();
+    lines.insert(6, copy);
+    write_lines(&path, &lines);
+    let err = verify(&path).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::BrokenChain { line: 7, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_swapped_lines() {
+    let (_dir, path) = log_of(10).await;
+    let mut lines = read_lines(&path);
+    lines.swap(3, 4);
+    write_lines(&path, &lines);
+    let err = verify(&path).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::BrokenChain { line: 4, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_a_truncated_last_line() {
+    let (_dir, path) = log_of(10).await;
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
+    let err = verify(&path).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::NotJson { line: 10, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_a_missing_field() {
+    let (_dir, path) = log_of(3).await;
+    let mut lines = read_lines(&path);
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&lines[1]).unwrap();
+    v.remove("status");
+    lines[1] = serde_json::to_string(&v).unwrap();
+    write_lines(&path, &lines);
+    let err = verify(&path).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::BadRecord { line: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("status"), "{err}");
+}
+
+#[tokio::test]
+async fn open_refuses_to_restart_after_a_torn_last_line() {
+    let (_dir, path) = log_of(5).await;
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let err = AuditSink::open(&path).await.unwrap_err();
+    assert!(matches!(err, AuditError::CorruptTail { .. }), "{err}");
+    std::fs::write(&path, "not json\n").unwrap();
+    let err = AuditSink::open(&path).await.unwrap_err();
+    assert!(matches!(err, AuditError::CorruptTail { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn resume_finds_a_last_line_longer_than_one_read_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open(&path).await.unwrap();
+    let mut big = event(1);
+    big.path = "/x".repeat(10_000);
+    sink.record(event(0)).await;
+    sink.record(big).await;
+    writer.shutdown().await.unwrap();
+    write_events(&path, 2..4).await;
+    assert_eq!(verify(&path).unwrap().lines, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_never_drops_records_from_concurrent_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open_with_capacity(&path, 4).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let sink = sink.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..625u64 {
+                sink.record(event(t * 625 + i)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(writer.shutdown().await.unwrap(), 10_000);
+    assert_eq!(read_lines(&path).len(), 10_000);
+    assert_eq!(verify(&path).unwrap().lines, 10_000);
+    drop(sink);
+}
+
+#[tokio::test]
+async fn shutdown_completes_while_clones_are_alive_and_later_records_do_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open(&path).await.unwrap();
+    let clone = sink.clone();
+    sink.record(event(0)).await;
+    clone.record(event(1)).await;
+    assert_eq!(writer.shutdown().await.unwrap(), 2);
+    clone.record(event(2)).await; // refused and logged
+    assert_eq!(verify(&path).unwrap().lines, 2);
+}
+
+#[tokio::test]
+async fn log_is_created_0600_in_a_private_new_directory() {
+    let (dir, path) = log_of(1).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let dir_mode = std::fs::metadata(dir.path().join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o077, 0);
+}
+
+#[tokio::test]
+async fn an_existing_world_readable_log_is_tightened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, "").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write_events(&path, 0..1).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn open_refuses_something_that_is_not_a_regular_file() {
+    let err = AuditSink::open(Path::new("/dev/null")).await.unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = AuditSink::open(dir.path()).await.unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err}");
+}
+
+#[test]
+fn format_line_shows_the_decision_without_ansi_when_colour_is_off() {
+    let mut e = event(3);
+    e.path = "/a\u{1b}[2Jb".into();
+    let line = format_line(&e, false);
+    for part in [
+        "codex",
+        "alice",
+        "403",
+        "github",
+        "gh_token",
+        "no_matching_rule",
+        "DENY",
+        "GET api.github.com/a",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    assert!(!line.contains('\u{1b}'), "{line:?}");
+    let coloured = format_line(&e, true);
+    assert!(coloured.contains("\u{1b}[31mDENY"), "{coloured:?}");
+    assert!(format_line(&event(1), true).contains("\u{1b}[32mALLOW"));
+}
+
+#[test]
+fn filter_by_agent_decision_and_since() {
+    let all = TailFilter::default();
+    assert!(all.matches(&event(0)));
+    let claude = TailFilter {
+        agent: Some("claude".into()),
+        ..TailFilter::default()
+    };
+    assert!(claude.matches(&event(0)));
+    assert!(!claude.matches(&event(1)));
+    let deny = TailFilter {
+        decision: Some(Decision::Deny),
+        ..TailFilter::default()
+    };
+    assert!(deny.matches(&event(3)));
+    assert!(!deny.matches(&event(1)));
+    let since = TailFilter {
+        since: Some(event(5).ts),
+        ..TailFilter::default()
+    };
+    assert!(!since.matches(&event(4)));
+    assert!(since.matches(&event(5)));
+    assert!(since.matches(&event(6)));
+}
+
+#[tokio::test]
+async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
+    let (_dir, path) = log_of(6).await;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"garbage\n{\"half\":").unwrap();
+    drop(f);
+    let filter = TailFilter {
+        decision: Some(Decision::Deny),
+        ..TailFilter::default()
+    };
+    let mut out = Vec::new();
+    let report = tail(
+        &path,
+        &filter,
+        true,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        TailReport {
+            printed: 2,
+            skipped: 2
+        }
+    );
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0], read_lines(&path)[0]);
+    assert!(lines[1].contains("\"req-3\""));
+
+    let mut out = Vec::new();
+    tail(
+        &path,
+        &TailFilter::default(),
+        false,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().count(), 6);
+    assert!(text.lines().all(|l| l.starts_with("2026-11-22T18:00:00.")));
+}
+
+#[tokio::test]
+async fn tail_of_a_missing_file_without_follow_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = tail(
+        &dir.path().join("nope.jsonl"),
+        &TailFilter::default(),
+        false,
+        false,
+        false,
+        &mut Vec::new(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, AuditError::Read { .. }), "{err}");
+}
+
+/// A `Write` the test can read while `tail` runs in another task.
+#[derive(Clone, Default)]
+struct SharedOut(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedOut {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Wait (bounded) until the output satisfies `ready`.
+    async fn wait_for(&self, ready: impl Fn(&str) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !ready(&self.text()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out; output so far:\n{}", self.text());
+    }
+}
+
+#[tokio::test]
+async fn follow_picks_up_appended_and_replaced_lines_and_stops_on_signal() {
+    let (_dir, path) = log_of(2).await;
+    let out = SharedOut::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = {
+        let (path, mut out) = (path.clone(), out.clone());
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            tail(
+                &path,
+                &TailFilter::default(),
+                true,
+                false,
+                true,
+                &mut out,
+                stop,
+            )
+            .await
+        })
+    };
+    out.wait_for(|t| t.lines().count() == 2).await;
+
+    // Appended by a second writer run, after tail started.
+    write_events(&path, 2..3).await;
+    out.wait_for(|t| t.contains("\"req-2\"")).await;
+
+    // Replaced (rotation): the new file is read from its start.
+    let rotated = path.with_extension("new");
+    let (sink, writer) = AuditSink::open(&rotated).await.unwrap();
+    sink.record(event(77)).await;
+    writer.shutdown().await.unwrap();
+    std::fs::rename(&rotated, &path).unwrap();
+    out.wait_for(|t| t.contains("\"req-77\"")).await;
+
+    stop_tx.send(()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("tail stops when signalled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report,
+        TailReport {
+            printed: 4,
+            skipped: 0
+        }
+    );
+}
