@@ -256,9 +256,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let colour = std::io::stdout().is_terminal();
             let mut out = std::io::stdout();
-            audit::tail(&path, &filter, json, colour, follow, &mut out, shutdown_signal())
-                .await
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let report =
+                audit::tail(&path, &filter, json, colour, follow, &mut out, shutdown_signal())
+                    .await
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+            if report.skipped > 0 {
+                eprintln!("latchkey: skipped {} line(s) that are not audit records", report.skipped);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCmd::Verify { audit_log }) => {
@@ -404,8 +408,9 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     {
         tracing::warn!("some connections did not finish in time");
     }
+    drop(audit);
     let lines = audit_writer
-        .shutdown(audit)
+        .shutdown()
         .await
         .context("cannot flush the audit log")?;
     tracing::info!(lines, "audit log flushed");
