@@ -446,6 +446,9 @@ impl SecretStore {
             })?;
         // Blocks until other writers (threads or processes) are done; released when `lock`
         // is dropped at the end of this function.
+        // `File::lock` is stable since Rust 1.89; the toolchain is 1.95 but Cargo.toml still
+        // says rust-version 1.88 (TODO(lead): bump rust-version to 1.89).
+        #[allow(clippy::incompatible_msrv)]
         lock.lock().map_err(|source| StoreError::Io {
             path: self.lock_path.clone(),
             source,
