@@ -1,0 +1,2 @@
+//! Tests for policy loading, validation and matching.
+use super::*;
