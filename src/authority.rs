@@ -123,7 +123,9 @@ pub(crate) fn parse_host_port(s: &str) -> Result<(Box<str>, Option<u16>), Author
     }
     // SECURITY: refuse whitespace and controls before anything else, so that "a.com :80" or
     // "a.com\r\n" can never be trimmed into something a later layer reads differently.
-    if s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if s.bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(AuthorityError::Whitespace);
     }
     // SECURITY: `allowed.com@evil.com` is a classic allow-list bypass.
@@ -237,7 +239,12 @@ mod tests {
             ("api.github.com.", Some(80), "api.github.com", 80),
             ("localhost:8080", None, "localhost", 8080),
             ("a-b.c-d.example:1", None, "a-b.c-d.example", 1),
-            ("xn--bcher-kva.example:443", None, "xn--bcher-kva.example", 443),
+            (
+                "xn--bcher-kva.example:443",
+                None,
+                "xn--bcher-kva.example",
+                443,
+            ),
             ("127.0.0.1:80", None, "127.0.0.1", 80),
             ("10.0.0.1", Some(443), "10.0.0.1", 443),
             ("[::1]:443", None, "[::1]", 443),

@@ -175,23 +175,27 @@ impl AgentPolicy {
             );
         }
 
-        let max_ttl = raw.max_ttl.as_ref().and_then(|t| {
-            match humantime::parse_duration(t.get_ref()) {
-                Ok(d) if d > Duration::ZERO => Some(d),
-                Ok(_) => {
-                    cx.error(t.span(), "max_ttl", "must be longer than zero");
-                    None
-                }
-                Err(e) => {
-                    cx.error(
-                        t.span(),
-                        "max_ttl",
-                        format!("{:?} is not a duration such as \"8h\" or \"15m\": {e}", t.get_ref()),
-                    );
-                    None
-                }
-            }
-        });
+        let max_ttl =
+            raw.max_ttl
+                .as_ref()
+                .and_then(|t| match humantime::parse_duration(t.get_ref()) {
+                    Ok(d) if d > Duration::ZERO => Some(d),
+                    Ok(_) => {
+                        cx.error(t.span(), "max_ttl", "must be longer than zero");
+                        None
+                    }
+                    Err(e) => {
+                        cx.error(
+                            t.span(),
+                            "max_ttl",
+                            format!(
+                                "{:?} is not a duration such as \"8h\" or \"15m\": {e}",
+                                t.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                });
 
         let mut routes = Vec::with_capacity(raw.routes.len());
         let mut seen_ids: HashMap<&str, (usize, usize)> = HashMap::new();
@@ -255,14 +259,20 @@ fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Optio
 
     let mut methods: Vec<Method> = Vec::new();
     if r.methods.get_ref().is_empty() {
-        cx.error(r.methods.span(), f("methods"), "must list at least one method");
+        cx.error(
+            r.methods.span(),
+            f("methods"),
+            "must list at least one method",
+        );
     }
     for (k, m) in r.methods.get_ref().iter().enumerate() {
         let text = m.get_ref();
         match parse_method(text) {
-            Ok(method) if methods.contains(&method) => {
-                cx.error(m.span(), f(&format!("methods[{k}]")), format!("{text:?} is listed twice"))
-            }
+            Ok(method) if methods.contains(&method) => cx.error(
+                m.span(),
+                f(&format!("methods[{k}]")),
+                format!("{text:?} is listed twice"),
+            ),
             Ok(method) => methods.push(method),
             Err(msg) => cx.error(m.span(), f(&format!("methods[{k}]")), msg),
         }
@@ -357,9 +367,7 @@ fn compile_inject(cx: &mut Ctx<'_>, i: usize, inj: &Spanned<RawInject>) -> Optio
             );
             return None;
         }
-        return Some(Inject::Query {
-            name: name.clone(),
-        });
+        return Some(Inject::Query { name: name.clone() });
     }
     if let Some(u) = &raw.basic_user {
         let user = u.get_ref();
@@ -367,7 +375,9 @@ fn compile_inject(cx: &mut Ctx<'_>, i: usize, inj: &Spanned<RawInject>) -> Optio
             cx.error(
                 u.span(),
                 f("basic_user"),
-                format!("{user:?} is not a valid user name (non-empty, no ':' or control characters)"),
+                format!(
+                    "{user:?} is not a valid user name (non-empty, no ':' or control characters)"
+                ),
             );
             return None;
         }
@@ -378,7 +388,11 @@ fn compile_inject(cx: &mut Ctx<'_>, i: usize, inj: &Spanned<RawInject>) -> Optio
             Some(h) => (h.span(), "value"),
             None => (inj.span(), "header"),
         };
-        cx.error(span, f(field), format!("the header form needs both `header` and `value`; `{field}` is missing"));
+        cx.error(
+            span,
+            f(field),
+            format!("the header form needs both `header` and `value`; `{field}` is missing"),
+        );
         return None;
     };
     let name = match parse_header_name(h.get_ref()) {
@@ -421,7 +435,8 @@ fn compile_inject(cx: &mut Ctx<'_>, i: usize, inj: &Spanned<RawInject>) -> Optio
 }
 
 fn is_header_text(s: &str) -> bool {
-    s.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+    s.bytes()
+        .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
 }
 
 fn parse_header_name(text: &str) -> Result<HeaderName, String> {
@@ -441,14 +456,15 @@ fn parse_header_name(text: &str) -> Result<HeaderName, String> {
 fn parse_method(text: &str) -> Result<Method, String> {
     const TCHAR_SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
     let ok = !text.is_empty()
-        && text.bytes().all(|b| {
-            b.is_ascii_uppercase() || b.is_ascii_digit() || TCHAR_SYMBOLS.contains(&b)
-        })
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || TCHAR_SYMBOLS.contains(&b))
         && text.bytes().any(|b| b.is_ascii_uppercase());
     if !ok {
         return Err(format!("{text:?} is not an upper-case HTTP method"));
     }
-    Method::from_bytes(text.as_bytes()).map_err(|_| format!("{text:?} is not an upper-case HTTP method"))
+    Method::from_bytes(text.as_bytes())
+        .map_err(|_| format!("{text:?} is not an upper-case HTTP method"))
 }
 
 fn is_agent_name(s: &str) -> bool {
@@ -475,7 +491,9 @@ fn parse_host_pattern(text: &str) -> Result<(Box<str>, HostPattern, PortSpec), S
     let (host, port) = parse_host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
     let is_ip = host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok();
     if wild && is_ip {
-        return Err(format!("{text:?}: a wildcard cannot apply to an IP address"));
+        return Err(format!(
+            "{text:?}: a wildcard cannot apply to an IP address"
+        ));
     }
     let port_spec = port.map_or(PortSpec::Default, PortSpec::Port);
     let display = match (wild, port) {

@@ -191,7 +191,10 @@ mod tests {
             ("/", Ok("/")),
             ("/a", Ok("/a")),
             ("/a/", Ok("/a/")),
-            ("/repos/acme/backend/issues", Ok("/repos/acme/backend/issues")),
+            (
+                "/repos/acme/backend/issues",
+                Ok("/repos/acme/backend/issues"),
+            ),
             ("/a/b:c@d!$&'()*+,;=", Ok("/a/b:c@d!$&'()*+,;=")),
             ("/a%20b", Ok("/a%20b")),
             ("/caf%C3%A9", Ok("/caf%C3%A9")),
@@ -262,11 +265,7 @@ mod tests {
     fn normalisation_table() {
         for (input, want) in table() {
             let got = normalize(input);
-            assert_eq!(
-                got.as_deref().map_err(|e| *e),
-                want,
-                "normalize({input:?})"
-            );
+            assert_eq!(got.as_deref().map_err(|e| *e), want, "normalize({input:?})");
         }
     }
 

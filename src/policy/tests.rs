@@ -34,8 +34,9 @@ const BASE: &str = "id = \"r\"\nhost = \"api.example.com\"\nmethods = [\"GET\"]\
 fn assert_refused(text: &str, field: &str, needle: &str) {
     let d = errors(text);
     assert!(
-        d.iter()
-            .any(|d| d.field == field && d.message.contains(needle) && d.severity == Severity::Error),
+        d.iter().any(|d| d.field == field
+            && d.message.contains(needle)
+            && d.severity == Severity::Error),
         "expected {field}: ...{needle}... in {:#?}",
         d.iter().map(ToString::to_string).collect::<Vec<_>>()
     );
@@ -71,9 +72,13 @@ fn example_policy_file_loads() {
     assert_eq!(p.routes().len(), 2);
     let gh = p.route("github-issues-read").expect("route exists");
     assert_eq!(gh.credential(), Some("github-readonly"));
-    assert!(matches!(gh.inject(), Some(Inject::Header { name, prefix, suffix })
-        if name.as_str() == "authorization" && prefix == "Bearer " && suffix.is_empty()));
-    assert!(p.routes()[1].inject().is_some_and(|i| matches!(i, Inject::Query { .. })));
+    assert!(
+        matches!(gh.inject(), Some(Inject::Header { name, prefix, suffix })
+        if name.as_str() == "authorization" && prefix == "Bearer " && suffix.is_empty())
+    );
+    assert!(p.routes()[1]
+        .inject()
+        .is_some_and(|i| matches!(i, Inject::Query { .. })));
     let a = auth("api.github.com");
     assert!(p
         .decide(
@@ -197,7 +202,11 @@ fn toml_syntax_error_has_a_line() {
     let d = errors("agent = \"a\"\n\n[[routes]\nid = 1\n");
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].line, Some(3), "{}", d[0]);
-    assert!(d[0].to_string().starts_with("policies/t.toml:3: "), "{}", d[0]);
+    assert!(
+        d[0].to_string().starts_with("policies/t.toml:3: "),
+        "{}",
+        d[0]
+    );
 }
 
 #[test]
@@ -207,7 +216,11 @@ fn unknown_field_is_refused_with_its_line() {
     assert!(d[0].message.contains("unknown field `method`"), "{}", d[0]);
     assert_eq!(d[0].line, Some(7), "{}", d[0]);
     let top = errors("agent = \"a\"\nagnet = \"b\"\n");
-    assert!(top[0].message.contains("unknown field `agnet`"), "{}", top[0]);
+    assert!(
+        top[0].message.contains("unknown field `agnet`"),
+        "{}",
+        top[0]
+    );
 }
 
 #[test]
@@ -238,7 +251,11 @@ fn agent_name_rules() {
         load(&format!("agent = \"{good}\"\n"));
     }
     for bad in ["", "-a", ".a", "_a", "a b", "a/b", "ä", &"a".repeat(65)] {
-        assert_refused(&format!("agent = \"{bad}\"\n"), "agent", "not a valid agent name");
+        assert_refused(
+            &format!("agent = \"{bad}\"\n"),
+            "agent",
+            "not a valid agent name",
+        );
     }
 }
 
@@ -291,7 +308,13 @@ fn bad_host_patterns_are_refused() {
         let text = route_with(&BASE.replace("api.example.com", bad));
         assert_refused(&text, "routes[0].host", "");
     }
-    for good in ["*.x.com", "x.com:8443", "[::1]:8443", "127.0.0.1", "*.x.com:1"] {
+    for good in [
+        "*.x.com",
+        "x.com:8443",
+        "[::1]:8443",
+        "127.0.0.1",
+        "*.x.com:1",
+    ] {
         load(&route_with(&BASE.replace("api.example.com", good)));
     }
 }
@@ -315,7 +338,9 @@ fn lower_case_or_invalid_method_is_refused() {
             "upper-case HTTP method",
         );
     }
-    load(&route_with(&BASE.replace("[\"GET\"]", "[\"M-SEARCH\", \"PROPFIND\"]")));
+    load(&route_with(
+        &BASE.replace("[\"GET\"]", "[\"M-SEARCH\", \"PROPFIND\"]"),
+    ));
 }
 
 #[test]
@@ -453,7 +478,11 @@ fn inject_value_needs_exactly_one_secret() {
 
 #[test]
 fn inject_value_with_control_characters_is_refused() {
-    for bad in ["Bearer {secret}\\r\\nX-Evil: 1", "{secret}\\u0000", "é {secret}"] {
+    for bad in [
+        "Bearer {secret}\\r\\nX-Evil: 1",
+        "{secret}\\u0000",
+        "é {secret}",
+    ] {
         assert_refused(
             &with_inject(&format!("{{ header = \"x-key\", value = \"{bad}\" }}")),
             "routes[0].inject.value",
@@ -516,14 +545,24 @@ fn two_inject_forms_are_refused() {
 
 #[test]
 fn unknown_inject_key_is_refused() {
-    let d = errors(&with_inject("{ header = \"x\", value = \"{secret}\", extra = 1 }"));
+    let d = errors(&with_inject(
+        "{ header = \"x\", value = \"{secret}\", extra = 1 }",
+    ));
     assert!(d[0].message.contains("unknown field `extra`"), "{}", d[0]);
 }
 
 #[test]
 fn bad_max_ttl_is_refused() {
-    assert_refused("agent = \"a\"\nmax_ttl = \"8 parsecs\"\n", "max_ttl", "not a duration");
-    assert_refused("agent = \"a\"\nmax_ttl = \"0s\"\n", "max_ttl", "longer than zero");
+    assert_refused(
+        "agent = \"a\"\nmax_ttl = \"8 parsecs\"\n",
+        "max_ttl",
+        "not a duration",
+    );
+    assert_refused(
+        "agent = \"a\"\nmax_ttl = \"0s\"\n",
+        "max_ttl",
+        "longer than zero",
+    );
     let p = load("agent = \"a\"\nmax_ttl = \"15m\"\n");
     assert_eq!(p.max_ttl(), Some(std::time::Duration::from_secs(900)));
 }
@@ -531,7 +570,9 @@ fn bad_max_ttl_is_refused() {
 #[test]
 fn invalid_credential_name_is_refused() {
     assert_refused(
-        &route_with(&format!("{BASE}\ncredential = \"a b\"\ninject = {{ query = \"k\" }}")),
+        &route_with(&format!(
+            "{BASE}\ncredential = \"a b\"\ninject = {{ query = \"k\" }}"
+        )),
         "routes[0].credential",
         "not a valid credential name",
     );
@@ -608,47 +649,169 @@ methods = ["PATCH"]
 paths = ["/**"]
 "#;
 
+/// (scheme, host, port, method, path, route that should allow it).
+type MatchCase<'a> = (Scheme, &'a str, u16, Method, &'a str, Option<&'a str>);
+
 #[test]
 fn matching_table() {
     let p = load(MATCHING);
     let all = Grant::ALL;
     use Scheme::{Http, Https};
-    let cases: &[(Scheme, &str, u16, Method, &str, Option<&str>)] = &[
+    let cases: &[MatchCase<'_>] = &[
         // exact host, first route in file order wins
-        (Https, "api.example.com", 443, Method::GET, "/v1/items", Some("exact")),
-        (Https, "api.example.com", 443, Method::GET, "/v1/items/7", Some("exact")),
-        (Https, "api.example.com", 443, Method::DELETE, "/v1/items/7", Some("second-exact")),
-        (Https, "api.example.com", 443, Method::GET, "/v1/other", Some("second-exact")),
-        (Https, "api.example.com", 443, Method::GET, "/v1/items/7/x", None),
-        (Https, "api.example.com", 443, Method::POST, "/v1/items", None),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/items",
+            Some("exact"),
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/items/7",
+            Some("exact"),
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::DELETE,
+            "/v1/items/7",
+            Some("second-exact"),
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/other",
+            Some("second-exact"),
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/items/7/x",
+            None,
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::POST,
+            "/v1/items",
+            None,
+        ),
         // `*` needs one non-empty segment; trailing slash is distinct
-        (Https, "api.example.com", 443, Method::GET, "/v1/items/", None),
-        (Https, "api.example.com", 443, Method::GET, "/v1/items/a/", None),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/items/",
+            None,
+        ),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::GET,
+            "/v1/items/a/",
+            None,
+        ),
         // wildcard depth: one or more labels, never the bare suffix
         (Https, "x.example.org", 443, Method::GET, "/", Some("wild")),
-        (Https, "a.b.c.example.org", 443, Method::POST, "/q/r", Some("wild")),
+        (
+            Https,
+            "a.b.c.example.org",
+            443,
+            Method::POST,
+            "/q/r",
+            Some("wild"),
+        ),
         (Https, "example.org", 443, Method::GET, "/", None),
         (Https, "xexample.org", 443, Method::GET, "/", None),
         (Https, "x.example.org.evil", 443, Method::GET, "/", None),
         // an exact host also gets the wildcard routes over its parent domain
-        (Https, "api.example.com", 443, Method::PATCH, "/anything", Some("late-wild")),
-        (Https, "other.example.com", 443, Method::GET, "/v1/items", None),
+        (
+            Https,
+            "api.example.com",
+            443,
+            Method::PATCH,
+            "/anything",
+            Some("late-wild"),
+        ),
+        (
+            Https,
+            "other.example.com",
+            443,
+            Method::GET,
+            "/v1/items",
+            None,
+        ),
         // port defaults per scheme
-        (Http, "api.example.com", 80, Method::GET, "/v1/items", Some("exact")),
+        (
+            Http,
+            "api.example.com",
+            80,
+            Method::GET,
+            "/v1/items",
+            Some("exact"),
+        ),
         (Http, "api.example.com", 443, Method::GET, "/v1/items", None),
         (Https, "api.example.com", 80, Method::GET, "/v1/items", None),
-        (Https, "api.example.com", 8443, Method::GET, "/v1/items", None),
+        (
+            Https,
+            "api.example.com",
+            8443,
+            Method::GET,
+            "/v1/items",
+            None,
+        ),
         // explicit port, any scheme
-        (Https, "api.example.com", 8443, Method::PUT, "/p", Some("port")),
-        (Http, "api.example.com", 8443, Method::PUT, "/p/q", Some("port")),
+        (
+            Https,
+            "api.example.com",
+            8443,
+            Method::PUT,
+            "/p",
+            Some("port"),
+        ),
+        (
+            Http,
+            "api.example.com",
+            8443,
+            Method::PUT,
+            "/p/q",
+            Some("port"),
+        ),
         (Https, "api.example.com", 443, Method::PUT, "/p/q", None),
         // trailing slash literal
-        (Https, "slash.test", 443, Method::GET, "/dir/", Some("slash")),
+        (
+            Https,
+            "slash.test",
+            443,
+            Method::GET,
+            "/dir/",
+            Some("slash"),
+        ),
         (Https, "slash.test", 443, Method::GET, "/dir", None),
         // insecure_http rule
         (Https, "secure.test", 443, Method::GET, "/x", Some("cred")),
         (Http, "secure.test", 80, Method::GET, "/x", None),
-        (Http, "lax.test", 80, Method::GET, "/x", Some("cred-insecure")),
+        (
+            Http,
+            "lax.test",
+            80,
+            Method::GET,
+            "/x",
+            Some("cred-insecure"),
+        ),
         (Http, "plain.test", 80, Method::GET, "/x", Some("nocred")),
         // IP literal
         (Https, "[::1]", 8080, Method::GET, "/", Some("ip")),
@@ -671,9 +834,18 @@ fn matching_table() {
 #[test]
 fn unknown_host_is_host_not_allowed() {
     let p = load(MATCHING);
-    let err = allowed_route(&p, Scheme::Https, &auth("other.test"), Method::GET, "/", Grant::ALL)
-        .expect_err("denied");
-    assert!(matches!(&err, Deny::HostNotAllowed { agent, host } if agent == "m" && host == "other.test:443"));
+    let err = allowed_route(
+        &p,
+        Scheme::Https,
+        &auth("other.test"),
+        Method::GET,
+        "/",
+        Grant::ALL,
+    )
+    .expect_err("denied");
+    assert!(
+        matches!(&err, Deny::HostNotAllowed { agent, host } if agent == "m" && host == "other.test:443")
+    );
     assert_eq!(err.code(), "host_not_allowed");
     // wrong port is also a host refusal
     let err = allowed_route(
@@ -691,21 +863,63 @@ fn unknown_host_is_host_not_allowed() {
 #[test]
 fn deny_details_explain_why() {
     let p = load(MATCHING);
-    let detail = |scheme, a: &str, port, m: Method, path: &str, grant| {
-        match allowed_route(&p, scheme, &auth_port(a, port), m, path, grant) {
-            Err(Deny::NoRoute(d)) => d,
-            other => panic!("expected no_route, got {other:?}"),
-        }
+    let detail = |scheme, a: &str, port, m: Method, path: &str, grant| match allowed_route(
+        &p,
+        scheme,
+        &auth_port(a, port),
+        m,
+        path,
+        grant,
+    ) {
+        Err(Deny::NoRoute(d)) => d,
+        other => panic!("expected no_route, got {other:?}"),
     };
-    let d = detail(Scheme::Https, "slash.test", 443, Method::GET, "/x", Grant::ALL);
+    let d = detail(
+        Scheme::Https,
+        "slash.test",
+        443,
+        Method::GET,
+        "/x",
+        Grant::ALL,
+    );
     assert_eq!(d, "GET /x matches no route of agent m for slash.test:443");
-    let d = detail(Scheme::Https, "slash.test", 443, Method::POST, "/dir/", Grant::ALL);
-    assert!(d.contains("POST is not allowed for /dir/") && d.contains("route slash allows only GET"), "{d}");
+    let d = detail(
+        Scheme::Https,
+        "slash.test",
+        443,
+        Method::POST,
+        "/dir/",
+        Grant::ALL,
+    );
+    assert!(
+        d.contains("POST is not allowed for /dir/") && d.contains("route slash allows only GET"),
+        "{d}"
+    );
     let only = vec!["exact".to_string()];
-    let d = detail(Scheme::Https, "x.example.org", 443, Method::GET, "/", Grant(Some(&only)));
-    assert!(d.contains("route wild matches GET / on x.example.org:443 but is not granted"), "{d}");
-    let d = detail(Scheme::Http, "secure.test", 80, Method::GET, "/x", Grant::ALL);
-    assert!(d.contains("route cred injects a credential and insecure_http is not set"), "{d}");
+    let d = detail(
+        Scheme::Https,
+        "x.example.org",
+        443,
+        Method::GET,
+        "/",
+        Grant(Some(&only)),
+    );
+    assert!(
+        d.contains("route wild matches GET / on x.example.org:443 but is not granted"),
+        "{d}"
+    );
+    let d = detail(
+        Scheme::Http,
+        "secure.test",
+        80,
+        Method::GET,
+        "/x",
+        Grant::ALL,
+    );
+    assert!(
+        d.contains("route cred injects a credential and insecure_http is not set"),
+        "{d}"
+    );
 }
 
 #[test]
@@ -715,21 +929,51 @@ fn grant_narrows_routes() {
     let only_second = vec!["second-exact".to_string()];
     // the first matching route is not granted, so the next one in file order decides
     assert_eq!(
-        allowed_route(&p, Scheme::Https, &a, Method::GET, "/v1/items/7", Grant(Some(&only_second)))
-            .ok()
-            .as_deref(),
+        allowed_route(
+            &p,
+            Scheme::Https,
+            &a,
+            Method::GET,
+            "/v1/items/7",
+            Grant(Some(&only_second))
+        )
+        .ok()
+        .as_deref(),
         Some("second-exact")
     );
     assert_eq!(
-        allowed_route(&p, Scheme::Https, &a, Method::GET, "/v1/items/7", Grant::ALL)
-            .ok()
-            .as_deref(),
+        allowed_route(
+            &p,
+            Scheme::Https,
+            &a,
+            Method::GET,
+            "/v1/items/7",
+            Grant::ALL
+        )
+        .ok()
+        .as_deref(),
         Some("exact")
     );
     let only_exact = vec!["exact".to_string()];
-    assert!(allowed_route(&p, Scheme::Https, &a, Method::POST, "/z", Grant(Some(&only_exact))).is_err());
+    assert!(allowed_route(
+        &p,
+        Scheme::Https,
+        &a,
+        Method::POST,
+        "/z",
+        Grant(Some(&only_exact))
+    )
+    .is_err());
     let none: Vec<String> = Vec::new();
-    assert!(allowed_route(&p, Scheme::Https, &a, Method::GET, "/v1/items", Grant(Some(&none))).is_err());
+    assert!(allowed_route(
+        &p,
+        Scheme::Https,
+        &a,
+        Method::GET,
+        "/v1/items",
+        Grant(Some(&none))
+    )
+    .is_err());
 }
 
 #[test]
@@ -757,7 +1001,9 @@ fn wildcard_never_matches_ip_literals() {
         "IPv4",
     );
     // ... and the index never walks the suffixes of an IP literal.
-    let p = load(&route_with(&BASE.replace("api.example.com", "*.example.com")));
+    let p = load(&route_with(
+        &BASE.replace("api.example.com", "*.example.com"),
+    ));
     assert!(!p.allows_host(Scheme::Https, &auth("10.0.0.1"), Grant::ALL));
 }
 
@@ -768,7 +1014,9 @@ fn decision_is_on_normalised_path_only() {
     let raw = "/v1//x/../items/%37";
     let path = normalize(raw).expect("safe");
     assert_eq!(path, "/v1/items/7");
-    assert!(p.decide(Scheme::Https, &a, &Method::GET, &path, Grant::ALL).is_ok());
+    assert!(p
+        .decide(Scheme::Https, &a, &Method::GET, &path, Grant::ALL)
+        .is_ok());
 }
 
 #[test]
@@ -790,21 +1038,46 @@ fn ten_thousand_routes_over_a_thousand_hosts_load_and_decide() {
     assert_eq!(p.routes().len(), 10_000);
     assert!(start.elapsed() < std::time::Duration::from_secs(20));
     // credential line of the last route: 8 lines per route after line 1
-    assert_eq!(p.route("r9999").and_then(|r| r.credential_line()), Some(1 + 9999 * 7 + 6));
+    assert_eq!(
+        p.route("r9999").and_then(|r| r.credential_line()),
+        Some(1 + 9999 * 7 + 6)
+    );
     for i in [1usize, 999, 5_001, 9_999, 7_777] {
         let host = i % 1000;
         let a = auth(&format!("h{host}.example.com"));
-        let got = allowed_route(&p, Scheme::Https, &a, Method::GET, &format!("/v{i}/q"), Grant::ALL);
+        let got = allowed_route(
+            &p,
+            Scheme::Https,
+            &a,
+            Method::GET,
+            &format!("/v{i}/q"),
+            Grant::ALL,
+        );
         assert_eq!(got.ok(), Some(format!("r{i}")));
         // a path of another route on another host is denied
         let other = (i + 1) % 10_000;
-        assert!(allowed_route(&p, Scheme::Https, &a, Method::GET, &format!("/v{other}/q"), Grant::ALL).is_err());
+        assert!(allowed_route(
+            &p,
+            Scheme::Https,
+            &a,
+            Method::GET,
+            &format!("/v{other}/q"),
+            Grant::ALL
+        )
+        .is_err());
     }
     let a = auth("deep.sub.w420.example.com");
     let got = allowed_route(&p, Scheme::Https, &a, Method::GET, "/x/9420", Grant::ALL);
     assert_eq!(got.ok().as_deref(), Some("r9420"));
     assert!(matches!(
-        allowed_route(&p, Scheme::Https, &auth("w420.example.com"), Method::GET, "/x/420", Grant::ALL),
+        allowed_route(
+            &p,
+            Scheme::Https,
+            &auth("w420.example.com"),
+            Method::GET,
+            "/x/420",
+            Grant::ALL
+        ),
         Err(Deny::HostNotAllowed { .. })
     ));
 }
@@ -843,7 +1116,10 @@ fn same_agent_in_two_files_is_an_error_naming_both() {
     assert!(report.has_errors());
     assert_eq!(report.diagnostics.len(), 2);
     for d in &report.diagnostics {
-        assert!(d.message.contains("one.toml") && d.message.contains("two.toml"), "{d}");
+        assert!(
+            d.message.contains("one.toml") && d.message.contains("two.toml"),
+            "{d}"
+        );
     }
     assert!(report.policies.get("dup").is_none());
     assert!(report.policies.get("other").is_some());
@@ -862,7 +1138,9 @@ fn missing_dir_is_empty_with_a_warning() {
 
 #[test]
 fn missing_credentials_are_warnings_with_lines() {
-    let text = format!("agent = \"a\"\n[[routes]]\n{BASE}\ncredential = \"gone\"\ninject = {{ query = \"k\" }}\n");
+    let text = format!(
+        "agent = \"a\"\n[[routes]]\n{BASE}\ncredential = \"gone\"\ninject = {{ query = \"k\" }}\n"
+    );
     let policies = Policies::from_policies([load(&text)]);
     let known = |name: &str| name == "present";
     let d = policies.missing_credentials(&known);
@@ -870,6 +1148,8 @@ fn missing_credentials_are_warnings_with_lines() {
     assert_eq!(d[0].severity, Severity::Warning);
     assert_eq!(d[0].line, Some(7));
     assert_eq!(d[0].field, "routes[0].credential");
-    assert!(d[0].to_string().starts_with("warning: policies/t.toml:7: routes[0].credential: "));
+    assert!(d[0]
+        .to_string()
+        .starts_with("warning: policies/t.toml:7: routes[0].credential: "));
     assert!(policies.missing_credentials(&|_| true).is_empty());
 }
