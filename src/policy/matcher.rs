@@ -1,0 +1,536 @@
+//! The compiled form of one agent's policy and the per-request decision.
+//!
+//! Everything here runs per request, so nothing re-parses strings and the allow path does not
+//! allocate: hosts are looked up in hash maps by `&str`, wildcard hosts by walking the host's
+//! dot-suffixes, and paths are matched segment by segment against patterns compiled at load.
+//! Policy never sees secret values, only credential names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+use super::decision::Deny;
+use crate::authority::Authority;
+
+/// The scheme the request will be sent upstream with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// TLS (CONNECT tunnels). Default port 443.
+    Https,
+    /// Plain HTTP (absolute-form proxy requests). Default port 80.
+    Http,
+}
+
+impl Scheme {
+    /// The port a host pattern without `:port` stands for.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Https => 443,
+            Scheme::Http => 80,
+        }
+    }
+
+    /// Lower-case name, as in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Https => "https",
+            Scheme::Http => "http",
+        }
+    }
+}
+
+/// Token narrowing: None = every route of the agent; Some(ids) = only these route ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a>(pub Option<&'a [String]>);
+
+impl Grant<'_> {
+    /// Every route of the agent.
+    pub const ALL: Grant<'static> = Grant(None);
+
+    /// Whether the route with this id is granted.
+    pub fn allows(&self, route_id: &str) -> bool {
+        match self.0 {
+            None => true,
+            Some(ids) => ids.iter().any(|id| id == route_id),
+        }
+    }
+}
+
+/// Proof that policy allowed a request; only policy can build it.
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    route: Arc<Route>,
+    _proof: (),
+}
+
+impl Allowed {
+    /// The route that allowed the request (for injection and the audit line).
+    pub fn route(&self) -> &Arc<Route> {
+        &self.route
+    }
+}
+
+/// How the credential is put on the request.
+#[derive(Debug, Clone)]
+pub enum Inject {
+    /// value = prefix + secret + suffix (template split at the single "{secret}")
+    Header {
+        /// The header to set (any agent-sent header of this name is replaced).
+        name: HeaderName,
+        /// Text before the secret, e.g. `"Bearer "`.
+        prefix: String,
+        /// Text after the secret.
+        suffix: String,
+    },
+    /// The secret becomes the value of this query parameter.
+    Query {
+        /// The parameter name.
+        name: String,
+    },
+    /// HTTP Basic with this user name and the secret as password.
+    BasicUser {
+        /// The user name (contains no ':').
+        user: String,
+    },
+}
+
+/// Which port a host pattern applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PortSpec {
+    /// No `:port` in the pattern: 443 for https, 80 for http.
+    Default,
+    /// Exactly this port, whatever the scheme.
+    Port(u16),
+}
+
+impl PortSpec {
+    fn matches(self, scheme: Scheme, port: u16) -> bool {
+        match self {
+            PortSpec::Default => port == scheme.default_port(),
+            PortSpec::Port(p) => port == p,
+        }
+    }
+}
+
+/// A compiled host pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostPattern {
+    /// This exact normalised host.
+    Exact(Box<str>),
+    /// Any name with one or more labels in front of this suffix (pattern `*.suffix`).
+    Suffix(Box<str>),
+}
+
+/// One segment of a compiled path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Seg {
+    /// Exactly this text (an empty literal stands for a trailing slash).
+    Lit(Box<str>),
+    /// `*`: exactly one non-empty segment.
+    One,
+    /// `**`: zero or more segments.
+    Any,
+}
+
+/// A path pattern compiled to segment matchers.
+#[derive(Debug, Clone)]
+pub(crate) struct PathPattern {
+    pub(crate) text: Box<str>,
+    pub(crate) segs: Box<[Seg]>,
+}
+
+impl PathPattern {
+    /// Match a normalised path.
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        match path.strip_prefix('/') {
+            Some(rest) => match_segs(&self.segs, Some(rest)),
+            None => false,
+        }
+    }
+}
+
+/// `rest` holds the remaining segments joined by '/' (`Some("")` is one empty segment, the
+/// trailing slash; `None` is no segment at all).
+fn match_segs(pat: &[Seg], rest: Option<&str>) -> bool {
+    let Some((first, pat_tail)) = pat.split_first() else {
+        return rest.is_none();
+    };
+    match first {
+        Seg::Lit(lit) => match rest {
+            Some(r) => {
+                let (head, tail) = split_segment(r);
+                head == &**lit && match_segs(pat_tail, tail)
+            }
+            None => false,
+        },
+        Seg::One => match rest {
+            Some(r) => {
+                let (head, tail) = split_segment(r);
+                !head.is_empty() && match_segs(pat_tail, tail)
+            }
+            None => false,
+        },
+        Seg::Any => {
+            let mut cur = rest;
+            loop {
+                if match_segs(pat_tail, cur) {
+                    return true;
+                }
+                match cur {
+                    Some(r) => cur = split_segment(r).1,
+                    None => return false,
+                }
+            }
+        }
+    }
+}
+
+fn split_segment(r: &str) -> (&str, Option<&str>) {
+    match r.split_once('/') {
+        Some((head, tail)) => (head, Some(tail)),
+        None => (r, None),
+    }
+}
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub(crate) id: Box<str>,
+    pub(crate) host_text: Box<str>,
+    pub(crate) host: HostPattern,
+    pub(crate) port: PortSpec,
+    pub(crate) methods: Box<[Method]>,
+    pub(crate) paths: Box<[PathPattern]>,
+    pub(crate) credential: Option<Box<str>>,
+    pub(crate) inject: Option<Inject>,
+    pub(crate) insecure_http: bool,
+    pub(crate) line: Option<usize>,
+    pub(crate) credential_line: Option<usize>,
+}
+
+impl Route {
+    /// The route id (unique per agent; recorded in the audit log).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The credential name in the secret store, if the route injects one.
+    pub fn credential(&self) -> Option<&str> {
+        self.credential.as_deref()
+    }
+
+    /// How the credential is injected (present exactly when `credential` is).
+    pub fn inject(&self) -> Option<&Inject> {
+        self.inject.as_ref()
+    }
+
+    /// Whether a credential may be injected into plaintext HTTP on this route.
+    pub fn insecure_http(&self) -> bool {
+        self.insecure_http
+    }
+
+    /// The line of the `credential` field in the policy file (for `policy check` warnings).
+    pub fn credential_line(&self) -> Option<usize> {
+        self.credential_line
+    }
+
+    /// The line where the route's table starts in the policy file.
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// The normalised host pattern, e.g. `api.github.com` or `*.example.com:8443`.
+    pub fn host(&self) -> &str {
+        &self.host_text
+    }
+
+    /// The methods the route allows.
+    pub fn methods(&self) -> &[Method] {
+        &self.methods
+    }
+
+    /// The path patterns, as written in the file.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.paths.iter().map(|p| &*p.text)
+    }
+
+    fn matches_path(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p.matches(path))
+    }
+
+    /// SECURITY: a credential never travels in plaintext unless the route opts in.
+    fn refuses_plain_http(&self, scheme: Scheme) -> bool {
+        scheme == Scheme::Http && self.credential.is_some() && !self.insecure_http
+    }
+}
+
+/// Route indexes per host key, ascending (file order).
+type HostIndex = HashMap<Box<str>, Vec<(PortSpec, u32)>>;
+
+/// One agent's compiled, immutable policy.
+#[derive(Debug)]
+pub struct AgentPolicy {
+    pub(crate) file: PathBuf,
+    pub(crate) agent: Box<str>,
+    pub(crate) max_ttl: Option<Duration>,
+    pub(crate) routes: Vec<Arc<Route>>,
+    by_id: HashMap<Box<str>, usize>,
+    exact: HostIndex,
+    wildcard: HostIndex,
+}
+
+impl AgentPolicy {
+    /// Build the indexes over routes that are already validated (ids unique).
+    pub(crate) fn compile(
+        file: PathBuf,
+        agent: Box<str>,
+        max_ttl: Option<Duration>,
+        routes: Vec<Arc<Route>>,
+    ) -> AgentPolicy {
+        let mut by_id = HashMap::with_capacity(routes.len());
+        let mut exact: HostIndex = HashMap::new();
+        let mut wildcard: HostIndex = HashMap::new();
+        for (i, route) in routes.iter().enumerate() {
+            by_id.insert(route.id.clone(), i);
+            // Route counts are bounded by file size far below u32::MAX; saturate to be total.
+            let idx = u32::try_from(i).unwrap_or(u32::MAX);
+            let (map, key) = match &route.host {
+                HostPattern::Exact(h) => (&mut exact, h),
+                HostPattern::Suffix(s) => (&mut wildcard, s),
+            };
+            map.entry(key.clone()).or_default().push((route.port, idx));
+        }
+        AgentPolicy {
+            file,
+            agent,
+            max_ttl,
+            routes,
+            by_id,
+            exact,
+            wildcard,
+        }
+    }
+
+    /// The agent name.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// The file the policy was loaded from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The cap on token lifetimes, if the policy sets one.
+    pub fn max_ttl(&self) -> Option<Duration> {
+        self.max_ttl
+    }
+
+    /// All routes in file order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The route with this id.
+    pub fn route(&self, id: &str) -> Option<&Arc<Route>> {
+        self.by_id.get(id).and_then(|&i| self.routes.get(i))
+    }
+
+    /// The candidate lists for a host: its exact entry, then one per wildcard suffix.
+    fn candidates<'a>(
+        &'a self,
+        authority: &'a Authority,
+    ) -> impl Iterator<Item = &'a [(PortSpec, u32)]> + 'a {
+        let host = authority.host();
+        let exact = self.exact.get(host).map(Vec::as_slice);
+        // SECURITY: wildcards name DNS suffixes; an IP literal never matches one.
+        let walk_suffixes = authority.ip().is_none() && !self.wildcard.is_empty();
+        let wild = host
+            .match_indices('.')
+            .take_while(move |_| walk_suffixes)
+            .filter_map(move |(i, _)| self.wildcard.get(&host[i + 1..]).map(Vec::as_slice));
+        exact.into_iter().chain(wild)
+    }
+
+    fn route_at(&self, idx: u32) -> Option<&Arc<Route>> {
+        self.routes.get(usize::try_from(idx).ok()?)
+    }
+
+    /// CONNECT-level check: does any granted route name this host:port for this scheme?
+    ///
+    /// The plaintext-credential rule is not applied here so that `decide` can explain it.
+    pub fn allows_host(&self, scheme: Scheme, authority: &Authority, grant: Grant<'_>) -> bool {
+        let port = authority.port();
+        self.candidates(authority).any(|list| {
+            list.iter().any(|&(ps, idx)| {
+                ps.matches(scheme, port) && self.route_at(idx).is_some_and(|r| grant.allows(&r.id))
+            })
+        })
+    }
+
+    /// Full decision; `path` must already be normalised. First matching route in file order wins.
+    pub fn decide(
+        &self,
+        scheme: Scheme,
+        authority: &Authority,
+        method: &Method,
+        path: &str,
+        grant: Grant<'_>,
+    ) -> Result<Allowed, Deny> {
+        let port = authority.port();
+        let mut best: Option<u32> = None;
+        for list in self.candidates(authority) {
+            for &(ps, idx) in list {
+                if best.is_some_and(|b| idx >= b) {
+                    break;
+                }
+                let Some(route) = self.route_at(idx) else {
+                    continue;
+                };
+                if ps.matches(scheme, port)
+                    && grant.allows(&route.id)
+                    && !route.refuses_plain_http(scheme)
+                    && route.methods.contains(method)
+                    && route.matches_path(path)
+                {
+                    best = Some(idx);
+                    break;
+                }
+            }
+        }
+        match best.and_then(|i| self.route_at(i)) {
+            Some(route) => Ok(Allowed {
+                route: Arc::clone(route),
+                _proof: (),
+            }),
+            None => Err(self.explain_denial(scheme, authority, method, path, grant)),
+        }
+    }
+
+    /// The deny path: find the most helpful reason. May allocate.
+    fn explain_denial(
+        &self,
+        scheme: Scheme,
+        authority: &Authority,
+        method: &Method,
+        path: &str,
+        grant: Grant<'_>,
+    ) -> Deny {
+        let port = authority.port();
+        let mut host_routes: Vec<&Arc<Route>> = self
+            .candidates(authority)
+            .flat_map(|list| list.iter())
+            .filter(|(ps, _)| ps.matches(scheme, port))
+            .filter_map(|&(_, idx)| self.route_at(idx))
+            .collect();
+        if host_routes.is_empty() {
+            return Deny::HostNotAllowed {
+                agent: self.agent.to_string(),
+                host: authority.to_string(),
+            };
+        }
+        host_routes.sort_by_key(|r| self.by_id.get(&r.id).copied().unwrap_or(usize::MAX));
+        let full = |r: &&Arc<Route>| r.methods.contains(method) && r.matches_path(path);
+        if let Some(r) = host_routes.iter().find(|r| full(r) && !grant.allows(&r.id)) {
+            return Deny::NoRoute(format!(
+                "route {} matches {method} {path} on {authority} but is not granted to this token",
+                r.id
+            ));
+        }
+        if let Some(r) = host_routes
+            .iter()
+            .find(|r| full(r) && r.refuses_plain_http(scheme))
+        {
+            return Deny::NoRoute(format!(
+                "route {} injects a credential and insecure_http is not set, so {method} {path} \
+                 over plain http to {authority} is refused",
+                r.id
+            ));
+        }
+        if let Some(r) = host_routes.iter().find(|r| r.matches_path(path)) {
+            let allowed: Vec<&str> = r.methods.iter().map(Method::as_str).collect();
+            return Deny::NoRoute(format!(
+                "{method} is not allowed for {path} on {authority}: route {} allows only {}",
+                r.id,
+                allowed.join(", ")
+            ));
+        }
+        Deny::NoRoute(format!(
+            "{method} {path} matches no route of agent {} for {authority}",
+            self.agent
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pat(text: &str) -> PathPattern {
+        let segs = text[1..]
+            .split('/')
+            .map(|s| match s {
+                "*" => Seg::One,
+                "**" => Seg::Any,
+                lit => Seg::Lit(lit.into()),
+            })
+            .collect();
+        PathPattern {
+            text: text.into(),
+            segs,
+        }
+    }
+
+    #[test]
+    fn path_pattern_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("/a", "/a", true),
+            ("/a", "/a/", false),
+            ("/a", "/b", false),
+            ("/a", "/a/b", false),
+            ("/a/", "/a/", true),
+            ("/a/", "/a", false),
+            ("/", "/", true),
+            ("/", "/a", false),
+            ("/*", "/a", true),
+            ("/*", "/", false),
+            ("/a/*", "/a/b", true),
+            ("/a/*", "/a/", false),
+            ("/a/*", "/a", false),
+            ("/a/*", "/a/b/c", false),
+            ("/a/*/c", "/a/b/c", true),
+            ("/a/*/c", "/a/b/d", false),
+            ("/a/**", "/a", true),
+            ("/a/**", "/a/", true),
+            ("/a/**", "/a/b", true),
+            ("/a/**", "/a/b/c/d", true),
+            ("/a/**", "/ab", false),
+            ("/a/**", "/b/a", false),
+            ("/**", "/", true),
+            ("/**", "/anything/at/all/", true),
+            ("/a/**/z", "/a/z", true),
+            ("/a/**/z", "/a/b/c/z", true),
+            ("/a/**/z", "/a/b/c/z/x", false),
+            ("/a/**/*/z", "/a/z", false),
+            ("/a/**/*/z", "/a/b/z", true),
+            ("/**/x/**", "/q/x/r", true),
+            ("/**/x/**", "/q/y/r", false),
+            ("/a", "a", false),
+        ];
+        for (p, path, want) in cases {
+            assert_eq!(pat(p).matches(path), *want, "{p} vs {path}");
+        }
+    }
+
+    #[test]
+    fn grant_narrows_by_id() {
+        let ids = vec!["a".to_string()];
+        assert!(Grant(Some(&ids)).allows("a"));
+        assert!(!Grant(Some(&ids)).allows("b"));
+        assert!(Grant::ALL.allows("b"));
+        assert!(!Grant(Some(&[])).allows("a"));
+    }
+}
