@@ -420,15 +420,13 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
 
 /// Pick up revocations and policy edits while serving. Polling one stat per file keeps this
 /// independent of inotify limits and works on every filesystem.
-async fn reload_loop(shared: Arc<Shared>, drain: Drain) {
-    let mut stop = drain.stop.clone();
-    drop(drain);
+async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_policy_stamp = policy_dir_stamp(&shared.policies_dir);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = drain.stopped() => return,
         }
         if let Err(e) = shared.revocations.reload_if_changed() {
             tracing::error!(error = %e, "cannot reload revocations; keeping the last list");

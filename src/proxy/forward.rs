@@ -172,8 +172,7 @@ impl Upstream {
         if roots.is_empty() {
             return Err(ForwardError::NoRoots);
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .expect("the aws-lc-rs provider supports the default protocol versions")
             .with_root_certificates(roots)

@@ -11,7 +11,6 @@
 //! was allowed, denied or failed upstream.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,7 +62,8 @@ impl Drain {
         )
     }
 
-    async fn stopped(&mut self) {
+    /// Resolves once shutdown has begun.
+    pub async fn stopped(&mut self) {
         let _ = self.stop.wait_for(|s| *s).await;
     }
 }
@@ -526,8 +526,10 @@ async fn forward_checked(
     authority: &Authority,
     claims: &Claims,
 ) -> Result<Response<ProxyBody>, Deny> {
-    let normalized = path::normalize(req.uri().path()).map_err(Deny::BadPath)?;
-    rec.path = normalized.clone().into_owned();
+    let normalized = path::normalize(req.uri().path())
+        .map_err(Deny::BadPath)?
+        .into_owned();
+    rec.path.clone_from(&normalized);
     let policies = shared.policies.load();
     let policy = policies
         .get(&claims.sub)
@@ -551,7 +553,6 @@ async fn forward_checked(
         &allowed,
         &shared.secrets,
     )?;
-    drop(normalized);
     let upstream_req = Request::from_parts(parts, body.boxed_unsync() as UpstreamBody);
     let resp = shared
         .upstream
