@@ -36,13 +36,23 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Dirs {
     /// Directory of per-agent policy files.
-    #[arg(long, global = true, env = "LATCHKEY_POLICIES", default_value = "policies")]
+    #[arg(
+        long,
+        global = true,
+        env = "LATCHKEY_POLICIES",
+        default_value = "policies"
+    )]
     pub policies: PathBuf,
     /// Directory holding ca.crt (give to agents) and ca.key.
     #[arg(long, global = true, env = "LATCHKEY_CERTS", default_value = "certs")]
     pub certs: PathBuf,
     /// Directory for keys, the encrypted secret store, revocations and the audit log.
-    #[arg(long, global = true, env = "LATCHKEY_STATE_DIR", default_value = ".latchkey")]
+    #[arg(
+        long,
+        global = true,
+        env = "LATCHKEY_STATE_DIR",
+        default_value = ".latchkey"
+    )]
     pub state_dir: PathBuf,
 }
 
@@ -251,17 +261,28 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         audit::Decision::Deny
                     }
                 }),
-                since: since
-                    .map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()),
+                since: since.map(|d| {
+                    chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()
+                }),
             };
             let colour = std::io::stdout().is_terminal();
             let mut out = std::io::stdout();
-            let report =
-                audit::tail(&path, &filter, json, colour, follow, &mut out, shutdown_signal())
-                    .await
-                    .with_context(|| format!("cannot read {}", path.display()))?;
+            let report = audit::tail(
+                &path,
+                &filter,
+                json,
+                colour,
+                follow,
+                &mut out,
+                shutdown_signal(),
+            )
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
             if report.skipped > 0 {
-                eprintln!("latchkey: skipped {} line(s) that are not audit records", report.skipped);
+                eprintln!(
+                    "latchkey: skipped {} line(s) that are not audit records",
+                    report.skipped
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -269,11 +290,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let path = audit_log.unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
             match audit::verify(&path) {
                 Ok(report) => {
-                    println!("OK: {} lines, chain intact ({})", report.lines, path.display());
+                    println!(
+                        "OK: {} lines, chain intact ({})",
+                        report.lines,
+                        path.display()
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprintln!("latchkey: audit log {} failed verification: {e}", path.display());
+                    eprintln!(
+                        "latchkey: audit log {} failed verification: {e}",
+                        path.display()
+                    );
                     Ok(ExitCode::from(1))
                 }
             }
@@ -283,9 +311,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
             let crt = dirs.certs.join("ca.crt");
             if created {
-                println!("created {} (fingerprint {})", crt.display(), ca.fingerprint());
+                println!(
+                    "created {} (fingerprint {})",
+                    crt.display(),
+                    ca.fingerprint()
+                );
             } else {
-                println!("{} already exists (fingerprint {})", crt.display(), ca.fingerprint());
+                println!(
+                    "{} already exists (fingerprint {})",
+                    crt.display(),
+                    ca.fingerprint()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -303,14 +339,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -440,7 +476,11 @@ async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
                     tracing::info!("policies reloaded");
                 }
                 Ok(report) => {
-                    for d in report.diagnostics.iter().filter(|d| d.severity == Severity::Error) {
+                    for d in report
+                        .diagnostics
+                        .iter()
+                        .filter(|d| d.severity == Severity::Error)
+                    {
                         tracing::error!("policy not reloaded, keeping the last good one: {d}");
                     }
                 }
@@ -575,7 +615,10 @@ fn issue_token(
 
 async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
     let proxy = match args.proxy {
-        Some(p) => p.trim_start_matches("http://").trim_end_matches('/').to_owned(),
+        Some(p) => p
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned(),
         None => {
             let file = dirs.state_dir.join("proxy.addr");
             std::fs::read_to_string(&file)
@@ -593,11 +636,19 @@ async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
     let bundle_path = dirs.state_dir.join(format!("ca-bundle-{}.pem", claims.jti));
     let bundle = ca_bundle(ca.cert_pem());
     fsutil::write_atomic(&bundle_path, bundle.as_bytes(), 0o644)?;
-    let proxy_url = zeroize::Zeroizing::new(format!("http://{}:{}@{proxy}", claims.sub, token.as_str()));
+    let proxy_url =
+        zeroize::Zeroizing::new(format!("http://{}:{}@{proxy}", claims.sub, token.as_str()));
 
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
-    for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"] {
+    for var in [
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         cmd.env(var, proxy_url.as_str());
     }
     for var in ["NO_PROXY", "no_proxy"] {
@@ -622,7 +673,8 @@ async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
         ))),
     };
     // The task is over: its token dies with it, whatever happened.
-    let revoked = Revocations::open(&dirs.state_dir).and_then(|r| r.revoke_session(&claims.jti, claims.exp));
+    let revoked =
+        Revocations::open(&dirs.state_dir).and_then(|r| r.revoke_session(&claims.jti, claims.exp));
     let _ = std::fs::remove_file(&bundle_path);
     revoked.context("cannot revoke the session token after the command exited")?;
     let status = status?;
@@ -760,7 +812,10 @@ fn policy_check(dirs: &Dirs) -> Result<ExitCode> {
         eprintln!("{errors} error(s); {agents} valid agent policy file(s)");
         return Ok(ExitCode::from(1));
     }
-    println!("OK: {agents} agent policy file(s) valid in {}", dirs.policies.display());
+    println!(
+        "OK: {agents} agent policy file(s) valid in {}",
+        dirs.policies.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -769,7 +824,9 @@ fn policy_explain(dirs: &Dirs, agent: &str, method: &str, url: &str) -> Result<E
     let policy = policies
         .get(agent)
         .ok_or_else(|| anyhow!("no policy for agent {agent:?}"))?;
-    let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("{url:?} is not a URL"))?;
     let scheme = match uri.scheme_str() {
         Some("https") => Scheme::Https,
         Some("http") => Scheme::Http,

@@ -166,7 +166,14 @@ pub fn apply(
         .map_err(|_| Deny::BadRequest("the request target cannot be rebuilt".into()))?;
 
     match (inject, &secret) {
-        (Some(Inject::Header { name, prefix, suffix }), Some(secret)) => {
+        (
+            Some(Inject::Header {
+                name,
+                prefix,
+                suffix,
+            }),
+            Some(secret),
+        ) => {
             let mut value = Zeroizing::new(Vec::with_capacity(
                 prefix.len() + secret.len() + suffix.len(),
             ));
@@ -185,9 +192,10 @@ pub fn apply(
             let mut value = Zeroizing::new(b"Basic ".to_vec());
             let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
             value.extend_from_slice(encoded.as_bytes());
-            parts
-                .headers
-                .insert(header::AUTHORIZATION, sensitive_value(&value, route.credential())?);
+            parts.headers.insert(
+                header::AUTHORIZATION,
+                sensitive_value(&value, route.credential())?,
+            );
         }
         _ => {}
     }
@@ -257,7 +265,10 @@ mod tests {
     #[test]
     fn agent_credentials_and_hop_by_hop_headers_are_stripped() {
         let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_static("Bearer agent-own"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer agent-own"),
+        );
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
         h.insert("proxy-foo", HeaderValue::from_static("1"));
         h.insert("connection", HeaderValue::from_static("close, x-drop-me"));

@@ -5,12 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod authority;
+pub mod cli;
+pub mod fsutil;
+pub mod inject;
 pub mod policy;
+pub mod proxy;
 pub mod secrets;
 pub mod tls;
-pub mod auth;
-pub mod fsutil;
-pub mod cli;
-pub mod inject;
-pub mod proxy;

@@ -59,7 +59,10 @@ fn secrets_are_encrypted_listed_by_name_and_never_printed() {
     home.run_ok(&["secret", "rm", "slack"]);
     let list = home.run_ok(&["secret", "list"]);
     assert!(!list.contains("slack"));
-    assert_clean_failure(&home.run(&["secret", "rm", "slack"]), "no secret named slack");
+    assert_clean_failure(
+        &home.run(&["secret", "rm", "slack"]),
+        "no secret named slack",
+    );
 }
 
 #[test]
@@ -132,7 +135,10 @@ fn policy_explain_prints_the_decision_and_the_route() {
     let allow = home.run(&["policy", "explain", "--agent", "bot", "GET", &url]);
     assert!(allow.status.success());
     let text = String::from_utf8_lossy(&allow.stdout);
-    assert!(text.starts_with("allow") && text.contains("issues-read"), "{text}");
+    assert!(
+        text.starts_with("allow") && text.contains("issues-read"),
+        "{text}"
+    );
     let deny = home.run(&["policy", "explain", "--agent", "bot", "DELETE", &url]);
     assert!(!deny.status.success());
     assert!(String::from_utf8_lossy(&deny.stdout).contains("no_route"));
@@ -148,7 +154,10 @@ fn token_issue_prints_only_the_jwt_and_checks_agent_route_and_ttl() {
     let tok = home.issue("bot", &["--route", "issues-read", "--ttl", "30m"]);
     assert_eq!(tok.split('.').count(), 3, "{tok}");
     assert!(!tok.contains(' '));
-    assert_clean_failure(&home.run(&["token", "issue", "--agent", "nobody"]), "no policy for agent");
+    assert_clean_failure(
+        &home.run(&["token", "issue", "--agent", "nobody"]),
+        "no policy for agent",
+    );
     assert_clean_failure(
         &home.run(&["token", "issue", "--agent", "bot", "--route", "nope"]),
         "has no route",

@@ -45,18 +45,28 @@ fn curl_gets_the_real_secret_injected_and_its_own_credentials_stripped() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.connect_status, 200);
     let echo = r.json();
-    assert_eq!(echo["headers"]["authorization"][0], format!("Bearer {SECRET}"));
-    assert_eq!(echo["headers"]["authorization"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        echo["headers"]["authorization"][0],
+        format!("Bearer {SECRET}")
+    );
+    assert_eq!(
+        echo["headers"]["authorization"].as_array().unwrap().len(),
+        1
+    );
     assert_eq!(echo["query"], "state=open");
     let seen = home.upstream.seen();
     assert_eq!(seen.len(), 1);
     let everything = seen[0].everything();
-    assert!(!everything.contains(AGENT_OWN), "agent credential reached upstream");
+    assert!(
+        !everything.contains(AGENT_OWN),
+        "agent credential reached upstream"
+    );
     assert!(!everything.contains(&token), "proxy token reached upstream");
     assert!(seen[0].header("proxy-authorization").is_none());
     // The agent gets a request id, and not the upstream's spoofed one.
-    let rid = r
-        .headers
+    // curl -D prints the CONNECT answer's head first; the request's own head is the last block.
+    let final_head = r.headers.trim_end().rsplit("\r\n\r\n").next().unwrap();
+    let rid = final_head
         .lines()
         .filter(|l| l.to_ascii_lowercase().starts_with("x-latchkey-request-id:"))
         .collect::<Vec<_>>();
@@ -164,10 +174,18 @@ fn path_outside_the_routes_is_403_no_route_with_a_json_body() {
     assert!(body["detail"].as_str().unwrap().len() > 10);
     assert!(body["request_id"].as_str().is_some());
     // Wrong method on an allowed path.
-    let r = home.curl(&proxy, &token, &["-X", "DELETE"], &home.api_url("/repos/acme/backend/issues"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &["-X", "DELETE"],
+        &home.api_url("/repos/acme/backend/issues"),
+    );
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["reason"], "no_route");
-    assert!(home.upstream.seen().is_empty(), "a denied request reached the upstream");
+    assert!(
+        home.upstream.seen().is_empty(),
+        "a denied request reached the upstream"
+    );
     let audit = home.wait_audit(4);
     let denies: Vec<&Value> = audit.iter().filter(|l| l["decision"] == "deny").collect();
     assert_eq!(denies.len(), 2);
@@ -179,7 +197,10 @@ fn path_outside_the_routes_is_403_no_route_with_a_json_body() {
 #[test]
 fn another_host_is_refused_at_connect_before_any_tls() {
     let (home, proxy, token) = ready();
-    let url = format!("https://{OTHER_HOST}:{}/repos/acme/backend/issues", home.https_port());
+    let url = format!(
+        "https://{OTHER_HOST}:{}/repos/acme/backend/issues",
+        home.https_port()
+    );
     let r = home.curl(&proxy, &token, &[], &url);
     assert_eq!(r.connect_status, 403, "{r:?}");
     assert_ne!(r.exit, 0);
@@ -237,7 +258,10 @@ fn bad_forged_and_expired_tokens_get_407() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "407");
     let audit = home.wait_audit(cases.len() + 1);
-    let reasons: Vec<&str> = audit.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = audit
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
     let mut expected: Vec<&str> = cases.iter().map(|c| c.2).collect();
     expected.push("token_missing");
     assert_eq!(reasons, expected);
@@ -256,7 +280,10 @@ fn proxy_answers_407_with_proxy_authenticate_header() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
     assert!(text.contains("407"), "{text}");
-    assert!(text.contains("proxy-authenticate: basic realm=\"latchkey\""), "{text}");
+    assert!(
+        text.contains("proxy-authenticate: basic realm=\"latchkey\""),
+        "{text}"
+    );
 }
 
 #[test]
@@ -286,7 +313,12 @@ fn traversal_is_normalised_or_refused() {
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["reason"], "no_route");
     // Climbs above the root.
-    let r = home.curl(&proxy, &token, &["--path-as-is"], &home.api_url("/../../etc/passwd"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &["--path-as-is"],
+        &home.api_url("/../../etc/passwd"),
+    );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["reason"], "bad_path");
     // Encoded slash.
@@ -313,7 +345,12 @@ fn traversal_is_normalised_or_refused() {
 #[test]
 fn query_and_basic_injection_forms() {
     let (home, proxy, token) = ready();
-    let r = home.curl(&proxy, &token, &[], &home.api_url("/search?q=x&api_key=agent-own-credential-1234"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[],
+        &home.api_url("/search?q=x&api_key=agent-own-credential-1234"),
+    );
     assert_eq!(r.status, 200, "{r:?}");
     let q = r.json()["query"].as_str().unwrap().to_string();
     assert!(q.starts_with("q=x&api_key="), "{q}");
@@ -323,7 +360,10 @@ fn query_and_basic_injection_forms() {
     assert_eq!(r.status, 200);
     use base64::Engine;
     let expected = base64::engine::general_purpose::STANDARD.encode(format!("bot-user:{SECRET}"));
-    assert_eq!(r.json()["headers"]["authorization"][0], format!("Basic {expected}"));
+    assert_eq!(
+        r.json()["headers"]["authorization"][0],
+        format!("Basic {expected}")
+    );
 }
 
 #[test]
@@ -339,8 +379,16 @@ fn missing_secret_is_503_and_a_secret_set_while_serving_is_used_next_request() {
     assert_eq!(r.json()["headers"]["x-api-key"][0], "fresh-value-42");
     // Rotation: a new value replaces the old on the very next request.
     home.set_secret("github", "rotated-value-43");
-    let r = home.curl(&proxy, &token, &[], &home.api_url("/repos/acme/backend/issues"));
-    assert_eq!(r.json()["headers"]["authorization"][0], "Bearer rotated-value-43");
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[],
+        &home.api_url("/repos/acme/backend/issues"),
+    );
+    assert_eq!(
+        r.json()["headers"]["authorization"][0],
+        "Bearer rotated-value-43"
+    );
 }
 
 #[test]
@@ -355,7 +403,12 @@ fn dead_upstream_is_502_upstream_unreachable() {
     );
     let token = home.issue("bot", &[]);
     let proxy = home.serve(&["--resolve", &format!("dead.example.test:{port}:127.0.0.1")]);
-    let r = home.curl(&proxy, &token, &[], &format!("https://dead.example.test:{port}/x"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[],
+        &format!("https://dead.example.test:{port}/x"),
+    );
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.json()["reason"], "upstream_unreachable");
     assert_eq!(r.json()["error"], "upstream_failed");
@@ -375,7 +428,12 @@ fn upstream_with_an_untrusted_certificate_is_502_upstream_tls() {
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--resolve"])
         .arg(format!("{API_HOST}:{}:127.0.0.1", home.https_port()));
     let proxy = spawn_custom(cmd);
-    let r = home.curl(&proxy, &token, &[], &home.api_url("/repos/acme/backend/issues"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[],
+        &home.api_url("/repos/acme/backend/issues"),
+    );
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.json()["reason"], "upstream_tls");
     // The secret was never sent: TLS failed before any request bytes.
@@ -426,7 +484,10 @@ fn plain_http_absolute_form_injects_only_with_insecure_http_opt_in() {
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["reason"], "no_route");
-    assert!(v["detail"].as_str().unwrap().contains("insecure_http"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("insecure_http"),
+        "{v}"
+    );
     assert_eq!(home.upstream.seen().len(), 1);
 }
 
@@ -435,7 +496,14 @@ fn a_100_mib_download_streams_with_bounded_memory() {
     let (home, proxy, token) = ready();
     let size = 100 * 1024 * 1024u64;
     let out = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "--proxy"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "--proxy",
+        ])
         .arg(proxy.url_with(&token))
         .arg("--cacert")
         .arg(home.latchkey_ca())
@@ -450,7 +518,10 @@ fn a_100_mib_download_streams_with_bounded_memory() {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     // Buffering the body would need > 100 MiB; streaming needs a few buffers.
-    assert!(hwm_kib < 64 * 1024, "peak RSS {hwm_kib} KiB while streaming 100 MiB");
+    assert!(
+        hwm_kib < 64 * 1024,
+        "peak RSS {hwm_kib} KiB while streaming 100 MiB"
+    );
 }
 
 #[test]
@@ -458,7 +529,12 @@ fn sigterm_flushes_every_audit_line() {
     let (home, proxy, token) = ready();
     let mut answered = 0;
     for _ in 0..20 {
-        let r = home.curl(&proxy, &token, &[], &home.api_url("/repos/acme/backend/issues"));
+        let r = home.curl(
+            &proxy,
+            &token,
+            &[],
+            &home.api_url("/repos/acme/backend/issues"),
+        );
         assert_eq!(r.status, 200);
         answered += 2; // CONNECT + request
     }
@@ -466,5 +542,9 @@ fn sigterm_flushes_every_audit_line() {
     assert!(status.success(), "{status:?}");
     assert_eq!(home.audit().len(), answered);
     let out = home.run(&["audit", "verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

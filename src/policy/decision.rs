@@ -47,7 +47,9 @@ pub enum BadPath {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Deny {
     /// No `Proxy-Authorization` header (or an empty one).
-    #[error("no token: send the latchkey token as the proxy password or as Proxy-Authorization: Bearer")]
+    #[error(
+        "no token: send the latchkey token as the proxy password or as Proxy-Authorization: Bearer"
+    )]
     TokenMissing,
     /// The token is malformed, wrongly signed, or has the wrong issuer/audience/claims.
     #[error("the token is not valid: {0}")]
@@ -153,7 +155,10 @@ mod tests {
     fn expired_token_is_407_at_connect_and_403_in_tunnel() {
         assert_eq!(Deny::TokenExpired(AuthStage::Proxy).status(), 407);
         assert_eq!(Deny::TokenExpired(AuthStage::Tunnel).status(), 403);
-        assert_eq!(Deny::TokenRevoked(AuthStage::Tunnel).code(), "token_revoked");
+        assert_eq!(
+            Deny::TokenRevoked(AuthStage::Tunnel).code(),
+            "token_revoked"
+        );
     }
 
     #[test]

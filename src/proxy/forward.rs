@@ -120,10 +120,13 @@ impl tower_service::Service<Uri> for PinnedConnector {
             } else if let Ok(ip) = host.parse::<IpAddr>() {
                 vec![SocketAddr::new(ip, port)]
             } else {
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
-                    .await
-                    .map_err(|_| io_err("DNS lookup timed out"))??
-                    .collect()
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::lookup_host((host.as_str(), port)),
+                )
+                .await
+                .map_err(|_| io_err("DNS lookup timed out"))??
+                .collect()
             };
             let mut last = io_err("the name resolved to no address");
             for addr in addrs {
@@ -134,7 +137,8 @@ impl tower_service::Service<Uri> for PinnedConnector {
                     }
                     Ok(Err(e)) => last = e,
                     Err(_) => {
-                        last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        last =
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
                     }
                 }
             }
@@ -241,12 +245,14 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
             return Deny::UpstreamTls(tls.to_string());
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Deny::UpstreamTls(tls.to_string());
-            }
             io_kind.get_or_insert(io.kind());
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return Deny::UpstreamTimeout;
+            }
+            // `io::Error::source` skips the wrapped error itself; look inside it instead.
+            if let Some(inner) = io.get_ref() {
+                source = Some(inner as &(dyn std::error::Error + 'static));
+                continue;
             }
         }
         source = err.source();
@@ -285,7 +291,13 @@ mod tests {
         assert_eq!(p.port, 8443);
         let v6: ResolvePin = "h:443:[::1]".parse().unwrap();
         assert_eq!(v6.addr, "::1".parse::<IpAddr>().unwrap());
-        for bad in ["h:443", "h:0:127.0.0.1", "h:x:127.0.0.1", ":443:127.0.0.1", "h:443:nope"] {
+        for bad in [
+            "h:443",
+            "h:0:127.0.0.1",
+            "h:x:127.0.0.1",
+            ":443:127.0.0.1",
+            "h:443:nope",
+        ] {
             assert!(bad.parse::<ResolvePin>().is_err(), "{bad}");
         }
     }
@@ -295,7 +307,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("empty.pem");
         std::fs::write(&p, "not a pem").unwrap();
-        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1)).err().unwrap();
+        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("no certificate found"), "{e}");
     }
 }

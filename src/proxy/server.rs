@@ -188,7 +188,11 @@ async fn finish(
                 debug!(agent = ?rec.who.agent, host = %rec.host, reason = deny.code(), detail = %deny, "denied");
             }
             let code = deny.code();
-            (deny_response(&deny, &rec.request_id), Decision::Deny, Some(code))
+            (
+                deny_response(&deny, &rec.request_id),
+                Decision::Deny,
+                Some(code),
+            )
         }
     };
     let status = resp.status().as_u16();
@@ -247,7 +251,10 @@ fn deny_response(deny: &Deny, request_id: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(full(bytes));
     *resp.status_mut() = deny.status();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if deny.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
@@ -312,10 +319,12 @@ async fn handle_connect(
         rec.who = Who::from_claims(&claims);
         rec.host = authority.to_string();
         let policies = shared.policies.load();
-        let policy = policies.get(&claims.sub).ok_or_else(|| Deny::HostNotAllowed {
-            agent: claims.sub.clone(),
-            host: authority.to_string(),
-        })?;
+        let policy = policies
+            .get(&claims.sub)
+            .ok_or_else(|| Deny::HostNotAllowed {
+                agent: claims.sub.clone(),
+                host: authority.to_string(),
+            })?;
         // SECURITY: refuse before any TLS: no leaf is minted for a host the agent may not use.
         if !policy.allows_host(Scheme::Https, &authority, Grant(claims.routes.as_deref())) {
             return Err(Deny::HostNotAllowed {
@@ -373,8 +382,15 @@ impl Tunnel {
         // CONNECT gets no certificate at all.
         if let Some(sni) = start.client_hello().server_name() {
             let sni_norm = sni.trim_end_matches('.').to_ascii_lowercase();
-            if sni_norm != self.authority.host().trim_start_matches('[').trim_end_matches(']') {
-                let mut rec = Record::new(&Method::CONNECT, self.authority.to_string(), String::new());
+            if sni_norm
+                != self
+                    .authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+            {
+                let mut rec =
+                    Record::new(&Method::CONNECT, self.authority.to_string(), String::new());
                 rec.who = Who::from_claims(&self.claims);
                 let deny = Deny::HostMismatch {
                     expected: self.authority.host().to_owned(),
@@ -384,17 +400,21 @@ impl Tunnel {
                 return;
             }
         }
-        let config = match self.shared.leaves.server_config(self.authority.host()).await {
+        let config = match self
+            .shared
+            .leaves
+            .server_config(self.authority.host())
+            .await
+        {
             Ok(c) => c,
             Err(e) => return tracing::error!(error = %e, "cannot mint a leaf certificate"),
         };
-        let tls = match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return debug!(error = %e, "agent TLS handshake failed"),
-            Err(_) => return debug!("agent TLS handshake timed out"),
-        };
+        let tls =
+            match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(error = %e, "agent TLS handshake failed"),
+                Err(_) => return debug!("agent TLS handshake timed out"),
+            };
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         let this = self.clone();
@@ -428,7 +448,11 @@ impl Tunnel {
 
     /// One request inside the tunnel.
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let mut rec = Record::new(req.method(), self.authority.to_string(), req.uri().path().to_owned());
+        let mut rec = Record::new(
+            req.method(),
+            self.authority.to_string(),
+            req.uri().path().to_owned(),
+        );
         rec.who = Who::from_claims(&self.claims);
         let outcome = self.forward(req, &mut rec).await;
         finish(&self.shared, rec, outcome).await
@@ -448,7 +472,15 @@ impl Tunnel {
             return Err(Deny::TokenRevoked(AuthStage::Tunnel));
         }
         check_bound_authority(&req, &self.authority, 443)?;
-        forward_checked(shared, req, rec, Scheme::Https, &self.authority, &self.claims).await
+        forward_checked(
+            shared,
+            req,
+            rec,
+            Scheme::Https,
+            &self.authority,
+            &self.claims,
+        )
+        .await
     }
 }
 
@@ -475,7 +507,9 @@ fn check_bound_authority<B>(
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(mismatch("several Host headers".into())),
         (Some(h), None) => {
-            let text = h.to_str().map_err(|_| mismatch("a non-ASCII Host".into()))?;
+            let text = h
+                .to_str()
+                .map_err(|_| mismatch("a non-ASCII Host".into()))?;
             let parsed = Authority::parse(text, Some(default_port))
                 .map_err(|_| mismatch(text.to_owned()))?;
             if parsed != *bound {

@@ -58,9 +58,7 @@ impl UpstreamPki {
             "127.0.0.1".to_string(),
         ])
         .unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, API_HOST);
+        params.distinguished_name.push(DnType::CommonName, API_HOST);
         let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
         UpstreamPki {
             ca_pem,
@@ -211,7 +209,12 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         headers: req
             .headers()
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
     };
     seen.lock().unwrap().push(record.clone());
@@ -224,7 +227,12 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .unwrap_or(0);
         return stream_bytes(n);
     }
-    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body_len = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
     let mut headers = BTreeMap::new();
     for (k, v) in &record.headers {
         headers
@@ -240,8 +248,10 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     resp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     // An upstream trying to spoof a proxy verdict: latchkey must strip this.
-    resp.headers_mut()
-        .insert("x-latchkey-request-id", "spoofed-by-upstream".parse().unwrap());
+    resp.headers_mut().insert(
+        "x-latchkey-request-id",
+        "spoofed-by-upstream".parse().unwrap(),
+    );
     resp
 }
 
@@ -303,7 +313,10 @@ impl Home {
     }
     /// `https://api.example.test:PORT` (the port of the local upstream).
     pub fn api_url(&self, path: &str) -> String {
-        format!("https://{API_HOST}:{}{path}", self.upstream.https_addr.port())
+        format!(
+            "https://{API_HOST}:{}{path}",
+            self.upstream.https_addr.port()
+        )
     }
     pub fn https_port(&self) -> u16 {
         self.upstream.https_addr.port()
@@ -432,7 +445,11 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
             .write_all(format!("{value}\n").as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn issue(&self, agent: &str, extra: &[&str]) -> String {
@@ -446,8 +463,14 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         let mut cmd = self.cmd();
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--upstream-ca"])
             .arg(&self.upstream_ca)
-            .args(["--resolve", &format!("{API_HOST}:{}:127.0.0.1", self.https_port())])
-            .args(["--resolve", &format!("{OTHER_HOST}:{}:127.0.0.1", self.https_port())])
+            .args([
+                "--resolve",
+                &format!("{API_HOST}:{}:127.0.0.1", self.https_port()),
+            ])
+            .args([
+                "--resolve",
+                &format!("{OTHER_HOST}:{}:127.0.0.1", self.https_port()),
+            ])
             .args([
                 "--resolve",
                 &format!("plain.example.test:{}:127.0.0.1", self.http_port()),
@@ -522,7 +545,14 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
             .arg(format!("http://agent:{token}@{}", proxy.addr))
             .arg("--cacert")
             .arg(self.latchkey_ca())
-            .args(["-o", "-", "-D", "/dev/stderr", "-w", "\n%{http_code} %{http_connect}"])
+            .args([
+                "-o",
+                "-",
+                "-D",
+                "/dev/stderr",
+                "-w",
+                "\n%{http_code} %{http_connect}",
+            ])
             .args(extra)
             .arg(url)
             .output()
@@ -567,7 +597,7 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<String>>,
-    _stdout: BufReader<std::process::ChildStdout>,
+    pub _stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Proxy {
