@@ -28,42 +28,41 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
 }
 
 /// True when `raw` (which starts with '/') is exactly what `normalize_slow` would return.
-/// Conservative: when in doubt it answers false and the slow path decides.
+/// Conservative: when in doubt it answers false and the slow path decides. One pass over the
+/// bytes, no allocation: this is the per-request common case.
 fn is_normal(raw: &str) -> bool {
-    let rest = &raw[1..];
-    let mut segments = rest.split('/').peekable();
-    while let Some(seg) = segments.next() {
-        let is_last = segments.peek().is_none();
-        if seg.is_empty() {
+    let b = raw.as_bytes();
+    let n = b.len();
+    let mut seg_start = 1;
+    let mut i = 1;
+    while i <= n {
+        if i == n || b[i] == b'/' {
+            let seg = &b[seg_start..i];
             // An empty segment is only normal as the trailing slash (or the root "/").
-            if !is_last {
+            if (seg.is_empty() && i != n) || seg == b"." || seg == b".." || seg.starts_with(b"..;")
+            {
                 return false;
             }
+            i += 1;
+            seg_start = i;
             continue;
         }
-        if seg == "." || seg == ".." || seg.starts_with("..;") {
-            return false;
-        }
-        let b = seg.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'%' => {
-                    let (Some(&h), Some(&l)) = (b.get(i + 1), b.get(i + 2)) else {
-                        return false;
-                    };
-                    if !(is_upper_hex(h) && is_upper_hex(l)) {
-                        return false;
-                    }
-                    let v = (hex_val(h) << 4) | hex_val(l);
-                    if is_unreserved(v) || matches!(v, b'/' | b'\\' | 0) {
-                        return false;
-                    }
-                    i += 3;
+        match b[i] {
+            b'%' => {
+                let (Some(&h), Some(&l)) = (b.get(i + 1), b.get(i + 2)) else {
+                    return false;
+                };
+                if !(is_upper_hex(h) && is_upper_hex(l)) {
+                    return false;
                 }
-                c if !is_allowed_raw(c) => return false,
-                _ => i += 1,
+                let v = (hex_val(h) << 4) | hex_val(l);
+                if is_unreserved(v) || matches!(v, b'/' | b'\\' | 0) {
+                    return false;
+                }
+                i += 3;
             }
+            c if !is_allowed_raw(c) => return false,
+            _ => i += 1,
         }
     }
     true
