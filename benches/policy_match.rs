@@ -20,7 +20,7 @@ fn policy(routes: usize, hosts: usize) -> AgentPolicy {
     let mut text = String::from("agent = \"bench\"\n");
     for i in 0..routes {
         let h = i % hosts;
-        let host = if h % 10 == 0 {
+        let host = if h.is_multiple_of(10) {
             format!("*.w{h}.example.com")
         } else {
             format!("h{h}.example.com")
@@ -49,10 +49,22 @@ fn decisions(c: &mut Criterion) {
         let allow_path = format!("/api/v{i}/items/42/comments/7");
         let deny_path = "/api/v0/admin".to_string();
         assert!(p
-            .decide(Scheme::Https, &authority, &Method::GET, &allow_path, Grant(None))
+            .decide(
+                Scheme::Https,
+                &authority,
+                &Method::GET,
+                &allow_path,
+                Grant(None)
+            )
             .is_ok());
         assert!(p
-            .decide(Scheme::Https, &authority, &Method::GET, &deny_path, Grant(None))
+            .decide(
+                Scheme::Https,
+                &authority,
+                &Method::GET,
+                &deny_path,
+                Grant(None)
+            )
             .is_err());
         group.bench_with_input(BenchmarkId::new("allow", routes), &routes, |b, _| {
             b.iter(|| {
@@ -78,17 +90,21 @@ fn decisions(c: &mut Criterion) {
         });
         // A wildcard host three labels deep.
         let wild = Authority::parse("a.b.w0.example.com", Some(443)).expect("valid host");
-        group.bench_with_input(BenchmarkId::new("allow_wildcard", routes), &routes, |b, _| {
-            b.iter(|| {
-                p.decide(
-                    Scheme::Https,
-                    black_box(&wild),
-                    &Method::GET,
-                    black_box("/api/v0/items"),
-                    Grant(None),
-                )
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("allow_wildcard", routes),
+            &routes,
+            |b, _| {
+                b.iter(|| {
+                    p.decide(
+                        Scheme::Https,
+                        black_box(&wild),
+                        &Method::GET,
+                        black_box("/api/v0/items"),
+                        Grant(None),
+                    )
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -99,7 +115,11 @@ fn normalisation(c: &mut Criterion) {
         b.iter(|| normalize(black_box("/repos/acme/backend/issues/1234/comments")))
     });
     group.bench_function("dirty", |b| {
-        b.iter(|| normalize(black_box("//repos/./acme/x/../backend/%69ssues/%7e1234/comments/")))
+        b.iter(|| {
+            normalize(black_box(
+                "//repos/./acme/x/../backend/%69ssues/%7e1234/comments/",
+            ))
+        })
     });
     group.finish();
 }
