@@ -279,6 +279,46 @@ mod tests {
     }
 
     #[test]
+    fn random_paths_normalise_to_safe_fixed_points() {
+        // A small deterministic generator over the bytes that matter for dot segments and
+        // escapes; no external crate needed and failures are reproducible.
+        const ALPHABET: &[u8] = b"/./%2eEfF5cC;~7a0A/%";
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..50_000 {
+            let len = usize::try_from(next() % 14).expect("small");
+            let mut s = String::from("/");
+            for _ in 0..len {
+                let i = usize::try_from(next() % ALPHABET.len() as u64).expect("small");
+                s.push(char::from(ALPHABET[i]));
+            }
+            let slow = normalize_slow(&s);
+            assert_eq!(is_normal(&s), slow.as_deref() == Ok(s.as_str()), "{s:?}");
+            if let Ok(n) = normalize(&s) {
+                assert!(
+                    matches!(normalize(&n), Ok(Cow::Borrowed(m)) if m == n),
+                    "{s:?}"
+                );
+                assert!(n.starts_with('/'), "{s:?}");
+                assert!(!n.contains("//"), "{s:?} -> {n:?}");
+                for seg in n.split('/') {
+                    assert!(
+                        seg != "." && seg != ".." && !seg.starts_with("..;"),
+                        "{s:?}"
+                    );
+                }
+                let upper = n.to_ascii_uppercase();
+                assert!(!upper.contains("%2F") && !upper.contains("%5C"), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
     fn normalisation_is_idempotent() {
         let mut inputs: Vec<String> = table().iter().map(|(i, _)| i.to_string()).collect();
         // Cross every pair of table entries to build a larger, messier set.
