@@ -6,6 +6,7 @@
 //! Policy never sees secret values, only credential names.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,11 +160,17 @@ fn match_segs(pat: &[Seg], rest: Option<&str>) -> bool {
         return rest.is_none();
     };
     match first {
+        // Compare bytes in place: most candidates fail on their first differing byte, so no
+        // search for the next '/' is needed.
         Seg::Lit(lit) => match rest {
-            Some(r) => {
-                let (head, tail) = split_segment(r);
-                head == &**lit && match_segs(pat_tail, tail)
-            }
+            Some(r) => match r.strip_prefix(&**lit) {
+                Some("") => match_segs(pat_tail, None),
+                Some(after) => match after.strip_prefix('/') {
+                    Some(tail) => match_segs(pat_tail, Some(tail)),
+                    None => false,
+                },
+                None => false,
+            },
             None => false,
         },
         Seg::One => match rest {
@@ -267,8 +274,35 @@ impl Route {
     }
 }
 
+/// FNV-1a: host lookups are a few short keys per request, where SipHash's setup dominates.
+///
+/// SECURITY: hash flooding needs the attacker to insert keys; here only the policy file
+/// inserts, requests only look up, so a weak hash cannot be turned into a slow table.
+#[derive(Default)]
+struct FnvHasher(u64);
+
+impl Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+        self.0 = h;
+    }
+}
+
 /// Route indexes per host key, ascending (file order).
-type HostIndex = HashMap<Box<str>, Vec<(PortSpec, u32)>>;
+type HostIndex = HashMap<Box<str>, Vec<(PortSpec, u32)>, BuildHasherDefault<FnvHasher>>;
 
 /// One agent's compiled, immutable policy.
 #[derive(Debug)]
@@ -291,8 +325,8 @@ impl AgentPolicy {
         routes: Vec<Arc<Route>>,
     ) -> AgentPolicy {
         let mut by_id = HashMap::with_capacity(routes.len());
-        let mut exact: HostIndex = HashMap::new();
-        let mut wildcard: HostIndex = HashMap::new();
+        let mut exact = HostIndex::default();
+        let mut wildcard = HostIndex::default();
         for (i, route) in routes.iter().enumerate() {
             by_id.insert(route.id.clone(), i);
             // Route counts are bounded by file size far below u32::MAX; saturate to be total.
@@ -420,19 +454,22 @@ impl AgentPolicy {
         grant: Grant<'_>,
     ) -> Deny {
         let port = authority.port();
-        let mut host_routes: Vec<&Arc<Route>> = self
+        let mut indexes: Vec<u32> = self
             .candidates(authority)
             .flat_map(|list| list.iter())
             .filter(|(ps, _)| ps.matches(scheme, port))
-            .filter_map(|&(_, idx)| self.route_at(idx))
+            .map(|&(_, idx)| idx)
             .collect();
-        if host_routes.is_empty() {
+        if indexes.is_empty() {
             return Deny::HostNotAllowed {
                 agent: self.agent.to_string(),
                 host: authority.to_string(),
             };
         }
-        host_routes.sort_by_key(|r| self.by_id.get(&r.id).copied().unwrap_or(usize::MAX));
+        // File order, so each explanation names the route that would have decided.
+        indexes.sort_unstable();
+        let host_routes: Vec<&Arc<Route>> =
+            indexes.iter().filter_map(|&i| self.route_at(i)).collect();
         let full = |r: &&Arc<Route>| r.methods.contains(method) && r.matches_path(path);
         if let Some(r) = host_routes.iter().find(|r| full(r) && !grant.allows(&r.id)) {
             return Deny::NoRoute(format!(

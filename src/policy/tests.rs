@@ -1022,9 +1022,9 @@ fn decision_is_on_normalised_path_only() {
 #[test]
 fn ten_thousand_routes_over_a_thousand_hosts_load_and_decide() {
     let mut text = String::from("agent = \"big\"\n");
-    for i in 0..10_000 {
+    for i in 0..10_000usize {
         let host = i % 1000;
-        let host = if host % 10 == 0 {
+        let host = if host.is_multiple_of(10) {
             format!("*.w{host}.example.com")
         } else {
             format!("h{host}.example.com")
