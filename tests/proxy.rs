@@ -548,3 +548,49 @@ fn sigterm_flushes_every_audit_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn upstream_connections_are_pooled_across_agent_connections() {
+    let (home, proxy, token) = ready();
+    for _ in 0..5 {
+        let r = home.curl(
+            &proxy,
+            &token,
+            &[],
+            &home.api_url("/repos/acme/backend/issues"),
+        );
+        assert_eq!(r.status, 200);
+    }
+    // Five separate curl processes (five tunnels), one upstream TLS connection.
+    let conns = home
+        .upstream
+        .tls_connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(conns, 1, "upstream connections were not reused");
+}
+
+#[test]
+fn a_100_mib_upload_streams_with_bounded_memory() {
+    let (home, proxy, token) = ready();
+    let size = 100 * 1024 * 1024u64;
+    let script = format!(
+        "head -c {size} /dev/zero | curl -sS --proxy '{}' --cacert '{}' -X POST -H 'content-type: application/octet-stream' --data-binary @- '{}'",
+        proxy.url_with(&token),
+        home.latchkey_ca().display(),
+        home.api_url("/repos/acme/backend/issues")
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["body_len"], size);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 64 * 1024,
+        "peak RSS {hwm_kib} KiB while uploading 100 MiB"
+    );
+}

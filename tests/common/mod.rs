@@ -118,6 +118,8 @@ pub struct Upstream {
     pub https_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted by the HTTPS listener (to prove pooling).
+    pub tls_connections: Arc<std::sync::atomic::AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -130,6 +132,8 @@ impl Upstream {
             .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let cfg = pki.server_config();
+        let tls_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = tls_connections.clone();
         let (https_addr, http_addr) = runtime.block_on(async {
             let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -137,7 +141,7 @@ impl Upstream {
                 tls_listener.local_addr().unwrap(),
                 plain_listener.local_addr().unwrap(),
             );
-            tokio::spawn(accept_tls(tls_listener, cfg, seen.clone()));
+            tokio::spawn(accept_tls(tls_listener, cfg, seen.clone(), counter));
             tokio::spawn(accept_plain(plain_listener, seen.clone()));
             addrs
         });
@@ -145,6 +149,7 @@ impl Upstream {
             https_addr,
             http_addr,
             seen,
+            tls_connections,
             _runtime: runtime,
         }
     }
@@ -158,12 +163,14 @@ async fn accept_tls(
     listener: tokio::net::TcpListener,
     cfg: Arc<rustls::ServerConfig>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let acceptor = acceptor.clone();
         let seen = seen.clone();
         tokio::spawn(async move {
