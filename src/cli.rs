@@ -17,6 +17,7 @@ use crate::auth::{self, Revocations, TokenKeys, TokenSpec};
 use crate::authority::Authority;
 use crate::fsutil;
 use crate::policy::{path, Grant, Policies, Scheme, Severity};
+use crate::proxy::admin;
 use crate::proxy::server::{self, Drain};
 use crate::proxy::{Limits, ResolvePin, Shared, Upstream};
 use crate::secrets::{Secret, SecretStore};
@@ -109,6 +110,9 @@ struct ServeArgs {
     /// Audit log file (default: <state-dir>/audit.jsonl).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Address of the admin listener (/healthz, /metrics); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
+    admin_listen: String,
     /// How long the upstream may take to send its response head.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     upstream_timeout: Duration,
@@ -414,6 +418,7 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         audit: audit.clone(),
         limits,
         policies_dir: dirs.policies.clone(),
+        metrics: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -425,10 +430,33 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         format!("{addr}\n").as_bytes(),
         0o600,
     )?;
+    let admin_listener = if args.admin_listen.eq_ignore_ascii_case("off") {
+        None
+    } else {
+        let admin_addr: SocketAddr = args.admin_listen.parse().with_context(|| {
+            format!(
+                "--admin-listen {:?} is not an address (or `off`)",
+                args.admin_listen
+            )
+        })?;
+        Some(
+            tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {admin_addr} for the admin endpoints")
+                })?,
+        )
+    };
     let (drain, stop, mut alive) = Drain::new();
     let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone()));
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin =
+        admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
     let server = tokio::spawn(server::serve(listener, shared.clone(), drain));
     println!("latchkey listening on {addr}");
+    if let Some(a) = admin_addr {
+        println!("latchkey admin on {a}");
+    }
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
@@ -436,6 +464,9 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     let _ = stop.send(true);
     let _ = server.await;
     let _ = reloader.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     drop(shared);
     // Every connection holds a Drain; recv returns None once the last one is gone.
     if tokio::time::timeout(Limits::default().drain_timeout, alive.recv())
@@ -471,23 +502,44 @@ async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
         if stamp != last_policy_stamp {
             last_policy_stamp = stamp;
             match Policies::load_dir(&shared.policies_dir) {
-                Ok(report) if !report.has_errors() => {
-                    shared.policies.store(Arc::new(report.policies));
-                    tracing::info!("policies reloaded");
-                }
                 Ok(report) => {
-                    for d in report
-                        .diagnostics
-                        .iter()
-                        .filter(|d| d.severity == Severity::Error)
-                    {
-                        tracing::error!("policy not reloaded, keeping the last good one: {d}");
-                    }
+                    let current = shared.policies.load_full();
+                    let merged = keep_last_good(&current, report);
+                    shared.policies.store(Arc::new(merged));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
             }
         }
     }
+}
+
+/// The new policy set after a reload: every file that loaded cleanly, plus, for each file that
+/// failed, the agents it defined in the last good set, so a typo never revokes an agent's
+/// access nor widens it.
+fn keep_last_good(current: &Policies, report: crate::policy::LoadReport) -> Policies {
+    let failed: std::collections::HashSet<&Path> = report
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| d.file.as_path())
+        .collect();
+    for d in report
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+    {
+        tracing::error!("policy file not reloaded, keeping its last good version: {d}");
+    }
+    let mut agents: Vec<Arc<crate::policy::AgentPolicy>> =
+        report.policies.agents().cloned().collect();
+    for old in current.agents() {
+        let from_failed_file = failed.contains(old.file());
+        if from_failed_file && report.policies.get(old.agent()).is_none() {
+            agents.push(old.clone());
+        }
+    }
+    tracing::info!(agents = agents.len(), "policies reloaded");
+    Policies::from_shared(agents)
 }
 
 fn policy_dir_stamp(dir: &Path) -> Vec<(PathBuf, Option<fsutil::FileStamp>)> {

@@ -10,6 +10,7 @@ pub mod authority;
 pub mod cli;
 pub mod fsutil;
 pub mod inject;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod secrets;

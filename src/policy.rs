@@ -154,6 +154,13 @@ impl Policies {
         Policies { agents }
     }
 
+    /// Build from shared compiled policies (hot reload keeps the last good ones). Later
+    /// duplicates replace earlier ones.
+    pub fn from_shared(policies: impl IntoIterator<Item = Arc<AgentPolicy>>) -> Policies {
+        let agents = policies.into_iter().map(|p| (p.agent.clone(), p)).collect();
+        Policies { agents }
+    }
+
     /// The policy of this agent.
     pub fn get(&self, agent: &str) -> Option<&Arc<AgentPolicy>> {
         self.agents.get(agent)

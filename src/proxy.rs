@@ -2,6 +2,7 @@
 //! audit. `server` owns the life of a connection and of each request; `forward` owns the
 //! upstream client.
 
+pub mod admin;
 pub mod forward;
 pub mod server;
 
@@ -40,6 +41,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Where policies are loaded from (for hot reload).
     pub policies_dir: PathBuf,
+    /// Counters for the admin listener.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.

@@ -425,8 +425,15 @@ fn upstream_with_an_untrusted_certificate_is_502_upstream_tls() {
     let token = home.issue("bot", &[]);
     // Started without --upstream-ca: the upstream's test CA is not trusted.
     let mut cmd = home.cmd();
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--resolve"])
-        .arg(format!("{API_HOST}:{}:127.0.0.1", home.https_port()));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--resolve",
+    ])
+    .arg(format!("{API_HOST}:{}:127.0.0.1", home.https_port()));
     let proxy = spawn_custom(cmd);
     let r = home.curl(
         &proxy,
@@ -457,6 +464,7 @@ fn spawn_custom(mut cmd: Command) -> Proxy {
     Proxy {
         child,
         addr,
+        admin_addr: None,
         log: Default::default(),
         _stdout: reader,
     }

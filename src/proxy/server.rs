@@ -94,6 +94,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut drain: Drain)
 }
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut drain: Drain) {
+    let _open = shared.metrics.connection();
     let svc_shared = shared.clone();
     let svc_drain = drain.clone();
     let service = service_fn(move |req| {
@@ -196,6 +197,12 @@ async fn finish(
         }
     };
     let status = resp.status().as_u16();
+    shared.metrics.record_request(
+        rec.who.agent.as_deref(),
+        rec.route.as_deref(),
+        decision.as_str(),
+        reason.unwrap_or(""),
+    );
     info!(
         request_id = %rec.request_id,
         agent = rec.who.agent.as_deref().unwrap_or("-"),
@@ -370,6 +377,8 @@ struct Tunnel {
 
 impl Tunnel {
     async fn run(self, io: TokioIo<hyper::upgrade::Upgraded>, mut drain: Drain) {
+        let shared = self.shared.clone();
+        let _open = shared.metrics.tunnel();
         let limits = &self.shared.limits;
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -588,11 +597,14 @@ async fn forward_checked(
         &shared.secrets,
     )?;
     let upstream_req = Request::from_parts(parts, body.boxed_unsync() as UpstreamBody);
+    let sent = Instant::now();
     let resp = shared
         .upstream
         .send(upstream_req)
         .instrument(tracing::debug_span!("upstream"))
-        .await?;
+        .await;
+    shared.metrics.observe_upstream(sent.elapsed());
+    let resp = resp?;
     let (mut parts, body) = resp.into_parts();
     inject::strip_response_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed_unsync()))

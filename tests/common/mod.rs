@@ -468,27 +468,34 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
     /// Start `latchkey serve` on 127.0.0.1:0 with the upstream pinned and trusted.
     pub fn serve(&self, extra: &[&str]) -> Proxy {
         let mut cmd = self.cmd();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--upstream-ca"])
-            .arg(&self.upstream_ca)
-            .args([
-                "--resolve",
-                &format!("{API_HOST}:{}:127.0.0.1", self.https_port()),
-            ])
-            .args([
-                "--resolve",
-                &format!("{OTHER_HOST}:{}:127.0.0.1", self.https_port()),
-            ])
-            .args([
-                "--resolve",
-                &format!("plain.example.test:{}:127.0.0.1", self.http_port()),
-            ])
-            .args([
-                "--resolve",
-                &format!("nocreds.example.test:{}:127.0.0.1", self.http_port()),
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream-ca",
+        ])
+        .arg(&self.upstream_ca)
+        .args([
+            "--resolve",
+            &format!("{API_HOST}:{}:127.0.0.1", self.https_port()),
+        ])
+        .args([
+            "--resolve",
+            &format!("{OTHER_HOST}:{}:127.0.0.1", self.https_port()),
+        ])
+        .args([
+            "--resolve",
+            &format!("plain.example.test:{}:127.0.0.1", self.http_port()),
+        ])
+        .args([
+            "--resolve",
+            &format!("nocreds.example.test:{}:127.0.0.1", self.http_port()),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
@@ -505,6 +512,12 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
             })
             .parse()
             .unwrap();
+        let mut admin_line = String::new();
+        reader.read_line(&mut admin_line).unwrap();
+        let admin_addr = admin_line
+            .trim()
+            .strip_prefix("latchkey admin on ")
+            .and_then(|a| a.parse().ok());
         // Keep draining stderr so the child never blocks on a full pipe.
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -520,6 +533,7 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         Proxy {
             child,
             addr,
+            admin_addr,
             log,
             _stdout: reader,
         }
@@ -603,6 +617,8 @@ impl Curl {
 pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The admin listener (/healthz, /metrics), when enabled.
+    pub admin_addr: Option<SocketAddr>,
     pub log: Arc<Mutex<String>>,
     pub _stdout: BufReader<std::process::ChildStdout>,
 }

@@ -1,0 +1,205 @@
+//! Counters for operators, rendered in the Prometheus text format by the admin listener.
+//! Labels are agent names, route ids and decisions: never a secret, a token or a path.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+/// Upper bounds (seconds) of the upstream latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Process-wide metrics. Cheap to update from any task: atomics and a sharded map.
+#[derive(Default)]
+pub struct Metrics {
+    requests: DashMap<RequestKey, AtomicU64>,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    active_tunnels: AtomicI64,
+    active_connections: AtomicI64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestKey {
+    agent: String,
+    route: String,
+    decision: &'static str,
+    reason: &'static str,
+}
+
+/// Decrements a gauge when dropped, so every exit path (errors and panics included) counts.
+pub struct GaugeGuard<'a>(&'a AtomicI64);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Count one decided request.
+    pub fn record_request(
+        &self,
+        agent: Option<&str>,
+        route: Option<&str>,
+        decision: &'static str,
+        reason: &'static str,
+    ) {
+        let key = RequestKey {
+            agent: agent.unwrap_or("").to_owned(),
+            route: route.unwrap_or("").to_owned(),
+            decision,
+            reason,
+        };
+        if let Some(c) = self.requests.get(&key) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.requests
+            .entry(key)
+            .or_insert_with(|| AtomicU64::new(0))
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record the time from sending a request upstream to its response head.
+    pub fn observe_upstream(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Count an open tunnel until the guard drops.
+    pub fn tunnel(&self) -> GaugeGuard<'_> {
+        self.active_tunnels.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(&self.active_tunnels)
+    }
+
+    /// Count an open agent connection until the guard drops.
+    pub fn connection(&self) -> GaugeGuard<'_> {
+        self.active_connections.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(&self.active_connections)
+    }
+
+    /// Open tunnels right now.
+    pub fn active_tunnels(&self) -> i64 {
+        self.active_tunnels.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition. `cert_cache` is (hits, misses) of the leaf cache.
+    pub fn render(&self, cert_cache: (u64, u64)) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP latchkey_requests_total Decided requests by agent, route, decision and reason.\n");
+        out.push_str("# TYPE latchkey_requests_total counter\n");
+        let mut rows: Vec<(RequestKey, u64)> = self
+            .requests
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        rows.sort_by(|a, b| {
+            (&a.0.agent, &a.0.route, a.0.decision, a.0.reason).cmp(&(
+                &b.0.agent,
+                &b.0.route,
+                b.0.decision,
+                b.0.reason,
+            ))
+        });
+        for (k, v) in rows {
+            let _ = writeln!(
+                out,
+                "latchkey_requests_total{{agent=\"{}\",route=\"{}\",decision=\"{}\",reason=\"{}\"}} {v}",
+                escape(&k.agent),
+                escape(&k.route),
+                k.decision,
+                k.reason
+            );
+        }
+        out.push_str(
+            "# HELP latchkey_upstream_duration_seconds Time to the upstream's response head.\n",
+        );
+        out.push_str("# TYPE latchkey_upstream_duration_seconds histogram\n");
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "latchkey_upstream_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "latchkey_upstream_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "latchkey_upstream_duration_seconds_sum {}",
+            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "latchkey_upstream_duration_seconds_count {count}");
+        out.push_str("# HELP latchkey_cert_cache_hits_total Leaf certificate cache hits.\n");
+        out.push_str("# TYPE latchkey_cert_cache_hits_total counter\n");
+        let _ = writeln!(out, "latchkey_cert_cache_hits_total {}", cert_cache.0);
+        out.push_str("# HELP latchkey_cert_cache_misses_total Leaf certificates minted.\n");
+        out.push_str("# TYPE latchkey_cert_cache_misses_total counter\n");
+        let _ = writeln!(out, "latchkey_cert_cache_misses_total {}", cert_cache.1);
+        out.push_str("# HELP latchkey_active_tunnels Open CONNECT tunnels.\n");
+        out.push_str("# TYPE latchkey_active_tunnels gauge\n");
+        let _ = writeln!(out, "latchkey_active_tunnels {}", self.active_tunnels());
+        out.push_str("# HELP latchkey_active_connections Open agent connections.\n");
+        out.push_str("# TYPE latchkey_active_connections gauge\n");
+        let _ = writeln!(
+            out,
+            "latchkey_active_connections {}",
+            self.active_connections.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Escape a label value (backslash, quote, newline) per the exposition format.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_counts_requests_latency_and_gauges() {
+        let m = Metrics::default();
+        m.record_request(Some("bot"), Some("r1"), "allow", "");
+        m.record_request(Some("bot"), Some("r1"), "allow", "");
+        m.record_request(Some("bot"), None, "deny", "no_route");
+        m.observe_upstream(Duration::from_millis(3));
+        let g = m.tunnel();
+        let text = m.render((5, 2));
+        assert!(text.contains(
+            "latchkey_requests_total{agent=\"bot\",route=\"r1\",decision=\"allow\",reason=\"\"} 2"
+        ));
+        assert!(text.contains("reason=\"no_route\"} 1"));
+        assert!(text.contains("latchkey_upstream_duration_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("latchkey_upstream_duration_seconds_bucket{le=\"0.0025\"} 0"));
+        assert!(text.contains("latchkey_upstream_duration_seconds_count 1"));
+        assert!(text.contains("latchkey_cert_cache_misses_total 2"));
+        assert!(text.contains("latchkey_active_tunnels 1"));
+        drop(g);
+        assert_eq!(m.active_tunnels(), 0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
