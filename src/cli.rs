@@ -138,6 +138,12 @@ enum SecretCmd {
 enum TokenCmd {
     /// Issue a token for an agent; prints the JWT alone on stdout.
     Issue(IssueArgs),
+    /// List live sessions (id, agent, on behalf of, task, expiry); never the token itself.
+    List {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
     /// Revoke one session (by its id, the token's jti) or every token of an agent.
     Revoke {
         /// Session id (jti) to revoke.
@@ -243,6 +249,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Secret(cmd) => secret(&dirs, cmd),
         Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, args),
         Command::Token(TokenCmd::Revoke { jti, agent }) => token_revoke(&dirs, jti, agent),
+        Command::Token(TokenCmd::List { agent }) => token_list(&dirs, agent.as_deref()),
         Command::Policy(PolicyCmd::Check) => policy_check(&dirs),
         Command::Policy(PolicyCmd::Explain { agent, method, url }) => {
             policy_explain(&dirs, &agent, &method, &url)
@@ -803,6 +810,67 @@ fn record_session(state_dir: &Path, claims: &auth::Claims) -> Result<()> {
     });
     writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Sessions recorded at issue time that have neither expired nor been revoked.
+fn token_list(dirs: &Dirs, agent: Option<&str>) -> Result<ExitCode> {
+    let path = dirs.state_dir.join("sessions.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+    };
+    let revs = Revocations::open(&dirs.state_dir)?;
+    let now = auth::unix_now();
+    let mut live = 0;
+    println!("SESSION                           AGENT            ON-BEHALF-OF     EXPIRES               TASK");
+    for line in text.lines() {
+        let Ok(claims) = serde_json::from_str::<SessionLine>(line) else {
+            continue;
+        };
+        if agent.is_some_and(|a| a != claims.agent) || claims.exp <= now {
+            continue;
+        }
+        let as_claims = auth::Claims {
+            iss: auth::ISSUER.into(),
+            aud: auth::AUDIENCE.into(),
+            sub: claims.agent.clone(),
+            jti: claims.jti.clone(),
+            iat: claims.iat,
+            exp: claims.exp,
+            nbf: None,
+            obo: None,
+            task: None,
+            routes: None,
+        };
+        if revs.is_revoked(&as_claims) {
+            continue;
+        }
+        live += 1;
+        println!(
+            "{:<33} {:<16} {:<16} {:<21} {}",
+            claims.jti,
+            claims.agent,
+            claims.obo.as_deref().unwrap_or("-"),
+            chrono::DateTime::from_timestamp(claims.exp as i64, 0)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default(),
+            claims.task.as_deref().unwrap_or("-")
+        );
+    }
+    eprintln!("{live} live session(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of `sessions.jsonl`.
+#[derive(serde::Deserialize)]
+struct SessionLine {
+    jti: String,
+    agent: String,
+    obo: Option<String>,
+    task: Option<String>,
+    iat: u64,
+    exp: u64,
 }
 
 fn session_exp(state_dir: &Path, jti: &str) -> Option<u64> {

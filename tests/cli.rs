@@ -200,3 +200,36 @@ fn help_exists_for_every_command() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
 }
+
+#[test]
+fn token_list_shows_live_sessions_without_tokens() {
+    let home = Home::new();
+    home.standard_policy();
+    let t1 = home.issue(
+        "bot",
+        &["--on-behalf-of", "alice", "--task", "triage issues"],
+    );
+    let t2 = home.issue("bot", &[]);
+    let out = home.run_ok(&["token", "list"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(
+        out.contains("alice") && out.contains("triage issues"),
+        "{out}"
+    );
+    assert!(!out.contains(&t1) && !out.contains(&t2));
+    let jti = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    home.run_ok(&["token", "revoke", &jti]);
+    let out = home.run_ok(&["token", "list"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(!out.contains(&jti));
+    home.run_ok(&["token", "revoke", "--agent", "bot"]);
+    let out = home.run_ok(&["token", "list", "--agent", "bot"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
