@@ -90,6 +90,16 @@ pub enum Deny {
     /// The upstream answered with something that is not valid HTTP, or reset mid-response.
     #[error("the upstream broke the exchange: {0}")]
     UpstreamProtocol(String),
+    /// The upstream name resolved to a loopback, private, link-local, CGNAT, multicast or
+    /// unspecified address and was not pinned by `--resolve` (SSRF guard).
+    #[error("the upstream address {0} is private; pin it with --resolve or allow private upstreams")]
+    UpstreamPrivate(std::net::IpAddr),
+    /// The request body is larger than the route's (or the proxy's) limit.
+    #[error("the request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    /// Too many open connections overall or for this agent.
+    #[error("too many open connections for {0}; retry later")]
+    TooManyConnections(&'static str),
 }
 
 impl Deny {
@@ -112,6 +122,9 @@ impl Deny {
                 StatusCode::BAD_GATEWAY
             }
             Deny::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Deny::UpstreamPrivate(_) => StatusCode::FORBIDDEN,
+            Deny::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Deny::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -132,6 +145,9 @@ impl Deny {
             Deny::UpstreamTls(_) => "upstream_tls",
             Deny::UpstreamTimeout => "upstream_timeout",
             Deny::UpstreamProtocol(_) => "upstream_protocol",
+            Deny::UpstreamPrivate(_) => "upstream_private",
+            Deny::BodyTooLarge(_) => "body_too_large",
+            Deny::TooManyConnections(_) => "too_many_connections",
         }
     }
 
