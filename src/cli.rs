@@ -116,6 +116,10 @@ struct ServeArgs {
     /// How long the upstream may take to send its response head.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Allow upstreams that resolve to loopback, private, link-local or other non-public
+    /// addresses without a --resolve pin (off by default: SSRF guard).
+    #[arg(long)]
+    allow_private_upstreams: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -402,7 +406,12 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     let revocations = Revocations::open(&dirs.state_dir)?;
     let secrets = Arc::new(SecretStore::open(&dirs.state_dir)?);
     let policies = load_policies(dirs)?;
-    let upstream = Upstream::try_new(&args.upstream_ca, &args.resolve, args.upstream_timeout)?;
+    let upstream = Upstream::try_new(
+        &args.upstream_ca,
+        &args.resolve,
+        args.upstream_timeout,
+        args.allow_private_upstreams,
+    )?;
     let leaves = LeafCache::try_new(Arc::new(ca), 10_000)?;
     let audit_path = args
         .audit_log

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod fsutil;
 pub mod inject;
 pub mod metrics;
+pub mod netguard;
 pub mod policy;
 pub mod proxy;
 pub mod secrets;

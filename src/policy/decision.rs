@@ -92,7 +92,9 @@ pub enum Deny {
     UpstreamProtocol(String),
     /// The upstream name resolved to a loopback, private, link-local, CGNAT, multicast or
     /// unspecified address and was not pinned by `--resolve` (SSRF guard).
-    #[error("the upstream address {0} is private; pin it with --resolve or allow private upstreams")]
+    #[error(
+        "the upstream address {0} is private; pin it with --resolve or allow private upstreams"
+    )]
     UpstreamPrivate(std::net::IpAddr),
     /// The request body is larger than the route's (or the proxy's) limit.
     #[error("the request body exceeds the limit of {0} bytes")]

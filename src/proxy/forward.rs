@@ -23,6 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::netguard;
 use crate::policy::decision::Deny;
 
 /// Body type of requests sent upstream (the agent's body, streamed).
@@ -87,11 +88,18 @@ pub enum ForwardError {
     NoRoots,
 }
 
-/// The TCP half of the upstream connector: applies pins, resolves, dials with a timeout.
+/// The TCP half of the upstream connector: applies pins, resolves, refuses private
+/// addresses that were not pinned, dials with a timeout.
 #[derive(Clone)]
 pub struct PinnedConnector {
     pins: Arc<HashMap<(String, u16), IpAddr>>,
+    allow_private: bool,
 }
+
+/// Connect error: every address the name resolved to is private (see `netguard`).
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream resolved only to private addresses (first: {0})")]
+pub struct PrivateUpstream(pub IpAddr);
 
 impl tower_service::Service<Uri> for PinnedConnector {
     type Response = TokioIo<TcpStream>;
@@ -104,6 +112,7 @@ impl tower_service::Service<Uri> for PinnedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let pins = self.pins.clone();
+        let allow_private = self.allow_private;
         Box::pin(async move {
             let host = uri
                 .host()
@@ -116,17 +125,33 @@ impl tower_service::Service<Uri> for PinnedConnector {
                 _ => 443,
             });
             let addrs: Vec<SocketAddr> = if let Some(ip) = pins.get(&(host.clone(), port)) {
+                // Pinned by the admin with --resolve: trusted, even on loopback.
                 vec![SocketAddr::new(*ip, port)]
-            } else if let Ok(ip) = host.parse::<IpAddr>() {
-                vec![SocketAddr::new(ip, port)]
             } else {
-                tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::lookup_host((host.as_str(), port)),
-                )
-                .await
-                .map_err(|_| io_err("DNS lookup timed out"))??
-                .collect()
+                let resolved: Vec<SocketAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
+                    vec![SocketAddr::new(ip, port)]
+                } else {
+                    tokio::time::timeout(
+                        CONNECT_TIMEOUT,
+                        tokio::net::lookup_host((host.as_str(), port)),
+                    )
+                    .await
+                    .map_err(|_| io_err("DNS lookup timed out"))??
+                    .collect()
+                };
+                // SECURITY: classify the very addresses we are about to dial, so a rebinding
+                // DNS answer cannot pass the check and then point somewhere else.
+                let public: Vec<SocketAddr> = resolved
+                    .iter()
+                    .copied()
+                    .filter(|a| allow_private || !netguard::is_private(a.ip()))
+                    .collect();
+                if public.is_empty() {
+                    if let Some(first) = resolved.first() {
+                        return Err(std::io::Error::other(PrivateUpstream(first.ip())));
+                    }
+                }
+                public
             };
             let mut last = io_err("the name resolved to no address");
             for addr in addrs {
@@ -164,6 +189,7 @@ impl Upstream {
         extra_roots: &[PathBuf],
         pins: &[ResolvePin],
         response_timeout: Duration,
+        allow_private: bool,
     ) -> Result<Upstream, ForwardError> {
         let mut roots = rustls::RootCertStore::empty();
         // A broken system store is not fatal when --upstream-ca gives roots.
@@ -187,6 +213,7 @@ impl Upstream {
                     .map(|p| ((p.host.clone(), p.port), p.addr))
                     .collect(),
             ),
+            allow_private,
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -241,6 +268,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut io_kind = None;
     while let Some(err) = source {
+        if let Some(p) = err.downcast_ref::<PrivateUpstream>() {
+            return Deny::UpstreamPrivate(p.0);
+        }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Deny::UpstreamTls(tls.to_string());
         }
@@ -307,7 +337,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("empty.pem");
         std::fs::write(&p, "not a pem").unwrap();
-        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1))
+        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1), false)
             .err()
             .unwrap();
         assert!(e.to_string().contains("no certificate found"), "{e}");
