@@ -643,7 +643,14 @@ fn a_token_narrowed_to_one_route_cannot_use_the_agents_other_routes() {
     let url = home.api_url("/repos/acme/backend/issues");
     let r = home.curl(&proxy, &token, &[], &url);
     assert_eq!(r.status, 200, "{r:?}");
-    let r = home.curl(&proxy, &token, &["-X", "POST", "-d", "title=x"], &url);
+    // HTTP/1.1 for the denied POST: over h2, curl sometimes loses an early denial of a
+    // request with a body (see denied_posts_over_http2_always_reach_curl_as_a_json_403).
+    let r = home.curl(
+        &proxy,
+        &token,
+        &["--http1.1", "-X", "POST", "-d", "title=x"],
+        &url,
+    );
     assert_eq!(r.status, 403, "{r:?}");
     let body = r.json();
     assert_eq!(body["error"], "denied");
@@ -669,6 +676,25 @@ fn a_token_narrowed_to_one_route_cannot_use_the_agents_other_routes() {
     let full = home.issue("bot", &[]);
     let r = home.curl(&proxy, &full, &["-X", "POST", "-d", "title=x"], &url);
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+#[ignore = "BUG: a denial of an h2 request with a body is answered before the body is read; curl 7.88 then often fails with (92) and never sees the 403"]
+fn denied_posts_over_http2_always_reach_curl_as_a_json_403() {
+    let (home, proxy) = ready();
+    let token = home.issue("bot", &[]);
+    let url = home.api_url("/repos/acme/secrets");
+    // Fails in roughly one try in six to ten, so twenty tries almost always show it.
+    for i in 0..20 {
+        let r = home.curl(
+            &proxy,
+            &token,
+            &["--http2", "-X", "POST", "-d", "title=x"],
+            &url,
+        );
+        assert_eq!(r.status, 403, "try {i}: {r:?}");
+        assert_eq!(r.json()["reason"], "no_route", "try {i}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
