@@ -225,6 +225,11 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .collect(),
     };
     seen.lock().unwrap().push(record.clone());
+    if req.uri().path().ends_with("/info/refs")
+        && req.uri().query() == Some("service=git-upload-pack")
+    {
+        return git_upload_pack_advertisement();
+    }
     if req.uri().path() == "/big" {
         let n: u64 = req
             .uri()
@@ -259,6 +264,38 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         "x-latchkey-request-id",
         "spoofed-by-upstream".parse().unwrap(),
     );
+    resp
+}
+
+/// The commit id every ref of the test git endpoint points at.
+pub const GIT_HEAD: &str = "8f3b6c2a1d4e5f60718293a4b5c6d7e8f9012345";
+
+/// One git pkt-line: four hex digits giving the length including themselves, then the payload.
+pub fn pkt_line(payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:04x}", payload.len() + 4).into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A minimal git smart-HTTP ref advertisement (protocol v0) for
+/// `GET <repo>/info/refs?service=git-upload-pack`: HEAD and refs/heads/main at [`GIT_HEAD`].
+fn git_upload_pack_advertisement() -> Response<EchoBody> {
+    let mut body = pkt_line(b"# service=git-upload-pack\n");
+    body.extend_from_slice(b"0000");
+    body.extend(pkt_line(
+        format!("{GIT_HEAD} HEAD\0side-band-64k\n").as_bytes(),
+    ));
+    body.extend(pkt_line(format!("{GIT_HEAD} refs/heads/main\n").as_bytes()));
+    body.extend_from_slice(b"0000");
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        "application/x-git-upload-pack-advertisement"
+            .parse()
+            .unwrap(),
+    );
+    resp.headers_mut()
+        .insert("cache-control", "no-cache".parse().unwrap());
     resp
 }
 
