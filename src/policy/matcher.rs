@@ -214,6 +214,7 @@ pub struct Route {
     pub(crate) credential: Option<Box<str>>,
     pub(crate) inject: Option<Inject>,
     pub(crate) insecure_http: bool,
+    pub(crate) max_body: Option<u64>,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -237,6 +238,11 @@ impl Route {
     /// Whether a credential may be injected into plaintext HTTP on this route.
     pub fn insecure_http(&self) -> bool {
         self.insecure_http
+    }
+
+    /// The largest request body this route accepts, if it sets one.
+    pub fn max_body(&self) -> Option<u64> {
+        self.max_body
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

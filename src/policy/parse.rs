@@ -90,6 +90,38 @@ struct RawRoute {
     credential: Option<Spanned<String>>,
     inject: Option<Spanned<RawInject>>,
     insecure_http: Option<Spanned<bool>>,
+    max_body: Option<Spanned<RawSize>>,
+}
+
+/// A size: a number of bytes, or a string like "10MiB", "512KiB", "1GB".
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+/// Parse a size into bytes.
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like \"10MiB\" or a number of bytes"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{raw:?} must be a positive size"))
 }
 
 #[derive(Deserialize)]
@@ -319,6 +351,21 @@ fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Optio
         _ => {}
     }
 
+    let max_body = r.max_body.as_ref().and_then(|m| {
+        let parsed = match m.get_ref() {
+            RawSize::Bytes(n) if *n > 0 => Ok(*n as u64),
+            RawSize::Bytes(_) => Err("must be a positive number of bytes".to_owned()),
+            RawSize::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(v) => Some(v),
+            Err(e) => {
+                cx.error(m.span(), f("max_body"), e);
+                None
+            }
+        }
+    });
+
     if cx.diags.len() > before {
         return None;
     }
@@ -333,6 +380,7 @@ fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Optio
         credential,
         inject,
         insecure_http: r.insecure_http.as_ref().is_some_and(|b| *b.get_ref()),
+        max_body,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })
@@ -538,5 +586,21 @@ fn compile_path(text: &str) -> Result<PathPattern, String> {
             text: text.into(),
             segs: segs.into_boxed_slice(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_reject_nonsense() {
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("42").unwrap(), 42);
+        for bad in ["", "0", "MiB", "10 parsecs", "-5", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }
