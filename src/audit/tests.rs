@@ -121,7 +121,7 @@ async fn verify_reports_the_edited_line() {
     lines[4] = lines[4].replace("\"/repos/4\"", "\"/repos/evil\"");
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::Edited { line: 5 }), "{err}");
+    assert!(matches!(err, VerifyError::Edited { line: 5, .. }), "{err}");
     assert!(err.to_string().contains("line 5"));
 }
 
@@ -137,7 +137,8 @@ async fn verify_reports_a_dropped_line() {
             err,
             VerifyError::BrokenChain {
                 line: 5,
-                previous: 4
+                previous: 4,
+                ..
             }
         ),
         "{err}"
