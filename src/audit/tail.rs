@@ -152,16 +152,7 @@ pub async fn tail(
         Err(e) if e.kind() == io::ErrorKind::NotFound => (None, Some(e)),
         Err(e) => return Err(read_err(e)),
     };
-    let mut history = Vec::new();
-    for (_, seg) in rotated_segments(path).map_err(read_err)?.into_iter().rev() {
-        match open(&seg).await {
-            Ok(f) if current.as_ref().is_some_and(|c| c.id == f.id) => {}
-            Ok(f) => history.push(f),
-            // Deleted by retention since the listing: it was older than what we print.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(AuditError::Read { path: seg, source }),
-        }
-    }
+    let history = open_rotated(path, None, current.as_ref().map(|c| c.id)).await?;
     if let Some(e) = missing.filter(|_| !follow && history.is_empty()) {
         return Err(read_err(e));
     }
@@ -213,6 +204,12 @@ pub async fn tail(
                         // Our writer finishes (and fsyncs) the old file before renaming it
                         // away, so whatever it appended since the drain above is there now.
                         printer.drain(old).await?;
+                        printer.pending.clear();
+                        // Several rotations between two polls: the files in between.
+                        for mut between in open_rotated(path, Some(old.id), Some(f.id)).await? {
+                            printer.drain(&mut between).await?;
+                            printer.finish()?;
+                        }
                     }
                     printer.pending.clear();
                     printer.drain(&mut f).await?;
@@ -225,6 +222,41 @@ pub async fn tail(
         }
     }
     Ok(printer.report)
+}
+
+/// Open the rotated files of `path`, oldest first.
+///
+/// With `after`, only the files newer than the one with that identity, and none if it is
+/// not among them (replaced by hand rather than rotated, or already deleted: then, like
+/// `tail -F`, we go straight to the new file). The file with identity `active` was opened
+/// as the active file before this listing and is skipped: a rotation since renamed it, and
+/// it will be read as the active file. Open files keep their content even if a later
+/// rotation renames or deletes them.
+async fn open_rotated(
+    path: &Path,
+    after: Option<(u64, u64)>,
+    active: Option<(u64, u64)>,
+) -> Result<Vec<Followed>, AuditError> {
+    let segments = rotated_segments(path).map_err(|source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut found = after.is_none();
+    let mut files = Vec::new();
+    for (_, seg) in segments.into_iter().rev() {
+        let f = match open(&seg).await {
+            Ok(f) => f,
+            // Deleted by retention since the listing: older than anything we print.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(AuditError::Read { path: seg, source }),
+        };
+        if Some(f.id) == after {
+            found = true;
+        } else if found && Some(f.id) != active {
+            files.push(f);
+        }
+    }
+    Ok(files)
 }
 
 /// An open log file and how far it has been read.
