@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::event::{AuditEvent, Decision};
-use super::rotate::rotated_segments;
+use super::rotate::{rotated_segments, segment_path};
 use super::sink::AuditError;
 
 /// How often `-f` looks for new lines: fast enough to feel live, cheap enough to leave running.
@@ -232,31 +232,53 @@ pub async fn tail(
 /// as the active file before this listing and is skipped: a rotation since renamed it, and
 /// it will be read as the active file. Open files keep their content even if a later
 /// rotation renames or deletes them.
+///
+/// Why probe `.1`, `.2`, ... upwards rather than trust a directory listing: the writer may
+/// rotate meanwhile, and a listing taken during renames can miss a name. Rotation only
+/// moves files to higher numbers, the direction we probe in, so a probe can meet a file
+/// twice (dropped by identity) but never jump over one.
 async fn open_rotated(
     path: &Path,
     after: Option<(u64, u64)>,
     active: Option<(u64, u64)>,
 ) -> Result<Vec<Followed>, AuditError> {
-    let segments = rotated_segments(path).map_err(|source| AuditError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut found = after.is_none();
-    let mut files = Vec::new();
-    for (_, seg) in segments.into_iter().rev() {
-        let f = match open(&seg).await {
-            Ok(f) => f,
-            // Deleted by retention since the listing: older than anything we print.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+    let listed_max = rotated_segments(path)
+        .map_err(|source| AuditError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .last()
+        .map_or(0, |(n, _)| *n);
+    let mut newest_first: Vec<Followed> = Vec::new();
+    let mut k = 1;
+    loop {
+        let seg = segment_path(path, k);
+        match open(&seg).await {
+            Ok(f) if Some(f.id) == after => {
+                newest_first.reverse();
+                return Ok(newest_first);
+            }
+            Ok(f) => {
+                if Some(f.id) != active && newest_first.iter().all(|g| g.id != f.id) {
+                    newest_first.push(f);
+                }
+            }
+            // A hole (an interrupted rotation, or a rename in flight) below the highest
+            // number listed; past it, the end.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if k > listed_max {
+                    break;
+                }
+            }
             Err(source) => return Err(AuditError::Read { path: seg, source }),
-        };
-        if Some(f.id) == after {
-            found = true;
-        } else if found && Some(f.id) != active {
-            files.push(f);
         }
+        k += 1;
     }
-    Ok(files)
+    if after.is_some() {
+        return Ok(Vec::new());
+    }
+    newest_first.reverse();
+    Ok(newest_first)
 }
 
 /// An open log file and how far it has been read.
