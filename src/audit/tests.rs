@@ -770,7 +770,15 @@ async fn a_crash_right_after_rotation_resumes_from_the_rotated_file() {
     assert_eq!(verify(&path).unwrap().lines, 31);
 
     // Empty active file (created, nothing written yet): same.
-    write_rotating(&path, Rotation { max_bytes: 1, keep: 1000 }, 31..32).await;
+    write_rotating(
+        &path,
+        Rotation {
+            max_bytes: 1,
+            keep: 1000,
+        },
+        31..32,
+    )
+    .await;
     std::fs::write(&path, "").unwrap();
     write_rotating(&path, TINY, 32..40).await;
     let report = verify(&path).unwrap();

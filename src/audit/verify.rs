@@ -196,8 +196,8 @@ impl Walk {
             let line = line_no;
             let file = || path.to_path_buf();
             let text = raw.strip_suffix(b"\n").unwrap_or(&raw);
-            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text)
-                .map_err(|e| VerifyError::NotJson {
+            let object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(text).map_err(|e| VerifyError::NotJson {
                     file: file(),
                     line,
                     detail: e.to_string(),
