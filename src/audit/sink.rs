@@ -6,18 +6,22 @@
 //! crash may lose the last batch, but never reorders or silently breaks the chain.
 //! It must never drop an event while running: a full queue makes `record` wait, and a
 //! failed write is retried until it succeeds.
+//!
+//! With a [`Rotation`], the writer rotates the file between two lines when the next one would
+//! take it past `max_bytes` (see `rotate.rs`); the chain carries on into the new file.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::chain::Chain;
 use super::event::AuditEvent;
+use super::rotate::{rotated_segments, segment_path, shift_segments, sync_dir, Rotation};
 
 /// Events the queue holds before `record` starts waiting. At a few µs per line the writer
 /// empties it in well under 100 ms, so a full queue means the disk, not the encoder, is slow.
@@ -117,11 +121,23 @@ pub struct AuditWriter {
 impl AuditSink {
     /// Open (create, mode 0600, parent dir created 0700) the log at `path`, resume the hash
     /// chain from its last line, and spawn the writer task on the current tokio runtime.
+    /// Rotates with [`Rotation::default`] (64 MiB, 10 files kept).
     ///
     /// A last line that does not parse is an error: the chain is never silently restarted.
     /// Must be called inside a tokio runtime.
     pub async fn open(path: &Path) -> Result<(AuditSink, AuditWriter), AuditError> {
-        Self::open_with_capacity(path, QUEUE_CAPACITY).await
+        Self::spawn(path, Some(Rotation::default()), QUEUE_CAPACITY).await
+    }
+
+    /// [`AuditSink::open`] with a chosen rotation; `None` never rotates (one growing file).
+    ///
+    /// If the active file is empty or missing but `path.1` exists (a crash right after a
+    /// rotation), the chain resumes from the last line of the newest rotated file.
+    pub async fn open_rotating(
+        path: &Path,
+        rotation: Option<Rotation>,
+    ) -> Result<(AuditSink, AuditWriter), AuditError> {
+        Self::spawn(path, rotation, QUEUE_CAPACITY).await
     }
 
     /// [`AuditSink::open`] with a chosen queue capacity (at least 1).
@@ -129,8 +145,16 @@ impl AuditSink {
         path: &Path,
         capacity: usize,
     ) -> Result<(AuditSink, AuditWriter), AuditError> {
+        Self::spawn(path, Some(Rotation::default()), capacity).await
+    }
+
+    async fn spawn(
+        path: &Path,
+        rotation: Option<Rotation>,
+        capacity: usize,
+    ) -> Result<(AuditSink, AuditWriter), AuditError> {
         let owned = path.to_path_buf();
-        let (file, chain) = tokio::task::spawn_blocking(move || open_blocking(&owned))
+        let (file, chain, len) = tokio::task::spawn_blocking(move || open_blocking(&owned))
             .await
             .map_err(|_| AuditError::WriterGone)??;
         let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -139,6 +163,9 @@ impl AuditSink {
             LogFile {
                 path: path.to_path_buf(),
                 file: Some(file),
+                len,
+                rotation,
+                rotate_after: None,
             },
             chain,
             rx,
@@ -181,8 +208,8 @@ impl AuditWriter {
     }
 }
 
-/// Open or create the log and find where the chain stands.
-fn open_blocking(path: &Path) -> Result<(File, Chain), AuditError> {
+/// Open or create the log and find where the chain stands; also returns the file's length.
+fn open_blocking(path: &Path) -> Result<(File, Chain, u64), AuditError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // SECURITY: the log names agents, hosts and paths; keep a new directory private.
         DirBuilder::new()
@@ -194,12 +221,23 @@ fn open_blocking(path: &Path) -> Result<(File, Chain), AuditError> {
                 source,
             })?;
     }
+    let (mut file, len) = open_active(path)?;
+    let chain = if len == 0 {
+        resume_from_rotated(path)?
+    } else {
+        resume_chain(&mut file, path)?
+    };
+    Ok((file, chain, len))
+}
+
+/// Open or create the active file for appending (0600, regular file only) and return its length.
+fn open_active(path: &Path) -> Result<(File, u64), AuditError> {
     let open_err = |source| AuditError::Open {
         path: path.to_path_buf(),
         source,
     };
     // SECURITY: 0600 so other local users (and agents running as them) cannot read it.
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
@@ -218,8 +256,27 @@ fn open_blocking(path: &Path) -> Result<(File, Chain), AuditError> {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(open_err)?;
     }
-    let chain = resume_chain(&mut file, path)?;
-    Ok((file, chain))
+    Ok((file, meta.len()))
+}
+
+/// The active file is empty: continue from the newest non-empty rotated file, if any, so
+/// that a crash right after a rotation does not restart the chain at genesis.
+fn resume_from_rotated(path: &Path) -> Result<Chain, AuditError> {
+    let segments = rotated_segments(path).map_err(|source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for (_, seg) in segments {
+        let read_err = |source| AuditError::Read {
+            path: seg.clone(),
+            source,
+        };
+        let mut file = File::open(&seg).map_err(read_err)?;
+        if file.metadata().map_err(read_err)?.len() > 0 {
+            return resume_chain(&mut file, &seg);
+        }
+    }
+    Ok(Chain::genesis())
 }
 
 /// Read the last line of the log and continue the chain from its `hash`.
@@ -275,6 +332,26 @@ fn resume_chain(file: &mut File, path: &Path) -> Result<Chain, AuditError> {
 struct LogFile {
     path: PathBuf,
     file: Option<File>,
+    /// Bytes in the active file, compared with `max_bytes` before each line.
+    len: u64,
+    rotation: Option<Rotation>,
+    /// After a failed rotation, keep writing to the current file and retry only after this.
+    rotate_after: Option<Instant>,
+}
+
+impl LogFile {
+    /// Whether a line of `line_len` bytes, after `buffered` bytes not yet written, must go
+    /// to a new file. A line always fits an empty file, so no line is ever split or dropped.
+    fn must_rotate(&self, buffered: u64, line_len: u64) -> bool {
+        let Some(rotation) = self.rotation else {
+            return false;
+        };
+        if self.rotate_after.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        let before = self.len + buffered;
+        before > 0 && before + line_len > rotation.max_bytes
+    }
 }
 
 /// The writer loop: drain, encode, write, repeat; on close, drain the rest and fsync.
@@ -308,12 +385,29 @@ async fn run_writer(
         if received == 0 {
             break; // queue closed (or every sink dropped) and empty
         }
+        let mut lines: u64 = 0;
         for event in batch.drain(..) {
+            let start = buf.len();
             chain.append(&event, &mut buf);
+            let line_len = (buf.len() - start) as u64;
+            if log.must_rotate(start as u64, line_len) {
+                // Write the lines before this one to the old file, then rotate; the line
+                // (already chained) opens the new file.
+                let line = buf.split_off(start);
+                if lines > 0 {
+                    buf = write_batch(&mut log, buf, lines, closing).await?;
+                    written += lines;
+                    lines = 0;
+                }
+                rotate(&mut log, closing).await?;
+                buf.extend_from_slice(&line);
+            }
+            lines += 1;
         }
-        let lines = u64::try_from(received).expect("batch size fits u64");
-        buf = write_batch(&mut log, buf, lines, closing).await?;
-        written += lines;
+        if lines > 0 {
+            buf = write_batch(&mut log, buf, lines, closing).await?;
+            written += lines;
+        }
     }
     sync(&mut log).await?;
     Ok(written)
@@ -330,6 +424,7 @@ async fn write_batch(
     let mut attempts = 0u32;
     loop {
         let file = log.file.take().ok_or(AuditError::WriterGone)?;
+        let before = buf.len();
         let (file, res, rest) = tokio::task::spawn_blocking(move || {
             let mut file = file;
             let res = write_all_tracked(&mut file, &buf);
@@ -346,6 +441,7 @@ async fn write_batch(
         .await
         .map_err(|_| AuditError::WriterGone)?;
         log.file = Some(file);
+        log.len += (before - rest.len()) as u64;
         buf = rest;
         match res {
             Ok(()) => return Ok(buf),
@@ -398,4 +494,94 @@ async fn sync(log: &mut LogFile) -> Result<(), AuditError> {
         path: log.path.clone(),
         source,
     })
+}
+
+/// How a rotation attempt failed.
+enum RotateFailure {
+    /// Nothing was renamed away yet: the current file is still the active one.
+    Kept(io::Error),
+    /// The active file is now `path.1`, but the fresh active file could not be created.
+    NoNewFile(AuditError),
+}
+
+/// Rotate the active file: fsync it, shift `path.k` -> `path.{k+1}` (dropping past
+/// `keep`), rename it to `path.1` and open a fresh active file. The chain is untouched.
+///
+/// If the old file cannot be moved away, keep writing to it (the file grows past
+/// `max_bytes`, but nothing is lost) and try again later. If the new file cannot be created,
+/// retry like a failed write: requests wait meanwhile.
+async fn rotate(log: &mut LogFile, closing: bool) -> Result<(), AuditError> {
+    let keep = log.rotation.map_or(1, |r| r.keep);
+    let file = log.file.take().ok_or(AuditError::WriterGone)?;
+    let path = log.path.clone();
+    let (file, res) = tokio::task::spawn_blocking(move || {
+        let res = move_away(&file, &path, keep);
+        (file, res)
+    })
+    .await
+    .map_err(|_| AuditError::WriterGone)?;
+    let failure = match res {
+        Ok(new) => {
+            install(log, new);
+            return Ok(());
+        }
+        Err(RotateFailure::Kept(source)) => {
+            tracing::error!(path = %log.path.display(), error = %source, "audit log rotation failed; still writing to the current file");
+            log.file = Some(file);
+            log.rotate_after = Some(Instant::now() + RETRY_MAX);
+            return Ok(());
+        }
+        Err(RotateFailure::NoNewFile(e)) => e,
+    };
+    // Keep the old handle until a new file exists, so a shutdown error path still owns a file.
+    log.file = Some(file);
+    let mut error = failure;
+    let mut backoff = RETRY_MIN;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        tracing::error!(path = %log.path.display(), error = %error, attempts, "cannot create a new audit log after rotation; retrying (requests wait meanwhile)");
+        if closing && attempts >= SHUTDOWN_WRITE_ATTEMPTS {
+            return Err(error);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+        let path = log.path.clone();
+        match tokio::task::spawn_blocking(move || open_fresh(&path))
+            .await
+            .map_err(|_| AuditError::WriterGone)?
+        {
+            Ok(new) => {
+                install(log, new);
+                return Ok(());
+            }
+            Err(e) => error = e,
+        }
+    }
+}
+
+fn install(log: &mut LogFile, (file, len): (File, u64)) {
+    log.file = Some(file);
+    log.len = len;
+    log.rotate_after = None;
+    tracing::info!(path = %log.path.display(), "audit log rotated");
+}
+
+/// The blocking part of [`rotate`].
+fn move_away(file: &File, path: &Path, keep: usize) -> Result<(File, u64), RotateFailure> {
+    // Durable before it is renamed: `path.1` must never end with a line that is later lost.
+    file.sync_all().map_err(RotateFailure::Kept)?;
+    shift_segments(path, keep).map_err(RotateFailure::Kept)?;
+    std::fs::rename(path, segment_path(path, 1)).map_err(RotateFailure::Kept)?;
+    open_fresh(path).map_err(RotateFailure::NoNewFile)
+}
+
+/// Create the new active file and make the renames and the new entry durable.
+fn open_fresh(path: &Path) -> Result<(File, u64), AuditError> {
+    let opened = open_active(path)?;
+    if let Err(e) = sync_dir(path) {
+        // The files are all there; only their names may not survive a power cut.
+        tracing::warn!(path = %path.display(), error = %e, "cannot fsync the audit log directory after rotation");
+    }
+    Ok(opened)
 }

@@ -9,13 +9,14 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::event::{AuditEvent, Decision};
+use super::rotate::{rotated_segments, segment_path};
 use super::sink::AuditError;
 
 /// How often `-f` looks for new lines: fast enough to feel live, cheap enough to leave running.
@@ -114,12 +115,13 @@ fn clean(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// Print matching existing lines of `path` to `out` (raw JSON line if `json`, else
-/// [`format_line`]); if `follow`, keep following the file like `tail -F` (new lines
-/// appended; file replaced or truncated -> reopen from the start) until `stop` resolves.
+/// Print matching existing lines of the log at `path` to `out` (raw JSON line if `json`,
+/// else [`format_line`]): its rotated files oldest first (`path.N` ... `path.1`), then
+/// `path` itself. If `follow`, keep following `path` like `tail -F` (new lines appended;
+/// file rotated away, replaced or truncated -> reopen from the start) until `stop` resolves.
 ///
 /// Lines that do not parse are counted in [`TailReport::skipped`], never a panic. Without
-/// `follow`, a missing file is an error; with it, `tail` waits for the file to appear.
+/// `follow`, a log with no file at all is an error; with it, `tail` waits for `path` to appear.
 pub async fn tail(
     path: &Path,
     filter: &TailFilter,
@@ -130,7 +132,6 @@ pub async fn tail(
     stop: impl Future<Output = ()>,
 ) -> Result<TailReport, AuditError> {
     let mut printer = Printer {
-        path,
         filter,
         json,
         colour,
@@ -142,11 +143,24 @@ pub async fn tail(
         path: path.to_path_buf(),
         source,
     };
-    let mut current = match open(path).await {
-        Ok(f) => Some(f),
-        Err(e) if follow && e.kind() == io::ErrorKind::NotFound => None,
+    // Open the active file before listing the rotated ones: if the writer rotates in
+    // between, the active file shows up again as `path.1` (same inode) and is skipped
+    // there, so no line is read twice or missed. Open files keep their content even if
+    // renamed or deleted by a later rotation.
+    let (mut current, missing) = match open(path).await {
+        Ok(f) => (Some(f), None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (None, Some(e)),
         Err(e) => return Err(read_err(e)),
     };
+    let history = open_rotated(path, None, current.as_ref().map(|c| c.id)).await?;
+    if let Some(e) = missing.filter(|_| !follow && history.is_empty()) {
+        return Err(read_err(e));
+    }
+    for mut f in history {
+        printer.drain(&mut f).await?;
+        // A rotated file is complete: a last line without newline will not be finished.
+        printer.finish()?;
+    }
     if let Some(f) = current.as_mut() {
         printer.drain(f).await?;
     }
@@ -186,6 +200,17 @@ pub async fn tail(
         if replaced {
             match open(path).await {
                 Ok(mut f) => {
+                    if let Some(old) = current.as_mut() {
+                        // Our writer finishes (and fsyncs) the old file before renaming it
+                        // away, so whatever it appended since the drain above is there now.
+                        printer.drain(old).await?;
+                        printer.pending.clear();
+                        // Several rotations between two polls: the files in between.
+                        for mut between in open_rotated(path, Some(old.id), Some(f.id)).await? {
+                            printer.drain(&mut between).await?;
+                            printer.finish()?;
+                        }
+                    }
                     printer.pending.clear();
                     printer.drain(&mut f).await?;
                     current = Some(f);
@@ -199,8 +224,66 @@ pub async fn tail(
     Ok(printer.report)
 }
 
-/// The followed file and how far it has been read.
+/// Open the rotated files of `path`, oldest first.
+///
+/// With `after`, only the files newer than the one with that identity, and none if it is
+/// not among them (replaced by hand rather than rotated, or already deleted: then, like
+/// `tail -F`, we go straight to the new file). The file with identity `active` was opened
+/// as the active file before this listing and is skipped: a rotation since renamed it, and
+/// it will be read as the active file. Open files keep their content even if a later
+/// rotation renames or deletes them.
+///
+/// Why probe `.1`, `.2`, ... upwards rather than trust a directory listing: the writer may
+/// rotate meanwhile, and a listing taken during renames can miss a name. Rotation only
+/// moves files to higher numbers, the direction we probe in, so a probe can meet a file
+/// twice (dropped by identity) but never jump over one.
+async fn open_rotated(
+    path: &Path,
+    after: Option<(u64, u64)>,
+    active: Option<(u64, u64)>,
+) -> Result<Vec<Followed>, AuditError> {
+    let listed_max = rotated_segments(path)
+        .map_err(|source| AuditError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .last()
+        .map_or(0, |(n, _)| *n);
+    let mut newest_first: Vec<Followed> = Vec::new();
+    let mut k = 1;
+    loop {
+        let seg = segment_path(path, k);
+        match open(&seg).await {
+            Ok(f) if Some(f.id) == after => {
+                newest_first.reverse();
+                return Ok(newest_first);
+            }
+            Ok(f) => {
+                if Some(f.id) != active && newest_first.iter().all(|g| g.id != f.id) {
+                    newest_first.push(f);
+                }
+            }
+            // A hole (an interrupted rotation, or a rename in flight) below the highest
+            // number listed; past it, the end.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if k > listed_max {
+                    break;
+                }
+            }
+            Err(source) => return Err(AuditError::Read { path: seg, source }),
+        }
+        k += 1;
+    }
+    if after.is_some() {
+        return Ok(Vec::new());
+    }
+    newest_first.reverse();
+    Ok(newest_first)
+}
+
+/// An open log file and how far it has been read.
 struct Followed {
+    path: PathBuf,
     file: tokio::fs::File,
     id: (u64, u64),
     offset: u64,
@@ -210,6 +293,7 @@ async fn open(path: &Path) -> io::Result<Followed> {
     let file = tokio::fs::File::open(path).await?;
     let meta = file.metadata().await?;
     Ok(Followed {
+        path: path.to_path_buf(),
         file,
         id: (meta.dev(), meta.ino()),
         offset: 0,
@@ -218,7 +302,6 @@ async fn open(path: &Path) -> io::Result<Followed> {
 
 /// Turns bytes into printed lines, holding back a partial last line until its `\n` arrives.
 struct Printer<'a> {
-    path: &'a Path,
     filter: &'a TailFilter,
     json: bool,
     colour: bool,
@@ -235,7 +318,7 @@ impl Printer<'_> {
             .read_to_end(&mut self.pending)
             .await
             .map_err(|source| AuditError::Read {
-                path: self.path.to_path_buf(),
+                path: f.path.clone(),
                 source,
             })?;
         f.offset += n as u64;

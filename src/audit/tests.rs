@@ -121,7 +121,7 @@ async fn verify_reports_the_edited_line() {
     lines[4] = lines[4].replace("\"/repos/4\"", "\"/repos/evil\"");
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
-    assert!(matches!(err, VerifyError::Edited { line: 5 }), "{err}");
+    assert!(matches!(err, VerifyError::Edited { line: 5, .. }), "{err}");
     assert!(err.to_string().contains("line 5"));
 }
 
@@ -137,7 +137,8 @@ async fn verify_reports_a_dropped_line() {
             err,
             VerifyError::BrokenChain {
                 line: 5,
-                previous: 4
+                previous: 4,
+                ..
             }
         ),
         "{err}"
@@ -495,4 +496,448 @@ async fn follow_picks_up_appended_and_replaced_lines_and_stops_on_signal() {
             skipped: 0
         }
     );
+}
+
+// ---- rotation ----
+
+use super::rotate::segment_path;
+
+/// 2 KiB files hold a handful of ~450-byte lines, so 200 records give dozens of rotations.
+const TINY: Rotation = Rotation {
+    max_bytes: 2048,
+    keep: 1000,
+};
+
+async fn write_rotating(path: &Path, rotation: Rotation, range: std::ops::Range<u64>) -> u64 {
+    let (sink, writer) = AuditSink::open_rotating(path, Some(rotation))
+        .await
+        .unwrap();
+    for i in range {
+        sink.record(event(i)).await;
+    }
+    writer.shutdown().await.unwrap()
+}
+
+/// Rotated files present, oldest first, then the active file.
+fn all_files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = rotate::rotated_segments(path)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|(_, p)| p)
+        .collect();
+    files.push(path.to_path_buf());
+    files
+}
+
+/// Request ids in order across every file.
+fn request_ids(path: &Path) -> Vec<String> {
+    all_files(path)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            v["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn ids(range: std::ops::Range<u64>) -> Vec<String> {
+    range.map(|i| format!("req-{i}")).collect()
+}
+
+async fn rotated_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    assert_eq!(write_rotating(&path, TINY, 0..n).await, n);
+    (dir, path)
+}
+
+#[tokio::test]
+async fn rotation_happens_at_the_threshold_without_splitting_a_line() {
+    let (_dir, path) = rotated_log(200).await;
+    let files = all_files(&path);
+    assert!(files.len() >= 10, "only {} files", files.len());
+    let longest_line = files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| l.len() as u64 + 1)
+        .max()
+        .unwrap();
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            bytes.len() as u64 <= TINY.max_bytes,
+            "{} has {} bytes",
+            f.display(),
+            bytes.len()
+        );
+        // Full: the next line would not have fitted (except in the active file).
+        if f != &path {
+            assert!(bytes.len() as u64 + longest_line > TINY.max_bytes);
+        }
+        assert_eq!(bytes.last(), Some(&b'\n'), "{} ends mid-line", f.display());
+        for line in read_lines(f) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert!(v["hash"].is_string());
+        }
+        let mode = std::fs::metadata(f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
+    assert_eq!(request_ids(&path), ids(0..200));
+}
+
+#[tokio::test]
+async fn a_line_longer_than_max_bytes_gets_a_file_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open_rotating(&path, Some(TINY)).await.unwrap();
+    sink.record(event(0)).await;
+    let mut big = event(1);
+    big.path = "/x".repeat(2000);
+    sink.record(big).await;
+    sink.record(event(2)).await;
+    writer.shutdown().await.unwrap();
+    assert_eq!(read_lines(&segment_path(&path, 2)).len(), 1);
+    assert_eq!(read_lines(&segment_path(&path, 1)).len(), 1);
+    assert!(read_lines(&segment_path(&path, 1))[0].len() > 4000);
+    assert_eq!(read_lines(&path).len(), 1);
+    assert_eq!(verify(&path).unwrap().lines, 3);
+}
+
+#[tokio::test]
+async fn verify_checks_the_chain_across_every_rotated_file() {
+    let (_dir, path) = rotated_log(200).await;
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 200);
+    assert_eq!(report.files, all_files(&path).len());
+    assert!(report.anchored_at_genesis);
+    assert_eq!(report.anchor_hash, GENESIS_HASH);
+    let last: serde_json::Value = serde_json::from_str(read_lines(&path).last().unwrap()).unwrap();
+    assert_eq!(last["hash"], report.last_hash.as_str());
+    // Each file's first line continues the previous file's last.
+    let files = all_files(&path);
+    for pair in files.windows(2) {
+        let older: serde_json::Value =
+            serde_json::from_str(read_lines(&pair[0]).last().unwrap()).unwrap();
+        let newer: serde_json::Value = serde_json::from_str(&read_lines(&pair[1])[0]).unwrap();
+        assert_eq!(newer["prev_hash"], older["hash"]);
+    }
+}
+
+#[tokio::test]
+async fn a_lone_file_reports_one_file_anchored_at_genesis() {
+    let (_dir, path) = log_of(3).await;
+    let report = verify(&path).unwrap();
+    assert_eq!((report.lines, report.files), (3, 1));
+    assert!(report.anchored_at_genesis);
+}
+
+#[tokio::test]
+async fn an_edit_in_a_rotated_file_is_reported_with_that_file_and_line() {
+    let (_dir, path) = rotated_log(200).await;
+    let seg = segment_path(&path, 3);
+    let mut lines = read_lines(&seg);
+    lines[1] = lines[1].replace("\"GET\"", "\"PUT\"");
+    write_lines(&seg, &lines);
+    let err = verify(&path).unwrap_err();
+    match &err {
+        VerifyError::Edited { file, line: 2 } => assert_eq!(file, &seg),
+        other => panic!("unexpected {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("audit.jsonl.3: line 2"), "{text}");
+}
+
+#[tokio::test]
+async fn a_dropped_line_in_a_rotated_file_is_reported_with_that_file() {
+    let (_dir, path) = rotated_log(200).await;
+    let seg = segment_path(&path, 5);
+    let mut lines = read_lines(&seg);
+    assert!(lines.len() >= 3);
+    lines.remove(1);
+    write_lines(&seg, &lines);
+    match verify(&path).unwrap_err() {
+        VerifyError::BrokenChain {
+            file,
+            line: 2,
+            previous: 1,
+        } => assert_eq!(file, seg),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_last_line_of_a_rotated_file_is_a_gap_naming_both_files() {
+    let (_dir, path) = rotated_log(200).await;
+    let seg = segment_path(&path, 4);
+    let mut lines = read_lines(&seg);
+    lines.pop();
+    write_lines(&seg, &lines);
+    match verify(&path).unwrap_err() {
+        VerifyError::Gap {
+            file,
+            previous_file,
+        } => {
+            assert_eq!(file, segment_path(&path, 3));
+            assert_eq!(previous_file, seg);
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_oldest_files_still_verifies_but_not_from_genesis() {
+    let (_dir, path) = rotated_log(200).await;
+    let files = all_files(&path);
+    let dropped: usize = files[..2].iter().map(|f| read_lines(f).len()).sum();
+    std::fs::remove_file(&files[0]).unwrap();
+    std::fs::remove_file(&files[1]).unwrap();
+    let report = verify(&path).unwrap();
+    assert!(!report.anchored_at_genesis);
+    assert_eq!(report.lines, 200 - dropped as u64);
+    assert_eq!(report.files, files.len() - 2);
+    let first: serde_json::Value = serde_json::from_str(&read_lines(&files[2])[0]).unwrap();
+    assert_eq!(first["prev_hash"], report.anchor_hash.as_str());
+}
+
+#[tokio::test]
+async fn a_missing_middle_file_is_a_gap_naming_both_neighbours() {
+    let (_dir, path) = rotated_log(200).await;
+    std::fs::remove_file(segment_path(&path, 4)).unwrap();
+    let err = verify(&path).unwrap_err();
+    match &err {
+        VerifyError::Gap {
+            file,
+            previous_file,
+        } => {
+            assert_eq!(file, &segment_path(&path, 3));
+            assert_eq!(previous_file, &segment_path(&path, 5));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("audit.jsonl.3") && text.contains("audit.jsonl.5"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_log_whose_middle_file_lost_its_first_line_is_a_gap() {
+    let (_dir, path) = rotated_log(200).await;
+    let seg = segment_path(&path, 2);
+    let mut lines = read_lines(&seg);
+    lines.remove(0);
+    write_lines(&seg, &lines);
+    assert!(matches!(
+        verify(&path).unwrap_err(),
+        VerifyError::Gap { file, .. } if file == seg
+    ));
+}
+
+#[tokio::test]
+async fn reopening_after_rotation_continues_the_chain() {
+    let (_dir, path) = rotated_log(100).await;
+    let before = verify(&path).unwrap();
+    assert_eq!(write_rotating(&path, TINY, 100..200).await, 100);
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 200);
+    assert!(report.anchored_at_genesis);
+    assert!(report.files > before.files);
+    assert_eq!(request_ids(&path), ids(0..200));
+}
+
+#[tokio::test]
+async fn a_crash_right_after_rotation_resumes_from_the_rotated_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    write_rotating(&path, TINY, 0..30).await;
+    // As if the writer died between renaming the active file and creating the new one.
+    std::fs::rename(&path, segment_path(&path, 0)).unwrap();
+    let n = rotate::rotated_segments(&path).unwrap().len() as u64;
+    for k in (1..=n).rev() {
+        std::fs::rename(segment_path(&path, k), segment_path(&path, k + 1)).unwrap();
+    }
+    std::fs::rename(segment_path(&path, 0), segment_path(&path, 1)).unwrap();
+    assert!(!path.exists());
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 30);
+    assert_eq!(report.files as u64, n + 1);
+
+    // Missing active file: resumes from `.1`.
+    write_rotating(&path, TINY, 30..31).await;
+    assert_eq!(verify(&path).unwrap().lines, 31);
+
+    // Empty active file (created, nothing written yet): same.
+    write_rotating(
+        &path,
+        Rotation {
+            max_bytes: 1,
+            keep: 1000,
+        },
+        31..32,
+    )
+    .await;
+    std::fs::write(&path, "").unwrap();
+    write_rotating(&path, TINY, 32..40).await;
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, 39);
+    assert!(report.anchored_at_genesis);
+}
+
+#[tokio::test]
+async fn retention_keeps_at_most_keep_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let rotation = Rotation {
+        max_bytes: 2048,
+        keep: 3,
+    };
+    write_rotating(&path, rotation, 0..200).await;
+    let segments: Vec<u64> = rotate::rotated_segments(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(segments, vec![1, 2, 3]);
+    let report = verify(&path).unwrap();
+    assert!(!report.anchored_at_genesis);
+    assert_eq!(report.files, 4);
+    assert!(report.lines < 200);
+    let got = request_ids(&path);
+    assert_eq!(got, ids(200 - got.len() as u64..200));
+
+    // A smaller `keep` on a later run trims the older files at the next rotation.
+    let fewer = Rotation {
+        max_bytes: 2048,
+        keep: 1,
+    };
+    write_rotating(&path, fewer, 200..230).await;
+    let segments: Vec<u64> = rotate::rotated_segments(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(segments, vec![1]);
+    assert!(verify(&path).is_ok());
+}
+
+#[tokio::test]
+async fn without_rotation_the_log_is_one_growing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open_rotating(&path, None).await.unwrap();
+    for i in 0..50 {
+        sink.record(event(i)).await;
+    }
+    writer.shutdown().await.unwrap();
+    assert!(rotate::rotated_segments(&path).unwrap().is_empty());
+    assert!(std::fs::metadata(&path).unwrap().len() > TINY.max_bytes);
+    assert_eq!(verify(&path).unwrap().lines, 50);
+}
+
+#[test]
+fn default_rotation_is_64_mib_keeping_10() {
+    assert_eq!(
+        Rotation::default(),
+        Rotation {
+            max_bytes: 64 * 1024 * 1024,
+            keep: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn tail_reads_rotated_files_oldest_first_then_the_active_one() {
+    let (_dir, path) = rotated_log(200).await;
+    let mut out = Vec::new();
+    let report = tail(
+        &path,
+        &TailFilter::default(),
+        true,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.printed, 200);
+    let got: Vec<String> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(got, ids(0..200));
+
+    // Right after a rotation the active file may be missing: history still shows.
+    std::fs::remove_file(&path).unwrap();
+    let report = tail(
+        &path,
+        &TailFilter::default(),
+        true,
+        false,
+        false,
+        &mut Vec::new(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert!(report.printed > 0 && report.printed < 200);
+}
+
+#[tokio::test]
+async fn follow_keeps_up_with_our_own_writer_rotating() {
+    let (_dir, path) = rotated_log(20).await;
+    let out = SharedOut::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = {
+        let (path, mut out) = (path.clone(), out.clone());
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            tail(
+                &path,
+                &TailFilter::default(),
+                true,
+                false,
+                true,
+                &mut out,
+                stop,
+            )
+            .await
+        })
+    };
+    out.wait_for(|t| t.lines().count() == 20).await;
+    // Several rotations while tail follows, some between two of its polls.
+    let (sink, writer) = AuditSink::open_rotating(&path, Some(TINY)).await.unwrap();
+    for i in 20..120 {
+        sink.record(event(i)).await;
+        if i % 7 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    writer.shutdown().await.unwrap();
+    out.wait_for(|t| t.contains("\"req-119\"")).await;
+    stop_tx.send(()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("tail stops when signalled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.printed, 120);
+    let got: Vec<String> = out
+        .text()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(got, ids(0..120));
 }
