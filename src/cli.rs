@@ -110,6 +110,21 @@ struct ServeArgs {
     /// Audit log file (default: <state-dir>/audit.jsonl).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Rotate the audit log when it would grow past this size (e.g. 64MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size_arg)]
+    audit_max_bytes: u64,
+    /// How many rotated audit files to keep.
+    #[arg(long, default_value_t = 10)]
+    audit_keep: usize,
+    /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
+    max_body: u64,
+    /// Most agent connections open at once, all agents together.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Most tunnels and in-flight plain requests one agent may hold at once.
+    #[arg(long, default_value_t = 512)]
+    max_connections_per_agent: usize,
     /// Address of the admin listener (/healthz, /metrics); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
@@ -151,7 +166,7 @@ enum TokenCmd {
     /// Revoke one session (by its id, the token's jti) or every token of an agent.
     Revoke {
         /// Session id (jti) to revoke.
-        #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+        #[arg(conflicts_with = "agent")]
         jti: Option<String>,
         /// Revoke every token of this agent issued until now.
         #[arg(long)]
@@ -235,6 +250,10 @@ enum CaCmd {
     Init,
     /// Print the CA certificate (PEM) and its fingerprint.
     Show,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::policy::parse::parse_size(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -417,11 +436,18 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         .audit_log
         .clone()
         .unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
-    let (audit, audit_writer) = AuditSink::open(&audit_path)
+    let rotation = audit::Rotation {
+        max_bytes: args.audit_max_bytes,
+        keep: args.audit_keep,
+    };
+    let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(rotation))
         .await
         .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?;
     let limits = Limits {
         upstream_timeout: args.upstream_timeout,
+        max_body: args.max_body,
+        max_connections: args.max_connections,
+        max_connections_per_agent: args.max_connections_per_agent,
         ..Limits::default()
     };
     let shared = Arc::new(Shared {
@@ -435,6 +461,7 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         limits,
         policies_dir: dirs.policies.clone(),
         metrics: Default::default(),
+        limits_state: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -908,7 +935,9 @@ fn token_revoke(dirs: &Dirs, jti: Option<String>, agent: Option<String>) -> Resu
             revs.revoke_agent(&agent)?;
             eprintln!("revoked every token of agent {agent} issued until now");
         }
-        (None, None) => bail!("give a session id (jti) or --agent NAME"),
+        (None, None) => bail!(
+            "say what to revoke: a session id (`latchkey token revoke JTI`, see `latchkey token list`) or every token of an agent (`latchkey token revoke --agent NAME`)"
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use crate::authority::Authority;
 use crate::policy::decision::Deny;
 use crate::policy::{Allowed, Inject, Scheme};
+use crate::redact::Needles;
 use crate::secrets::SecretStore;
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) plus the legacy `proxy-connection`.
@@ -87,6 +88,14 @@ fn remove_prefixed(headers: &mut HeaderMap) {
     }
 }
 
+/// What `apply` put on the request, for the response side.
+#[derive(Debug, Default)]
+pub struct Injected {
+    /// The credential as it can appear in a response (raw, percent-encoded, as sent), for
+    /// redaction; `None` when the route injects nothing.
+    pub needles: Option<std::sync::Arc<Needles>>,
+}
+
 /// Rewrite an allowed request for the upstream: absolute URI from the checked authority and the
 /// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
 /// route's credential. `query` is the agent's raw query string, if any.
@@ -98,7 +107,7 @@ pub fn apply(
     query: Option<&str>,
     allowed: &Allowed,
     store: &SecretStore,
-) -> Result<(), Deny> {
+) -> Result<Injected, Deny> {
     let route = allowed.route();
     let inject = route.inject();
     let injected_header = match inject {
@@ -201,7 +210,28 @@ pub fn apply(
     }
     // The pooled client speaks HTTP/2 or HTTP/1.1 upstream, whatever the agent used.
     parts.version = Version::HTTP_11;
-    Ok(())
+    let Some(secret) = secret else {
+        return Ok(Injected::default());
+    };
+    // SECURITY: ask for an uncompressed answer on credentialed routes, so an echoed secret
+    // cannot hide from redaction inside gzip.
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let mut needles = vec![Zeroizing::new(secret.expose().to_vec())];
+    let mut encoded = Zeroizing::new(String::new());
+    encode_component(secret.expose(), &mut encoded);
+    needles.push(Zeroizing::new(encoded.as_bytes().to_vec()));
+    if let Some(Inject::BasicUser { .. }) = inject {
+        if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
+            let b64 = v.as_bytes().strip_prefix(b"Basic ").unwrap_or(v.as_bytes());
+            needles.push(Zeroizing::new(b64.to_vec()));
+        }
+    }
+    Ok(Injected {
+        needles: Needles::new(needles),
+    })
 }
 
 fn sensitive_value(bytes: &[u8], credential: Option<&str>) -> Result<HeaderValue, Deny> {

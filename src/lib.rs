@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod netguard;
 pub mod policy;
 pub mod proxy;
+pub mod redact;
 pub mod secrets;
 pub mod tls;

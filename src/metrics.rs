@@ -21,6 +21,7 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     active_tunnels: AtomicI64,
     active_connections: AtomicI64,
+    redactions: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -90,6 +91,11 @@ impl Metrics {
         GaugeGuard(&self.active_connections)
     }
 
+    /// Count a response in which an echoed credential was redacted.
+    pub fn record_redaction(&self) {
+        self.redactions.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Open tunnels right now.
     pub fn active_tunnels(&self) -> i64 {
         self.active_tunnels.load(Ordering::Relaxed)
@@ -151,6 +157,13 @@ impl Metrics {
         out.push_str("# HELP latchkey_cert_cache_misses_total Leaf certificates minted.\n");
         out.push_str("# TYPE latchkey_cert_cache_misses_total counter\n");
         let _ = writeln!(out, "latchkey_cert_cache_misses_total {}", cert_cache.1);
+        out.push_str("# HELP latchkey_redactions_total Upstream responses that echoed an injected credential.\n");
+        out.push_str("# TYPE latchkey_redactions_total counter\n");
+        let _ = writeln!(
+            out,
+            "latchkey_redactions_total {}",
+            self.redactions.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP latchkey_active_tunnels Open CONNECT tunnels.\n");
         out.push_str("# TYPE latchkey_active_tunnels gauge\n");
         let _ = writeln!(out, "latchkey_active_tunnels {}", self.active_tunnels());

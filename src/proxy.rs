@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod forward;
+pub mod limits;
 pub mod server;
 
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub policies_dir: PathBuf,
     /// Counters for the admin listener.
     pub metrics: crate::metrics::Metrics,
+    /// Open connections overall and per agent, checked against `limits`.
+    pub limits_state: limits::ConnLimits,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.
@@ -56,6 +59,12 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// How long graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Largest request body on routes that set no `max_body`.
+    pub max_body: u64,
+    /// Most agent connections open at once.
+    pub max_connections: usize,
+    /// Most tunnels plus in-flight plain requests per agent.
+    pub max_connections_per_agent: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +74,9 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            max_body: 1 << 30,
+            max_connections: 4096,
+            max_connections_per_agent: 512,
         }
     }
 }

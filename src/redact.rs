@@ -221,7 +221,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn needles(v: &[&str]) -> Arc<Needles> {
-        Needles::new(v.iter().map(|s| Zeroizing::new(s.as_bytes().to_vec())).collect()).unwrap()
+        Needles::new(
+            v.iter()
+                .map(|s| Zeroizing::new(s.as_bytes().to_vec()))
+                .collect(),
+        )
+        .unwrap()
     }
 
     async fn run(chunks: &[&str], n: Arc<Needles>) -> (String, usize) {
@@ -239,7 +244,10 @@ mod tests {
             }),
         );
         let out = body.collect().await.unwrap().to_bytes();
-        (String::from_utf8(out.to_vec()).unwrap(), hits.load(Ordering::SeqCst))
+        (
+            String::from_utf8(out.to_vec()).unwrap(),
+            hits.load(Ordering::SeqCst),
+        )
     }
 
     #[tokio::test]

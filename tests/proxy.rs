@@ -45,9 +45,12 @@ fn curl_gets_the_real_secret_injected_and_its_own_credentials_stripped() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.connect_status, 200);
     let echo = r.json();
+    // The upstream echoes what it received; latchkey redacts the echoed credential.
+    assert_eq!(echo["headers"]["authorization"][0], "Bearer [REDACTED]");
+    assert!(!r.body.contains(SECRET));
     assert_eq!(
-        echo["headers"]["authorization"][0],
-        format!("Bearer {SECRET}")
+        home.upstream.seen()[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
     );
     assert_eq!(
         echo["headers"]["authorization"].as_array().unwrap().len(),
@@ -105,6 +108,7 @@ import os, sys, requests
 r = requests.get(sys.argv[1], headers={"Authorization": "Bearer agent-own-credential-1234"}, timeout=30)
 print(r.status_code)
 print(r.json()["headers"]["authorization"][0])
+assert "s3cr3t" not in r.text
 s = requests.Session()
 for i in range(3):
     r2 = s.post(sys.argv[2], data=b"x" * 100000, timeout=30)
@@ -128,7 +132,12 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines, ["200", &format!("Bearer {SECRET}"), "ok"]);
+    assert_eq!(lines, ["200", "Bearer [REDACTED]", "ok"]);
+    assert!(home
+        .upstream
+        .seen()
+        .iter()
+        .all(|s| s.header("authorization") == Some(format!("Bearer {SECRET}").as_str())));
     for s in home.upstream.seen() {
         assert!(!s.everything().contains(AGENT_OWN));
         assert!(!s.everything().contains(&token));
@@ -158,7 +167,7 @@ fn rust_client_through_proxy_with_bearer_proxy_auth() {
                 .unwrap();
             assert_eq!(resp.status(), 200);
             let v: Value = resp.json().await.unwrap();
-            assert_eq!(v["headers"]["authorization"][0], format!("Bearer {SECRET}"));
+            assert_eq!(v["headers"]["authorization"][0], "Bearer [REDACTED]");
         }
     });
 }
@@ -352,7 +361,9 @@ fn query_and_basic_injection_forms() {
         &home.api_url("/search?q=x&api_key=agent-own-credential-1234"),
     );
     assert_eq!(r.status, 200, "{r:?}");
-    let q = r.json()["query"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["query"], "q=x&api_key=[REDACTED]");
+    let q = home.upstream.seen()[0].query.clone().unwrap();
+    assert!(q.contains(SECRET), "{q}");
     assert!(q.starts_with("q=x&api_key="), "{q}");
     assert!(!q.contains(AGENT_OWN));
     assert_eq!(q.matches("api_key=").count(), 1);
@@ -360,9 +371,10 @@ fn query_and_basic_injection_forms() {
     assert_eq!(r.status, 200);
     use base64::Engine;
     let expected = base64::engine::general_purpose::STANDARD.encode(format!("bot-user:{SECRET}"));
+    assert_eq!(r.json()["headers"]["authorization"][0], "Basic [REDACTED]");
     assert_eq!(
-        r.json()["headers"]["authorization"][0],
-        format!("Basic {expected}")
+        home.upstream.seen()[1].header("authorization"),
+        Some(format!("Basic {expected}").as_str())
     );
 }
 
@@ -376,7 +388,11 @@ fn missing_secret_is_503_and_a_secret_set_while_serving_is_used_next_request() {
     home.set_secret("not-stored", "fresh-value-42");
     let r = home.curl(&proxy, &token, &[], &home.api_url("/missing"));
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.json()["headers"]["x-api-key"][0], "fresh-value-42");
+    assert_eq!(r.json()["headers"]["x-api-key"][0], "[REDACTED]");
+    assert_eq!(
+        home.upstream.seen()[0].header("x-api-key"),
+        Some("fresh-value-42")
+    );
     // Rotation: a new value replaces the old on the very next request.
     home.set_secret("github", "rotated-value-43");
     let r = home.curl(
@@ -386,8 +402,8 @@ fn missing_secret_is_503_and_a_secret_set_while_serving_is_used_next_request() {
         &home.api_url("/repos/acme/backend/issues"),
     );
     assert_eq!(
-        r.json()["headers"]["authorization"][0],
-        "Bearer rotated-value-43"
+        home.upstream.seen()[1].header("authorization"),
+        Some("Bearer rotated-value-43")
     );
 }
 
@@ -481,7 +497,8 @@ fn plain_http_absolute_form_injects_only_with_insecure_http_opt_in() {
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["headers"]["x-api-key"][0], SECRET);
+    assert_eq!(v["headers"]["x-api-key"][0], "[REDACTED]");
+    assert_eq!(home.upstream.seen()[0].header("x-api-key"), Some(SECRET));
     assert!(v["headers"].get("proxy-authorization").is_none());
     let url = format!("http://nocreds.example.test:{}/x", home.http_port());
     let out = Command::new("curl")

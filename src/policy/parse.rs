@@ -117,7 +117,11 @@ pub fn parse_size(raw: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GB" => 1_000_000_000,
         "GiB" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .filter(|v| *v > 0)
@@ -599,7 +603,14 @@ mod size_tests {
         assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);
         assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
         assert_eq!(parse_size("42").unwrap(), 42);
-        for bad in ["", "0", "MiB", "10 parsecs", "-5", "99999999999999999999GiB"] {
+        for bad in [
+            "",
+            "0",
+            "MiB",
+            "10 parsecs",
+            "-5",
+            "99999999999999999999GiB",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

@@ -26,8 +26,11 @@ use tokio::net::TcpStream;
 use crate::netguard;
 use crate::policy::decision::Deny;
 
+/// Errors a request body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Body type of requests sent upstream (the agent's body, streamed).
-pub type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How long a TCP connect may take before the upstream counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -32,6 +32,8 @@ use crate::authority::Authority;
 use crate::inject;
 use crate::policy::decision::{AuthStage, Deny};
 use crate::policy::{path, Allowed, Grant, Scheme};
+use crate::redact::RedactBody;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Body of every response latchkey sends to an agent.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
@@ -95,17 +97,31 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut drain: Drain)
 
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut drain: Drain) {
     let _open = shared.metrics.connection();
+    // Over the cap the connection is still read, so the agent gets a clear 429 (and an audit
+    // line) rather than a reset.
+    let slot = shared
+        .limits_state
+        .try_global(shared.limits.max_connections);
+    let over_limit = slot.is_none();
     let svc_shared = shared.clone();
     let svc_drain = drain.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let drain = svc_drain.clone();
-        async move { Ok::<_, Infallible>(handle_proxy_request(req, shared, drain).await) }
+        async move {
+            if over_limit {
+                let rec = Record::new(req.method(), String::new(), String::new());
+                let deny = Deny::TooManyConnections("this proxy");
+                return Ok::<_, Infallible>(finish(&shared, rec, Err(deny)).await);
+            }
+            Ok::<_, Infallible>(handle_proxy_request(req, shared, drain).await)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
         .max_buf_size(64 * 1024)
+        .keep_alive(!over_limit)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -118,6 +134,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut drain: Dra
             let _ = conn.await;
         }
     }
+    drop(slot);
 }
 
 /// What the audit line says about who asked: filled in as soon as the token is known.
@@ -263,6 +280,9 @@ fn deny_response(deny: &Deny, request_id: &str) -> Response<ProxyBody> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if deny.status() == StatusCode::TOO_MANY_REQUESTS {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if deny.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
             header::PROXY_AUTHENTICATE,
@@ -298,10 +318,16 @@ async fn handle_proxy_request(
     }
 }
 
-/// Authenticate the proxy request (407 on failure).
-fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Result<Claims, Deny> {
-    let token = auth::token_from_header(req.headers().get(header::PROXY_AUTHORIZATION))?;
+/// Authenticate the proxy request (407 on failure). The claims are known before the
+/// revocation check so that a refused revoked token is still attributed in the audit log.
+fn authenticate(
+    shared: &Shared,
+    headers: &http::HeaderMap,
+    rec: &mut Record,
+) -> Result<Claims, Deny> {
+    let token = auth::token_from_header(headers.get(header::PROXY_AUTHORIZATION))?;
     let claims = shared.keys.verify(&token, AuthStage::Proxy)?;
+    rec.who = Who::from_claims(&claims);
     if shared.revocations.is_revoked(&claims) {
         return Err(Deny::TokenRevoked(AuthStage::Proxy));
     }
@@ -322,9 +348,8 @@ async fn handle_connect(
     let checked = (|| {
         let authority = Authority::parse(&raw_authority, None)
             .map_err(|e| Deny::BadRequest(format!("CONNECT target: {e}")))?;
-        let claims = authenticate(&shared, &req)?;
-        rec.who = Who::from_claims(&claims);
         rec.host = authority.to_string();
+        let claims = authenticate(&shared, req.headers(), &mut rec)?;
         let policies = shared.policies.load();
         let policy = policies
             .get(&claims.sub)
@@ -339,9 +364,13 @@ async fn handle_connect(
                 host: authority.to_string(),
             });
         }
-        Ok((authority, claims))
+        let slot = shared
+            .limits_state
+            .try_agent(&claims.sub, shared.limits.max_connections_per_agent)
+            .ok_or(Deny::TooManyConnections("this agent"))?;
+        Ok((authority, claims, slot))
     })();
-    let (authority, claims) = match checked {
+    let (authority, claims, slot) = match checked {
         Ok(ok) => ok,
         Err(deny) => return finish(&shared, rec, Err(deny)).await,
     };
@@ -350,6 +379,7 @@ async fn handle_connect(
     let span = tracing::debug_span!("tunnel", agent = %claims.sub, host = %authority);
     tokio::spawn(
         async move {
+            let _slot = slot;
             match upgrade.await {
                 Ok(upgraded) => {
                     let tunnel = Tunnel {
@@ -457,33 +487,39 @@ impl Tunnel {
 
     /// One request inside the tunnel.
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
         let mut rec = Record::new(
-            req.method(),
+            &parts.method,
             self.authority.to_string(),
-            req.uri().path().to_owned(),
+            parts.uri.path().to_owned(),
         );
         rec.who = Who::from_claims(&self.claims);
-        let outcome = self.forward(req, &mut rec).await;
+        let outcome = self.forward(parts, body, &mut rec).await;
         finish(&self.shared, rec, outcome).await
     }
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        parts: http::request::Parts,
+        body: Incoming,
         rec: &mut Record,
     ) -> Result<Response<ProxyBody>, Deny> {
         let shared = &self.shared;
         // Revocation and expiry bite on every request, not only at CONNECT.
-        if self.claims.is_expired_at(auth::unix_now()) {
-            return Err(Deny::TokenExpired(AuthStage::Tunnel));
+        let live = if self.claims.is_expired_at(auth::unix_now()) {
+            Err(Deny::TokenExpired(AuthStage::Tunnel))
+        } else if shared.revocations.is_revoked(&self.claims) {
+            Err(Deny::TokenRevoked(AuthStage::Tunnel))
+        } else {
+            check_bound_authority(&parts, &self.authority, 443)
+        };
+        if let Err(deny) = live {
+            return Err(refuse(body, deny).await);
         }
-        if shared.revocations.is_revoked(&self.claims) {
-            return Err(Deny::TokenRevoked(AuthStage::Tunnel));
-        }
-        check_bound_authority(&req, &self.authority, 443)?;
         forward_checked(
             shared,
-            req,
+            parts,
+            body,
             rec,
             Scheme::Https,
             &self.authority,
@@ -493,11 +529,30 @@ impl Tunnel {
     }
 }
 
+/// Read (and discard) a little of a refused request's body before answering. Answering while
+/// the agent is still sending makes HTTP/2 reset the stream, and some clients (curl 7.88)
+/// then lose the answer. Bounded in bytes and time: a refusal never waits on a slow agent.
+async fn refuse(mut body: Incoming, deny: Deny) -> Deny {
+    const DRAIN_BYTES: usize = 256 * 1024;
+    const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0;
+        while read < DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    deny
+}
+
 /// SECURITY: the request must address the host the tunnel was opened (and authorised) for:
 /// absolute-form URI / `:authority` and every `Host` header. Stops the Host-header bypass
 /// (coder/httpjail#57) and h2 `:authority` switching.
-fn check_bound_authority<B>(
-    req: &Request<B>,
+fn check_bound_authority(
+    req: &http::request::Parts,
     bound: &Authority,
     default_port: u16,
 ) -> Result<(), Deny> {
@@ -505,14 +560,14 @@ fn check_bound_authority<B>(
         expected: bound.to_string(),
         got,
     };
-    if let Some(a) = req.uri().authority() {
+    if let Some(a) = req.uri.authority() {
         let parsed = Authority::parse(a.as_str(), Some(default_port))
             .map_err(|_| mismatch(a.as_str().to_owned()))?;
         if parsed != *bound {
             return Err(mismatch(parsed.to_string()));
         }
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let mut hosts = req.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(mismatch("several Host headers".into())),
         (Some(h), None) => {
@@ -526,7 +581,7 @@ fn check_bound_authority<B>(
             }
         }
         (None, _) => {
-            if req.uri().authority().is_none() {
+            if req.uri.authority().is_none() {
                 return Err(mismatch("no Host header".into()));
             }
         }
@@ -536,14 +591,19 @@ fn check_bound_authority<B>(
 
 /// Absolute-form `http://host/path` on the proxy connection itself.
 async fn handle_plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
-    let host_text = req
-        .uri()
+    let (parts, body) = req.into_parts();
+    let host_text = parts
+        .uri
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let mut rec = Record::new(req.method(), host_text.clone(), req.uri().path().to_owned());
-    let outcome = async {
-        if req.uri().scheme_str() != Some("http") {
+    let mut rec = Record::new(
+        &parts.method,
+        host_text.clone(),
+        parts.uri.path().to_owned(),
+    );
+    let checked = (|| {
+        if parts.uri.scheme_str() != Some("http") {
             return Err(Deny::BadRequest(
                 "only http:// is proxied in absolute form; use CONNECT for https".into(),
             ));
@@ -551,25 +611,115 @@ async fn handle_plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<P
         let authority = Authority::parse(&host_text, Some(80))
             .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
         rec.host = authority.to_string();
-        let claims = authenticate(&shared, &req)?;
-        rec.who = Who::from_claims(&claims);
-        check_bound_authority(&req, &authority, 80)?;
-        forward_checked(&shared, req, &mut rec, Scheme::Http, &authority, &claims).await
-    }
-    .await;
+        let claims = authenticate(&shared, &parts.headers, &mut rec)?;
+        check_bound_authority(&parts, &authority, 80)?;
+        let slot = shared
+            .limits_state
+            .try_agent(&claims.sub, shared.limits.max_connections_per_agent)
+            .ok_or(Deny::TooManyConnections("this agent"))?;
+        Ok((authority, claims, slot))
+    })();
+    let outcome = match checked {
+        Ok((authority, claims, _slot)) => {
+            forward_checked(
+                &shared,
+                parts,
+                body,
+                &mut rec,
+                Scheme::Http,
+                &authority,
+                &claims,
+            )
+            .await
+        }
+        Err(deny) => Err(refuse(body, deny).await),
+    };
     finish(&shared, rec, outcome).await
 }
 
 /// The shared tail of both paths: normalise, decide, inject, forward, stream back.
 async fn forward_checked(
-    shared: &Shared,
-    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    mut parts: http::request::Parts,
+    body: Incoming,
     rec: &mut Record,
     scheme: Scheme,
     authority: &Authority,
     claims: &Claims,
 ) -> Result<Response<ProxyBody>, Deny> {
-    let normalized = path::normalize(req.uri().path())
+    let decided = decide(shared, &parts, rec, scheme, authority, claims);
+    let (allowed, normalized) = match decided {
+        Ok(ok) => ok,
+        Err(deny) => return Err(refuse(body, deny).await),
+    };
+    let limit = allowed.route().max_body().unwrap_or(shared.limits.max_body);
+    // SECURITY: a body announced larger than the limit never reaches the upstream.
+    if let Some(len) = content_length(&parts.headers) {
+        if len > limit {
+            return Err(refuse(body, Deny::BodyTooLarge(limit)).await);
+        }
+    }
+    let query = parts.uri.query().map(str::to_owned);
+    let injected = match inject::apply(
+        &mut parts,
+        scheme,
+        authority,
+        &normalized,
+        query.as_deref(),
+        &allowed,
+        &shared.secrets,
+    ) {
+        Ok(i) => i,
+        Err(deny) => return Err(refuse(body, deny).await),
+    };
+    let (limited, overflow) = LimitedBody::new(body, limit);
+    let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
+    let sent = Instant::now();
+    let resp = shared
+        .upstream
+        .send(upstream_req)
+        .instrument(tracing::debug_span!("upstream"))
+        .await;
+    shared.metrics.observe_upstream(sent.elapsed());
+    let resp = match resp {
+        Ok(r) => r,
+        Err(_) if overflow.load(Ordering::Acquire) => return Err(Deny::BodyTooLarge(limit)),
+        Err(deny) => return Err(deny),
+    };
+    let (mut parts, body) = resp.into_parts();
+    inject::strip_response_headers(&mut parts.headers);
+    let Some(needles) = injected.needles else {
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    };
+    // SECURITY: an upstream that echoes the credential (debug endpoints, error pages) must
+    // not hand it to the agent.
+    let credential = allowed.route().credential().unwrap_or("?").to_owned();
+    let request_id = rec.request_id.clone();
+    if needles.redact_headers(&mut parts.headers) {
+        warn!(%credential, %request_id, "upstream echoed the injected credential in a header; redacted");
+        shared.metrics.record_redaction();
+    }
+    // The length may change; let the framing layer re-frame.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let metrics_shared = shared.clone();
+    let on_redact = Box::new(move || {
+        warn!(%credential, %request_id, "upstream echoed the injected credential in the body; redacted");
+        metrics_shared.metrics.record_redaction();
+    });
+    let body = RedactBody::new(body, needles, on_redact);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Normalise the path and ask policy. Fills the record as facts become known.
+fn decide(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    rec: &mut Record,
+    scheme: Scheme,
+    authority: &Authority,
+    claims: &Claims,
+) -> Result<(Allowed, String), Deny> {
+    let normalized = path::normalize(parts.uri.path())
         .map_err(Deny::BadPath)?
         .into_owned();
     rec.path.clone_from(&normalized);
@@ -580,32 +730,81 @@ async fn forward_checked(
     let allowed = policy.decide(
         scheme,
         authority,
-        req.method(),
+        &parts.method,
         &normalized,
         Grant(claims.routes.as_deref()),
     )?;
     rec.allowed(&allowed);
-    let query = req.uri().query().map(str::to_owned);
-    let (mut parts, body) = req.into_parts();
-    inject::apply(
-        &mut parts,
-        scheme,
-        authority,
-        &normalized,
-        query.as_deref(),
-        &allowed,
-        &shared.secrets,
-    )?;
-    let upstream_req = Request::from_parts(parts, body.boxed_unsync() as UpstreamBody);
-    let sent = Instant::now();
-    let resp = shared
-        .upstream
-        .send(upstream_req)
-        .instrument(tracing::debug_span!("upstream"))
-        .await;
-    shared.metrics.observe_upstream(sent.elapsed());
-    let resp = resp?;
-    let (mut parts, body) = resp.into_parts();
-    inject::strip_response_headers(&mut parts.headers);
-    Ok(Response::from_parts(parts, body.boxed_unsync()))
+    Ok((allowed, normalized))
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The agent's request body, cut off with an error once it exceeds the route's limit (for
+/// bodies whose size was not announced).
+struct LimitedBody {
+    inner: Incoming,
+    left: u64,
+    overflow: Arc<AtomicBool>,
+}
+
+impl LimitedBody {
+    fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<AtomicBool>) {
+        let overflow = Arc::new(AtomicBool::new(false));
+        (
+            LimitedBody {
+                inner,
+                left: limit,
+                overflow: overflow.clone(),
+            },
+            overflow,
+        )
+    }
+}
+
+/// Why an agent's body was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body exceeds the route's limit")]
+struct BodyOverLimit;
+
+impl http_body::Body for LimitedBody {
+    type Data = Bytes;
+    type Error = super::forward::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > this.left {
+                    this.overflow.store(true, Ordering::Release);
+                    // SECURITY: an error (not an early end) aborts the upstream request, so
+                    // the upstream never takes a truncated body for a complete one.
+                    return Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
+                }
+                this.left -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
