@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -230,6 +230,9 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     {
         return git_upload_pack_advertisement();
     }
+    if req.uri().path() == "/reflect" || req.uri().path() == "/reflect-split" {
+        return reflect(&record, req.uri().path() == "/reflect-split");
+    }
     if req.uri().path() == "/big" {
         let n: u64 = req
             .uri()
@@ -239,12 +242,14 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .unwrap_or(0);
         return stream_bytes(n);
     }
-    let body_len = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    // Count the body as it streams in; never hold it.
+    let mut body = req.into_body();
+    let mut body_len = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            body_len += data.len();
+        }
+    }
     let mut headers = BTreeMap::new();
     for (k, v) in &record.headers {
         headers
@@ -296,6 +301,42 @@ fn git_upload_pack_advertisement() -> Response<EchoBody> {
     );
     resp.headers_mut()
         .insert("cache-control", "no-cache".parse().unwrap());
+    resp
+}
+
+/// An upstream that echoes the received `authorization` value back to the caller, in the body
+/// and in the `x-debug-auth` response header (the tokenizer "echo exfiltration" class).
+/// `split` streams the body in two chunks with a pause between them, cutting the value in half,
+/// so a redactor that looks at one chunk at a time misses it.
+fn reflect(record: &Seen, split: bool) -> Response<EchoBody> {
+    let auth = record.header("authorization").unwrap_or("").to_string();
+    let body = format!("{{\"you_sent\":\"{auth}\"}}");
+    let mut resp = if split {
+        let cut = 14 + auth.len() / 2;
+        let first = Bytes::from(body[..cut].to_string());
+        let second = Bytes::from(body[cut..].to_string());
+        let stream = futures_util::stream::unfold(0u8, move |step| {
+            let (first, second) = (first.clone(), second.clone());
+            async move {
+                match step {
+                    0 => Some((Ok::<_, Infallible>(Frame::data(first)), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Some((Ok(Frame::data(second)), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        Response::new(StreamBody::new(stream).boxed())
+    } else {
+        Response::new(Full::new(Bytes::from(body)).boxed())
+    };
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Ok(v) = auth.parse() {
+        resp.headers_mut().insert("x-debug-auth", v);
+    }
     resp
 }
 
@@ -690,4 +731,246 @@ impl Drop for Proxy {
 pub fn dead_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A parsed HTTP/1 response read off a raw socket: what the agent would really get.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Status line and header lines, as sent.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// First value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.head, self.text()))
+    }
+    /// The `reason` of a latchkey JSON denial.
+    pub fn reason(&self) -> String {
+        self.json()["reason"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Read one response head byte by byte (so nothing after it, e.g. TLS, is consumed).
+pub fn read_head<R: Read>(r: &mut R) -> std::io::Result<(u16, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if r.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "closed after {} bytes of head: {:?}",
+                    head.len(),
+                    String::from_utf8_lossy(&head)
+                ),
+            ));
+        }
+        head.push(byte[0]);
+        if head.len() > 256 * 1024 {
+            return Err(std::io::Error::other("response head too large"));
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {head:?}")))?;
+    Ok((status, head))
+}
+
+/// Read a whole response: head, then a body framed by Content-Length, chunked, or close.
+/// A read timeout set on the socket ends a close-delimited body.
+pub fn read_response<R: Read>(r: &mut R) -> std::io::Result<RawResponse> {
+    let (status, head) = read_head(r)?;
+    let mut resp = RawResponse {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if let Some(len) = resp.header("content-length") {
+        let len: usize = len.parse().map_err(std::io::Error::other)?;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        resp.body = body;
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while !line.ends_with(b"\r\n") {
+                r.read_exact(&mut byte)?;
+                line.push(byte[0]);
+            }
+            let size_text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .map_err(std::io::Error::other)?;
+            let mut chunk = vec![0u8; size + 2];
+            r.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            resp.body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => resp.body.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(resp)
+}
+
+/// TCP to the proxy with bounded read/write timeouts, so a hung proxy fails the test instead
+/// of hanging it.
+pub fn proxy_socket(proxy: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Send raw bytes straight to the proxy port (no tunnel) and read one response.
+pub fn raw_proxy(proxy: SocketAddr, bytes: &[u8]) -> std::io::Result<RawResponse> {
+    let mut s = proxy_socket(proxy);
+    s.write_all(bytes)?;
+    read_response(&mut s)
+}
+
+/// `CONNECT authority` with an arbitrary `Proxy-Authorization` value (or none). Returns the
+/// socket and the proxy's answer; on a 200 the body is not read (the tunnel starts there).
+pub fn raw_connect(
+    proxy: SocketAddr,
+    authority: &str,
+    proxy_authorization: Option<&str>,
+) -> (TcpStream, RawResponse) {
+    let mut s = proxy_socket(proxy);
+    let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(auth) = proxy_authorization {
+        req.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let resp = {
+        let (status, head) = read_head(&mut s).unwrap();
+        let mut r = RawResponse {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if status != 200 {
+            if let Some(len) = r.header("content-length") {
+                let mut body = vec![0u8; len.parse().unwrap()];
+                s.read_exact(&mut body).unwrap();
+                r.body = body;
+            }
+        }
+        r
+    };
+    (s, resp)
+}
+
+/// A rustls client config trusting only latchkey's CA (the agent's view), offering `alpn`.
+pub fn agent_tls_config(latchkey_ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(latchkey_ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A CONNECT tunnel through latchkey with TLS on top (trusting latchkey's CA, a chosen SNI),
+/// over which arbitrary bytes can be written: the way to send what no HTTP client would.
+pub struct RawTunnel {
+    pub tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl RawTunnel {
+    /// CONNECT with `Proxy-Authorization: Bearer token`, then a TLS handshake naming `sni`.
+    /// Err if the CONNECT is refused or the handshake fails.
+    pub fn open(
+        proxy: SocketAddr,
+        authority: &str,
+        token: &str,
+        sni: &str,
+        latchkey_ca: &Path,
+    ) -> Result<RawTunnel, String> {
+        let (mut sock, resp) = raw_connect(proxy, authority, Some(&format!("Bearer {token}")));
+        if resp.status != 200 {
+            return Err(format!("CONNECT refused: {}{}", resp.head, resp.text()));
+        }
+        let cfg = agent_tls_config(latchkey_ca, &[b"http/1.1"]);
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string())
+            .map_err(|e| format!("bad SNI {sni}: {e}"))?;
+        let mut conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        }
+        Ok(RawTunnel {
+            tls: rustls::StreamOwned::new(conn, sock),
+        })
+    }
+
+    /// Write bytes as they are and read one response.
+    pub fn exchange(&mut self, bytes: &[u8]) -> std::io::Result<RawResponse> {
+        self.tls.write_all(bytes)?;
+        self.tls.flush()?;
+        read_response(&mut self.tls)
+    }
+
+    /// Read one more response (e.g. the answer to a pipelined second request).
+    pub fn read(&mut self) -> std::io::Result<RawResponse> {
+        read_response(&mut self.tls)
+    }
+
+    /// True when the proxy closed the tunnel (EOF or a TLS close) within the socket timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.tls.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
 }

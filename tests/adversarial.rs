@@ -1,0 +1,1754 @@
+//! Adversarial suite: what a hostile (or compromised) agent, a hostile upstream and a broken
+//! network can throw at latchkey, with real sockets on loopback. Every test asserts what the
+//! agent got (status and `reason`), that the upstream never received a credential it should
+//! not have (or nothing at all), and, where the input could wedge the proxy, that the proxy
+//! still serves a normal request afterwards.
+//!
+//! The classes and their references are in SECURITY-NOTES.md; raw bytes go through
+//! `RawTunnel` / `raw_proxy` (tests/common) because no well-behaved client can emit them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use serde_json::{json, Value};
+
+/// One agent (`bot`), its standard routes plus a few adversarial ones, the secret stored, a
+/// token, and a running proxy.
+struct Env {
+    home: Home,
+    proxy: Proxy,
+    token: String,
+}
+
+impl Env {
+    /// `api.example.test:PORT`, the authority the standard routes name.
+    fn api(&self) -> String {
+        format!("{API_HOST}:{}", self.home.https_port())
+    }
+
+    fn tunnel(&self) -> RawTunnel {
+        RawTunnel::open(
+            self.proxy.addr,
+            &self.api(),
+            &self.token,
+            API_HOST,
+            &self.home.latchkey_ca(),
+        )
+        .unwrap()
+    }
+
+    /// A plain GET inside a fresh tunnel, with extra raw header lines.
+    fn get(&self, path: &str, extra_headers: &str) -> RawResponse {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{extra_headers}Connection: close\r\n\r\n",
+            self.api()
+        );
+        self.tunnel().exchange(req.as_bytes()).unwrap()
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.home.upstream.seen()
+    }
+
+    /// A normal request (curl) still succeeds and reaches the upstream exactly once more.
+    fn still_serves(&self) {
+        let before = self.seen().len();
+        let r = self.home.curl(
+            &self.proxy,
+            &self.token,
+            &[],
+            &self.home.api_url("/repos/acme/backend/issues"),
+        );
+        assert_eq!(r.status, 200, "the proxy stopped serving: {r:?}");
+        assert_eq!(
+            r.json()["headers"]["authorization"][0],
+            format!("Bearer {SECRET}")
+        );
+        assert_eq!(self.seen().len(), before + 1);
+    }
+
+    /// Nothing the upstream received carries the agent's token or its own credential.
+    fn assert_no_leak(&self) {
+        for s in self.seen() {
+            let all = s.everything();
+            assert!(!all.contains(&self.token), "token reached upstream: {all}");
+            assert!(
+                !all.contains(AGENT_OWN),
+                "agent credential reached upstream: {all}"
+            );
+        }
+    }
+}
+
+/// Routes added to the standard policy for these tests.
+fn extra_routes(home: &Home) -> String {
+    let port = home.https_port();
+    format!(
+        r#"
+[[routes]]
+id = "reflect"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/reflect", "/reflect-split"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+
+[[routes]]
+id = "xkey"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/xkey"]
+credential = "github"
+inject = {{ header = "x-api-key", value = "{{secret}}" }}
+
+[[routes]]
+id = "default-port"
+host = "{API_HOST}"
+methods = ["GET"]
+paths = ["/repos/acme/backend/issues"]
+"#
+    )
+}
+
+fn env_with(serve_args: &[&str], more_policy: &str) -> Env {
+    let home = Home::new();
+    home.standard_policy();
+    let path = home.path().join("policies/bot.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&extra_routes(&home));
+    text.push_str(more_policy);
+    std::fs::write(&path, text).unwrap();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &["--on-behalf-of", "alice"]);
+    let proxy = home.serve(serve_args);
+    Env { home, proxy, token }
+}
+
+fn env() -> Env {
+    env_with(&[], "")
+}
+
+fn assert_denied(r: &RawResponse, status: u16, reason: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}{}", r.head, r.text());
+    assert_eq!(r.reason(), reason, "{what}: {}", r.text());
+    let body = r.json();
+    assert!(body["request_id"].as_str().is_some(), "{what}: {body}");
+    assert!(
+        !r.text().contains(SECRET),
+        "{what}: the denial names the secret"
+    );
+}
+
+/// The audit line with this reason (bounded wait: the writer is asynchronous).
+fn audit_line_with(home: &Home, reason: &str) -> Value {
+    for _ in 0..200 {
+        if let Some(l) = home.audit().into_iter().find(|l| l["reason"] == reason) {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("no audit line with reason {reason}: {:?}", home.audit());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths: normalise once, refuse the ambiguous forms, forward exactly what was matched.
+// ---------------------------------------------------------------------------------------------
+
+enum Want {
+    /// Forwarded; the upstream saw exactly this path.
+    Forwarded(&'static str),
+    /// A latchkey denial: status and reason.
+    Denied(u16, &'static str),
+    /// Refused by the HTTP parser before latchkey's handler: this status, no JSON, no audit.
+    ParserRefused(u16),
+}
+
+#[test]
+fn hostile_paths_are_normalised_or_refused_and_only_the_normal_form_is_forwarded() {
+    let env = env();
+    let long_ok = format!("/repos/acme/backend/issues/{}", "a".repeat(8 * 1024));
+    let cases: Vec<(String, Want)> = vec![
+        // Traversal out of the allowed prefix lands on a path no route allows.
+        (
+            "/repos/acme/backend/issues/../../admin".into(),
+            Want::Denied(403, "no_route"),
+        ),
+        (
+            "/repos/acme/backend/issues/%2e%2e/%2E%2e/admin".into(),
+            Want::Denied(403, "no_route"),
+        ),
+        (
+            "/repos/acme/backend/issues/.%2e/%2E./admin".into(),
+            Want::Denied(403, "no_route"),
+        ),
+        // Traversal above the root.
+        ("/../etc/passwd".into(), Want::Denied(400, "bad_path")),
+        (
+            "/repos/%2e%2e/%2E%2E/%2e%2e/etc/passwd".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        // Encoded separators: upstreams disagree on them, so they are refused outright.
+        (
+            "/repos/acme/backend/issues%2f..%2f..%2fadmin".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        (
+            "/repos/acme/backend/issues%2F7".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        (
+            "/repos/acme/backend/issues/%5c..%5Cadmin".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        // Servlet-style "..;" and NUL truncation.
+        (
+            "/repos/acme/backend/issues/..;/..;/admin".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        (
+            "/repos/acme/backend/issues/7%00.json".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        // Invalid escapes.
+        (
+            "/repos/acme/backend/issues/%zz".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        (
+            "/repos/acme/backend/issues/%4".into(),
+            Want::Denied(400, "bad_path"),
+        ),
+        // Not an absolute path.
+        ("*".into(), Want::Denied(400, "bad_path")),
+        // A raw backslash is not a legal request-target byte at all.
+        (
+            "/repos/acme/backend/issues\\..\\..\\admin".into(),
+            Want::ParserRefused(400),
+        ),
+        // Merged slashes, "." segments and encoded unreserved bytes inside the allowed prefix:
+        // allowed, and the upstream sees only the normal form.
+        (
+            "//repos/acme/backend/issues".into(),
+            Want::Forwarded("/repos/acme/backend/issues"),
+        ),
+        (
+            "/repos/acme//backend///issues/7".into(),
+            Want::Forwarded("/repos/acme/backend/issues/7"),
+        ),
+        (
+            "/repos/./acme/./backend/issues/x/../8".into(),
+            Want::Forwarded("/repos/acme/backend/issues/8"),
+        ),
+        (
+            "/%72epos/acme/backend/issues/%37".into(),
+            Want::Forwarded("/repos/acme/backend/issues/7"),
+        ),
+        // The query is never part of the match, whatever it holds.
+        (
+            "/repos/acme/backend/issues/9?next=/../../admin".into(),
+            Want::Forwarded("/repos/acme/backend/issues/9"),
+        ),
+        // A long but legal path inside the prefix goes through unchanged.
+        (long_ok.clone(), Want::Forwarded("")),
+    ];
+    for (path, want) in &cases {
+        let before = env.seen().len();
+        let r = env.get(path, "");
+        let what = format!("GET {}", &path[..path.len().min(80)]);
+        match want {
+            Want::Denied(status, reason) => {
+                assert_denied(&r, *status, reason, &what);
+                assert_eq!(
+                    env.seen().len(),
+                    before,
+                    "{what}: a denied path reached upstream"
+                );
+            }
+            Want::ParserRefused(status) => {
+                assert_eq!(r.status, *status, "{what}: {}{}", r.head, r.text());
+                assert_eq!(env.seen().len(), before, "{what}: reached upstream");
+            }
+            Want::Forwarded(expected) => {
+                assert_eq!(r.status, 200, "{what}: {}{}", r.head, r.text());
+                let seen = env.seen();
+                assert_eq!(seen.len(), before + 1, "{what}");
+                let expected = if expected.is_empty() {
+                    long_ok.as_str()
+                } else {
+                    expected
+                };
+                assert_eq!(seen.last().unwrap().path, *expected, "{what}");
+                assert_eq!(r.json()["path"], *expected, "{what}");
+            }
+        }
+    }
+    let audit = env.home.wait_audit(2);
+    assert!(audit
+        .iter()
+        .any(|l| l["reason"] == "bad_path" && l["status"] == 400));
+    env.assert_no_leak();
+}
+
+#[test]
+fn over_long_request_target_is_refused_and_never_forwarded() {
+    let env = env();
+    let path = format!("/repos/acme/backend/issues/{}", "a".repeat(70 * 1024));
+    let mut t = env.tunnel();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", env.api());
+    // Either an error status (431/414/400) or a closed connection; never a 2xx.
+    match t.exchange(req.as_bytes()) {
+        Ok(r) => assert!(
+            matches!(r.status, 400 | 414 | 431),
+            "over-long path answered {}",
+            r.head
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}"),
+    }
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hosts: the tunnel is bound to its CONNECT authority; Host, absolute-form, SNI and h2
+// :authority may not switch it.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn inner_host_naming_another_host_is_403_host_mismatch() {
+    let env = env();
+    let other = format!("{OTHER_HOST}:{}", env.home.https_port());
+    let req = format!(
+        "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {other}\r\nConnection: close\r\n\r\n"
+    );
+    let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+    assert_denied(&r, 403, "host_mismatch", "Host: other");
+    assert!(env.seen().is_empty());
+    let line = audit_line_with(&env.home, "host_mismatch");
+    assert_eq!(line["status"], 403);
+    assert_eq!(line["agent"], "bot");
+}
+
+#[test]
+fn duplicate_host_headers_are_403_host_mismatch() {
+    let env = env();
+    for (what, hosts) in [
+        (
+            "same twice",
+            format!("Host: {0}\r\nHost: {0}\r\n", env.api()),
+        ),
+        (
+            "ours then other",
+            format!(
+                "Host: {}\r\nHost: {OTHER_HOST}:{}\r\n",
+                env.api(),
+                env.home.https_port()
+            ),
+        ),
+    ] {
+        let req =
+            format!("GET /repos/acme/backend/issues HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n");
+        let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+        assert_denied(&r, 403, "host_mismatch", what);
+    }
+    assert!(env.seen().is_empty());
+}
+
+#[test]
+fn missing_host_header_inside_the_tunnel_is_403_host_mismatch() {
+    let env = env();
+    let r = env
+        .tunnel()
+        .exchange(b"GET /repos/acme/backend/issues HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_denied(&r, 403, "host_mismatch", "no Host");
+    assert!(env.seen().is_empty());
+}
+
+#[test]
+fn host_in_other_case_or_with_a_trailing_dot_is_the_same_host() {
+    let env = env();
+    let port = env.home.https_port();
+    for host in [
+        format!("API.Example.TEST:{port}"),
+        format!("api.example.test.:{port}"),
+        format!("Api.Example.Test.:{port}"),
+    ] {
+        let req = format!(
+            "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+        assert_eq!(r.status, 200, "Host: {host}: {}{}", r.head, r.text());
+    }
+    assert_eq!(env.seen().len(), 3);
+}
+
+#[test]
+fn host_with_or_without_the_explicit_default_port_matches_a_connect_to_443() {
+    // Nothing listens on 127.0.0.1:443, so a request that passes the host check ends as
+    // 502 upstream_unreachable; one that fails it is 403 host_mismatch.
+    let env = env_with(&["--resolve", &format!("{API_HOST}:443:127.0.0.1")], "");
+    assert!(std::net::TcpStream::connect("127.0.0.1:443").is_err());
+    let cases = [
+        (API_HOST.to_string(), 502, "upstream_unreachable"),
+        (format!("{API_HOST}:443"), 502, "upstream_unreachable"),
+        (
+            format!("{}.:443", API_HOST.to_uppercase()),
+            502,
+            "upstream_unreachable",
+        ),
+        (format!("{API_HOST}:444"), 403, "host_mismatch"),
+    ];
+    for (host, status, reason) in cases {
+        let mut t = RawTunnel::open(
+            env.proxy.addr,
+            &format!("{API_HOST}:443"),
+            &env.token,
+            API_HOST,
+            &env.home.latchkey_ca(),
+        )
+        .unwrap();
+        let req = format!(
+            "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        let r = t.exchange(req.as_bytes()).unwrap();
+        assert_denied(&r, status, reason, &format!("Host: {host}"));
+    }
+}
+
+#[test]
+fn absolute_form_inside_the_tunnel_naming_another_host_is_403_host_mismatch() {
+    let env = env();
+    let port = env.home.https_port();
+    for target in [
+        format!("https://{OTHER_HOST}:{port}/repos/acme/backend/issues"),
+        format!("http://{OTHER_HOST}:{port}/repos/acme/backend/issues"),
+        format!("https://{API_HOST}:{}/repos/acme/backend/issues", port + 1),
+        format!("https://127.0.0.1:{port}/repos/acme/backend/issues"),
+    ] {
+        // The Host header names the tunnel's own host: only the request line lies.
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            env.api()
+        );
+        let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+        assert_denied(&r, 403, "host_mismatch", &target);
+    }
+    assert!(env.seen().is_empty());
+    // Absolute-form naming the tunnel's own authority is fine.
+    let req = format!(
+        "GET https://{}/repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        env.api(),
+        env.api()
+    );
+    let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+}
+
+#[test]
+fn tls_sni_naming_another_host_fails_the_handshake_and_nothing_reaches_upstream() {
+    let env = env();
+    let err = RawTunnel::open(
+        env.proxy.addr,
+        &env.api(),
+        &env.token,
+        OTHER_HOST,
+        &env.home.latchkey_ca(),
+    )
+    .err()
+    .expect("a handshake naming another host than CONNECT must fail");
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(env.seen().is_empty());
+    let line = audit_line_with(&env.home, "host_mismatch");
+    assert!(line["detail"].is_null() || !line.to_string().contains(SECRET));
+    env.still_serves();
+}
+
+#[test]
+fn connect_host_in_other_case_or_with_a_trailing_dot_is_the_same_host() {
+    let env = env();
+    let port = env.home.https_port();
+    for authority in [
+        format!("API.EXAMPLE.TEST:{port}"),
+        format!("{API_HOST}.:{port}"),
+    ] {
+        let mut t = RawTunnel::open(
+            env.proxy.addr,
+            &authority,
+            &env.token,
+            API_HOST,
+            &env.home.latchkey_ca(),
+        )
+        .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+        let req = format!(
+            "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            env.api()
+        );
+        let r = t.exchange(req.as_bytes()).unwrap();
+        assert_eq!(r.status, 200, "CONNECT {authority}: {}{}", r.head, r.text());
+    }
+    assert_eq!(env.seen().len(), 2);
+}
+
+#[test]
+fn connect_to_a_raw_ip_or_to_the_proxy_itself_is_403_host_not_allowed() {
+    let env = env();
+    let auth = format!("Bearer {}", env.token);
+    let own = env.proxy.addr.to_string();
+    let admin = env.proxy.admin_addr.map(|a| a.to_string()).unwrap();
+    for authority in [
+        format!("127.0.0.1:{}", env.home.https_port()),
+        format!("[::1]:{}", env.home.https_port()),
+        own,
+        admin,
+        format!("{OTHER_HOST}:{}", env.home.https_port()),
+    ] {
+        let (_s, r) = raw_connect(env.proxy.addr, &authority, Some(&auth));
+        assert_denied(&r, 403, "host_not_allowed", &format!("CONNECT {authority}"));
+    }
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+#[test]
+fn connect_without_a_port_or_with_a_garbage_authority_is_400_bad_request() {
+    let env = env();
+    let auth = format!("Bearer {}", env.token);
+    for authority in [
+        API_HOST.to_string(),
+        format!("{API_HOST}:99999"),
+        format!("{API_HOST}:0"),
+        format!("{API_HOST}:+443"),
+        format!("evil@{API_HOST}:443"),
+        "api..example.test:443".to_string(),
+        "010.0.0.1:443".to_string(),
+        "1.2.3:443".to_string(),
+    ] {
+        let (_s, r) = raw_connect(env.proxy.addr, &authority, Some(&auth));
+        if r.status == 400 && r.body.is_empty() {
+            // The HTTP parser itself refused the request line; also fine, nothing went further.
+            continue;
+        }
+        assert_denied(&r, 400, "bad_request", &format!("CONNECT {authority}"));
+    }
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+/// Open a CONNECT tunnel and an HTTP/2 connection in it (hyper client over tokio-rustls).
+async fn h2_sender(
+    env: &Env,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: Bearer {1}\r\n\r\n",
+        env.api(),
+        env.token
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let cfg = agent_tls_config(&env.home.latchkey_ca(), &[b"h2"]);
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from(API_HOST).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    uri: &str,
+    host_header: Option<&str>,
+) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::get(uri);
+    if let Some(h) = host_header {
+        req = req.header("host", h);
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn h2_authority_naming_another_host_is_403_host_mismatch() {
+    let env = env();
+    let port = env.home.https_port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut sender = h2_sender(&env).await;
+        // :authority names another host on the same h2 connection.
+        let (status, body) = h2_send(
+            &mut sender,
+            &format!("https://{OTHER_HOST}:{port}/repos/acme/backend/issues"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["reason"], "host_mismatch");
+        // :authority is ours but a `host` header names another host.
+        let (status, body) = h2_send(
+            &mut sender,
+            &format!("https://{API_HOST}:{port}/repos/acme/backend/issues"),
+            Some(&format!("{OTHER_HOST}:{port}")),
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["reason"], "host_mismatch");
+        assert!(env.seen().is_empty());
+        // The same connection still carries a legitimate stream.
+        let (status, body) = h2_send(
+            &mut sender,
+            &format!("https://{API_HOST}:{port}/repos/acme/backend/issues"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["headers"]["authorization"][0],
+            format!("Bearer {SECRET}")
+        );
+    });
+    assert_eq!(env.seen().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing and smuggling inside the tunnel: never a second request at the upstream, never a
+// desync, and the proxy keeps serving.
+// ---------------------------------------------------------------------------------------------
+
+/// A request the policy denies: if it ever reaches the upstream, it was smuggled.
+const SMUGGLED: &str = "/admin/smuggled";
+
+fn smuggled_request(env: &Env) -> String {
+    format!("GET {SMUGGLED} HTTP/1.1\r\nHost: {}\r\n\r\n", env.api())
+}
+
+/// Send raw bytes in a fresh tunnel; collect every response until the tunnel closes or goes
+/// quiet. Returns the statuses (with the responses printed, for failure messages).
+fn send_framing(env: &Env, bytes: &[u8]) -> Vec<u16> {
+    let responses = send_framing_full(env, bytes);
+    for r in &responses {
+        eprintln!("{}{}", r.head, r.text());
+    }
+    responses.iter().map(|r| r.status).collect()
+}
+
+fn send_framing_full(env: &Env, bytes: &[u8]) -> Vec<RawResponse> {
+    let mut t = env.tunnel();
+    t.tls
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    t.tls.write_all(bytes).unwrap();
+    t.tls.flush().unwrap();
+    let mut responses = Vec::new();
+    while let Ok(r) = t.read() {
+        responses.push(r);
+    }
+    responses
+}
+
+fn assert_not_smuggled(env: &Env, what: &str, max_forwarded: usize) {
+    let seen = env.seen();
+    assert!(
+        seen.iter()
+            .all(|s| !s.path.contains("smuggled") && !s.path.contains("admin")),
+        "{what}: smuggled request reached upstream: {seen:?}"
+    );
+    assert!(
+        seen.len() <= max_forwarded,
+        "{what}: upstream saw {} requests",
+        seen.len()
+    );
+}
+
+#[test]
+fn content_length_with_transfer_encoding_never_smuggles_a_second_request() {
+    let env = env();
+    let api = env.api();
+    let smuggled = smuggled_request(&env);
+    // CL first, then TE; and TE first, then CL. The body is one empty chunk, followed by a
+    // full request that only a CL-reading hop would see as body.
+    for (i, (first, second)) in [
+        (
+            format!("Content-Length: {}", 5 + smuggled.len()),
+            "Transfer-Encoding: chunked".to_string(),
+        ),
+        (
+            "Transfer-Encoding: chunked".to_string(),
+            format!("Content-Length: {}", 5 + smuggled.len()),
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let req = format!(
+            "POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\n{first}\r\n{second}\r\n\r\n0\r\n\r\n{smuggled}"
+        );
+        let statuses = send_framing(&env, req.as_bytes());
+        // At most the one POST is answered (or the whole thing refused), and the connection is
+        // then closed: the trailing bytes are never parsed as a request.
+        assert!(
+            statuses == [200] || statuses == [400],
+            "CL+TE #{i}: responses {statuses:?}"
+        );
+        assert_not_smuggled(&env, "CL+TE", i + 1);
+    }
+    env.still_serves();
+}
+
+#[test]
+fn ambiguous_framing_is_refused_with_400_and_nothing_is_forwarded() {
+    let env = env();
+    let api = env.api();
+    let smuggled = smuggled_request(&env);
+    let cases = [
+        (
+            "two differing Content-Length",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd{smuggled}"),
+        ),
+        (
+            "Content-Length list with differing values",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nContent-Length: 4, 40\r\n\r\nabcd{smuggled}"),
+        ),
+        (
+            "signed Content-Length",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nContent-Length: +4\r\n\r\nabcd{smuggled}"),
+        ),
+        (
+            "negative Content-Length",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nContent-Length: -1\r\n\r\n{smuggled}"),
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "Transfer-Encoding: xchunked",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!("POST /repos/acme/backend/issues HTTP/1.0\r\nHost: {api}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "bare CR inside a header value",
+            format!("GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nX-Note: a\rAuthorization: Bearer {AGENT_OWN}\r\n\r\n"),
+        ),
+        (
+            "obs-fold continuation line",
+            format!("GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nX-Note: a\r\n Authorization: Bearer {AGENT_OWN}\r\n\r\n"),
+        ),
+        (
+            "space in a header name",
+            format!("GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nTransfer Encoding: chunked\r\n\r\n"),
+        ),
+        (
+            "space before the colon",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nContent-Length : 4\r\n\r\nabcd{smuggled}"),
+        ),
+    ];
+    for (what, req) in &cases {
+        let statuses = send_framing(&env, req.as_bytes());
+        // hyper's parser answers a bare 400 and closes: no JSON, no audit line.
+        assert_eq!(statuses, [400], "{what}");
+        assert_not_smuggled(&env, what, 0);
+        assert!(env.seen().is_empty(), "{what}: something reached upstream");
+    }
+    env.still_serves();
+}
+
+#[test]
+fn bare_lf_line_endings_never_yield_a_second_request() {
+    let env = env();
+    let api = env.api();
+    // Bare LF as the only line ending (accepted by hyper as one request, never two).
+    let cases = [(
+        "bare LF head",
+        format!("GET /repos/acme/backend/issues HTTP/1.1\nHost: {api}\nConnection: close\n\n"),
+    )];
+    let mut forwarded = 0;
+    for (what, req) in &cases {
+        let statuses = send_framing(&env, req.as_bytes());
+        assert!(
+            statuses.is_empty() || statuses == [200] || statuses == [400],
+            "{what}: responses {statuses:?}"
+        );
+        forwarded += statuses.iter().filter(|s| **s == 200).count();
+        assert_not_smuggled(&env, what, forwarded);
+        assert_eq!(env.seen().len(), forwarded, "{what}");
+    }
+    env.still_serves();
+}
+
+#[test]
+#[ignore = "BUG: a malformed chunked request body (non-hex size, bare LF after the size) is \
+            answered 502 upstream_protocol ('stream error sent by user'), blaming the upstream, \
+            after the head was already forwarded; it is the agent's fault: 400 bad_request"]
+fn malformed_chunked_body_is_the_agents_fault_not_the_upstreams() {
+    let env = env();
+    let api = env.api();
+    let smuggled = smuggled_request(&env);
+    let cases = [
+        (
+            "chunk size that is not hex",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            // Go CVE-2025-22871: bare LF after a chunk size.
+            "bare LF after a chunk size",
+            format!("POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n{smuggled}"),
+        ),
+    ];
+    for (what, req) in &cases {
+        let responses = send_framing_full(&env, req.as_bytes());
+        assert_eq!(responses.len(), 1, "{what}");
+        assert_eq!(
+            responses[0].status,
+            400,
+            "{what}: {}{}",
+            responses[0].head,
+            responses[0].text()
+        );
+        assert_not_smuggled(&env, what, 2);
+    }
+    let audit = env.home.audit();
+    assert!(
+        audit.iter().all(|l| l["reason"] != "upstream_protocol"),
+        "an agent's malformed body was audited as an upstream fault"
+    );
+    env.still_serves();
+}
+
+#[test]
+fn crlf_in_a_header_value_becomes_a_separate_header_that_is_stripped() {
+    // Raw CRLF ends the header line: the "injected" Authorization is just another agent header,
+    // and it is removed like any other.
+    let env = env();
+    let r = env.get(
+        "/repos/acme/backend/issues",
+        &format!("X-Note: a\r\nAuthorization: Bearer {AGENT_OWN}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = env.seen();
+    assert_eq!(seen.len(), 1);
+    let auth: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .collect();
+    assert_eq!(auth.len(), 1);
+    assert_eq!(auth[0].1, format!("Bearer {SECRET}"));
+    env.assert_no_leak();
+}
+
+#[test]
+fn pipelined_second_request_is_checked_on_its_own() {
+    let env = env();
+    let api = env.api();
+    let req = format!(
+        "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\n\r\nGET {SMUGGLED} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    );
+    let mut t = env.tunnel();
+    let first = t.exchange(req.as_bytes()).unwrap();
+    assert_eq!(first.status, 200);
+    let second = t.read().unwrap();
+    assert_denied(&second, 403, "no_route", "pipelined /admin");
+    assert_not_smuggled(&env, "pipelined", 1);
+}
+
+#[test]
+#[ignore = "BUG: a 70 KiB header block is sometimes accepted by the tunnel's h1 server (hyper's \
+            max_buf_size is a soft limit) and forwarded upstream with the injected secret; the \
+            upstream's h2 layer then tears down the pooled connection (GOAWAY \
+            header_list_way_too_large) and the agent gets 502 upstream_protocol"]
+fn oversized_header_block_is_refused_and_never_forwarded() {
+    let env = env();
+    let big = "a".repeat(70 * 1024);
+    let req = format!(
+        "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nX-Big: {big}\r\n\r\n",
+        env.api()
+    );
+    let statuses = send_framing(&env, req.as_bytes());
+    assert!(
+        statuses.is_empty() || statuses == [431],
+        "oversized header block answered {statuses:?}"
+    );
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+#[test]
+fn a_huge_number_of_headers_is_refused_and_never_forwarded() {
+    let env = env();
+    let mut req = format!(
+        "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\n",
+        env.api()
+    );
+    for i in 0..500 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let statuses = send_framing(&env, req.as_bytes());
+    assert!(
+        statuses.is_empty() || statuses == [431],
+        "500 headers answered {statuses:?}"
+    );
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slowloris.
+// ---------------------------------------------------------------------------------------------
+
+/// Read until EOF/reset; the time it took, or None when still open at the deadline.
+fn closed_within(stream: &mut dyn Read, deadline: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn slowloris_on_the_proxy_port_and_in_a_tunnel_is_cut_off_while_others_are_served() {
+    let env = env();
+    // On the proxy port: half a request line, then silence.
+    let mut slow = proxy_socket(env.proxy.addr);
+    slow.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    slow.write_all(b"CONNECT api.example.te").unwrap();
+    // Inside a tunnel: a complete TLS session, then half a request head.
+    let mut slow_tunnel = env.tunnel();
+    slow_tunnel
+        .tls
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    slow_tunnel
+        .tls
+        .write_all(
+            format!(
+                "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
+                env.api()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    slow_tunnel.tls.flush().unwrap();
+    let tunnel_thread =
+        std::thread::spawn(move || closed_within(&mut slow_tunnel.tls, Duration::from_secs(15)));
+    // Meanwhile, other agents are served normally.
+    env.still_serves();
+    env.still_serves();
+    let proxy_port = closed_within(&mut slow, Duration::from_secs(15));
+    assert!(
+        proxy_port.is_some(),
+        "a half-sent CONNECT held its connection open for 15 s"
+    );
+    let tunnel = tunnel_thread.join().unwrap();
+    assert!(
+        tunnel.is_some(),
+        "a half-sent request in a tunnel held it open for 15 s"
+    );
+    assert_eq!(env.seen().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials: the only credential the upstream sees is ours, exactly once; the token never.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn agent_authorization_in_any_capitalisation_and_any_number_is_replaced_by_ours() {
+    let env = env();
+    let r = env.get(
+        "/repos/acme/backend/issues",
+        &format!(
+            "AUTHORIZATION: Bearer {AGENT_OWN}\r\nauthorization: Basic {AGENT_OWN}\r\nAuthorization: token {AGENT_OWN}\r\n"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = env.seen();
+    let auth: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .collect();
+    assert_eq!(auth.len(), 1, "{auth:?}");
+    assert_eq!(auth[0].1, format!("Bearer {SECRET}"));
+    env.assert_no_leak();
+}
+
+#[test]
+fn proxy_authorization_sent_inside_the_tunnel_never_reaches_upstream() {
+    let env = env();
+    use base64::engine::general_purpose::STANDARD;
+    let basic = STANDARD.encode(format!("agent:{}", env.token));
+    let r = env.get(
+        "/repos/acme/backend/issues",
+        &format!(
+            "Proxy-Authorization: Bearer {}\r\nPROXY-AUTHORIZATION: Basic {basic}\r\nProxy-Connection: keep-alive\r\nX-Latchkey-Agent: admin\r\n",
+            env.token
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = env.seen();
+    assert!(seen[0].header("proxy-authorization").is_none());
+    assert!(seen[0].header("proxy-connection").is_none());
+    assert!(seen[0].header("x-latchkey-agent").is_none());
+    assert!(!seen[0].everything().contains(&basic));
+    env.assert_no_leak();
+}
+
+#[test]
+fn injected_custom_header_sent_by_the_agent_in_other_case_and_twice_is_replaced() {
+    let env = env();
+    let r = env.get(
+        "/xkey",
+        &format!(
+            "x-API-key: {AGENT_OWN}\r\nX-Api-Key: {AGENT_OWN}-2\r\nX-API-KEY: {AGENT_OWN}-3\r\n"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = env.seen();
+    let keys: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "x-api-key")
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].1, SECRET);
+    env.assert_no_leak();
+}
+
+#[test]
+fn connection_header_cannot_make_the_proxy_drop_the_injected_credential() {
+    let env = env();
+    let r = env.get(
+        "/xkey",
+        "Connection: x-api-key, authorization, keep-alive\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(env.seen()[0].header("x-api-key"), Some(SECRET));
+}
+
+#[test]
+fn agent_query_credential_in_any_encoding_is_dropped_and_ours_added_once() {
+    let env = env();
+    let query = format!(
+        "q=1&api_key={AGENT_OWN}&api%5Fkey={AGENT_OWN}&api%5fkey={AGENT_OWN}&%61pi_key={AGENT_OWN}&api_key&api_key="
+    );
+    let r = env.get(&format!("/search?{query}"), "");
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = env.seen();
+    let q = seen[0].query.clone().unwrap();
+    assert!(!q.contains(AGENT_OWN), "{q}");
+    let keys: Vec<&str> = q
+        .split('&')
+        .filter(|p| {
+            let k = p.split('=').next().unwrap().to_ascii_lowercase();
+            k == "api_key" || k == "api%5fkey" || k == "%61pi_key"
+        })
+        .collect();
+    assert_eq!(keys, [format!("api_key={SECRET}")], "{q}");
+    assert!(q.starts_with("q=1&"), "{q}");
+    env.assert_no_leak();
+}
+
+#[test]
+fn basic_user_route_replaces_the_agents_authorization() {
+    let env = env();
+    let r = env.get(
+        "/basic",
+        &format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("bot-user:{AGENT_OWN}"))
+        ),
+    );
+    assert_eq!(r.status, 200);
+    let seen = env.seen();
+    let auth: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .collect();
+    assert_eq!(auth.len(), 1);
+    let expected = base64::engine::general_purpose::STANDARD.encode(format!("bot-user:{SECRET}"));
+    assert_eq!(auth[0].1, format!("Basic {expected}"));
+    env.assert_no_leak();
+}
+
+#[test]
+fn token_is_never_forwarded_on_plain_http_either() {
+    let env = env();
+    let url = format!("http://plain.example.test:{}/plain/x", env.home.http_port());
+    let req = format!(
+        "GET {url} HTTP/1.1\r\nHost: plain.example.test:{}\r\nProxy-Authorization: Bearer {}\r\nAuthorization: Bearer {AGENT_OWN}\r\nConnection: close\r\n\r\n",
+        env.home.http_port(),
+        env.token
+    );
+    let r = raw_proxy(env.proxy.addr, req.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    assert_eq!(env.seen()[0].header("x-api-key"), Some(SECRET));
+    assert!(env.seen()[0].header("authorization").is_none());
+    env.assert_no_leak();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy-level requests (no tunnel).
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hostile_requests_to_the_proxy_port_itself_are_refused() {
+    let env = env();
+    let port = env.home.http_port();
+    let auth = format!("Proxy-Authorization: Bearer {}\r\n", env.token);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "origin-form (not a proxy request)",
+            format!("GET /plain/x HTTP/1.1\r\nHost: plain.example.test:{port}\r\n{auth}\r\n"),
+            400,
+            "bad_request",
+        ),
+        (
+            "absolute https:// on the proxy port",
+            format!("GET https://{API_HOST}:{}/repos/acme/backend/issues HTTP/1.1\r\nHost: {API_HOST}\r\n{auth}\r\n", env.home.https_port()),
+            400,
+            "bad_request",
+        ),
+        (
+            "absolute http:// without a token",
+            format!("GET http://plain.example.test:{port}/plain/x HTTP/1.1\r\nHost: plain.example.test:{port}\r\n\r\n"),
+            407,
+            "token_missing",
+        ),
+        (
+            "absolute http:// with a Host naming another host",
+            format!("GET http://plain.example.test:{port}/plain/x HTTP/1.1\r\nHost: {OTHER_HOST}\r\n{auth}\r\n"),
+            403,
+            "host_mismatch",
+        ),
+        (
+            "absolute http:// with userinfo",
+            format!("GET http://evil@plain.example.test:{port}/plain/x HTTP/1.1\r\nHost: plain.example.test:{port}\r\n{auth}\r\n"),
+            400,
+            "bad_request",
+        ),
+        (
+            "absolute http:// to a host in no route",
+            format!("GET http://{OTHER_HOST}:{port}/plain/x HTTP/1.1\r\nHost: {OTHER_HOST}:{port}\r\n{auth}\r\n"),
+            403,
+            "host_not_allowed",
+        ),
+        (
+            "absolute http:// traversal",
+            format!("GET http://plain.example.test:{port}/plain/../../etc/passwd HTTP/1.1\r\nHost: plain.example.test:{port}\r\n{auth}\r\n"),
+            400,
+            "bad_path",
+        ),
+    ];
+    for (what, req, status, reason) in &cases {
+        let r = raw_proxy(env.proxy.addr, req.as_bytes()).unwrap();
+        assert_denied(&r, *status, reason, what);
+    }
+    assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens.
+// ---------------------------------------------------------------------------------------------
+
+fn b64url(v: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+fn sign_ed(home: &Home, claims: &Value) -> String {
+    let pem = std::fs::read(home.state().join("signing.key")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &key,
+    )
+    .unwrap()
+}
+
+fn claims(now: u64) -> Value {
+    json!({"iss":"latchkey","aud":"latchkey-proxy","sub":"bot","jti":"adv-session",
+        "iat": now, "exp": now + 600})
+}
+
+fn with(mut v: Value, key: &str, val: Value) -> Value {
+    if val.is_null() {
+        v.as_object_mut().unwrap().remove(key);
+    } else {
+        v[key] = val;
+    }
+    v
+}
+
+#[test]
+fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
+    let env = env();
+    let home = &env.home;
+    let now = latchkey::auth::unix_now();
+    let base = claims(now);
+    let alg_none = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(base.to_string().as_bytes())
+    );
+    let pub_pem = std::fs::read(home.state().join("signing.pub")).unwrap();
+    let hs256_with_public_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &base,
+        &jsonwebtoken::EncodingKey::from_secret(&pub_pem),
+    )
+    .unwrap();
+    let other_home = Home::new();
+    other_home.standard_policy();
+    let foreign = other_home.issue("bot", &[]);
+    // A validly signed token whose payload is swapped for one naming another agent.
+    let mut parts: Vec<String> = env.token.split('.').map(str::to_string).collect();
+    parts[1] = b64url(
+        with(base.clone(), "sub", json!("admin"))
+            .to_string()
+            .as_bytes(),
+    );
+    let swapped_payload = parts.join(".");
+    let over_long = sign_ed(
+        home,
+        &with(base.clone(), "task", json!("x".repeat(9 * 1024))),
+    );
+    let basic = |s: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("alg none", format!("Bearer {alg_none}"), "token_invalid"),
+        (
+            "HS256 keyed with the public key",
+            format!("Bearer {hs256_with_public_key}"),
+            "token_invalid",
+        ),
+        (
+            "signed by another latchkey",
+            format!("Bearer {foreign}"),
+            "token_invalid",
+        ),
+        (
+            "payload swapped under a valid signature",
+            format!("Bearer {swapped_payload}"),
+            "token_invalid",
+        ),
+        (
+            "no exp",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "exp", Value::Null))
+            ),
+            "token_invalid",
+        ),
+        (
+            "nbf in the future",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "nbf", json!(now + 3600)))
+            ),
+            "token_invalid",
+        ),
+        (
+            "iat in the future",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "iat", json!(now + 3600)))
+            ),
+            "token_invalid",
+        ),
+        (
+            "wrong aud",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "aud", json!("someone-else")))
+            ),
+            "token_invalid",
+        ),
+        (
+            "wrong iss",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "iss", json!("evil")))
+            ),
+            "token_invalid",
+        ),
+        (
+            "no jti",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "jti", Value::Null))
+            ),
+            "token_invalid",
+        ),
+        (
+            "exp as a string",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "exp", json!("never")))
+            ),
+            "token_invalid",
+        ),
+        (
+            "over-long (> 8 KiB), validly signed",
+            format!("Bearer {over_long}"),
+            "token_invalid",
+        ),
+        (
+            "expired",
+            format!(
+                "Bearer {}",
+                sign_ed(home, &with(base.clone(), "exp", json!(now - 60)))
+            ),
+            "token_expired",
+        ),
+        (
+            "Basic with an empty password",
+            basic("agent:"),
+            "token_missing",
+        ),
+        ("Basic without a colon", basic("agent"), "token_invalid"),
+        (
+            "Basic that is not base64",
+            "Basic !!!not-base64!!!".to_string(),
+            "token_invalid",
+        ),
+        (
+            "unknown auth scheme",
+            format!("Digest username=\"bot\", response=\"{}\"", env.token),
+            "token_invalid",
+        ),
+        ("empty Bearer", "Bearer ".to_string(), "token_missing"),
+        (
+            "garbage three-part token",
+            "Bearer a.b.c".to_string(),
+            "token_invalid",
+        ),
+    ];
+    for (what, auth, reason) in &cases {
+        let (_s, r) = raw_connect(env.proxy.addr, &env.api(), Some(auth));
+        assert_eq!(r.status, 407, "{what}: {}{}", r.head, r.text());
+        assert_eq!(r.reason(), *reason, "{what}: {}", r.text());
+        assert_eq!(
+            r.header("proxy-authenticate").as_deref(),
+            Some("Basic realm=\"latchkey\""),
+            "{what}"
+        );
+    }
+    // A validly signed token for an agent that has no policy: authenticated, but no host.
+    let ghost = sign_ed(home, &with(base.clone(), "sub", json!("ghost")));
+    let (_s, r) = raw_connect(env.proxy.addr, &env.api(), Some(&format!("Bearer {ghost}")));
+    assert_denied(&r, 403, "host_not_allowed", "agent without a policy");
+
+    let audit = home.wait_audit(cases.len() + 1);
+    let reasons: Vec<&str> = audit
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or(""))
+        .collect();
+    let mut expected: Vec<&str> = cases.iter().map(|c| c.2).collect();
+    expected.push("host_not_allowed");
+    assert_eq!(reasons, expected);
+    assert!(audit
+        .iter()
+        .all(|l| l["status"] == 407 || l["reason"] == "host_not_allowed"));
+    // Still alive (no panic on any of the above) and the real token still works.
+    assert!(env.seen().is_empty());
+    env.still_serves();
+    let raw = std::fs::read_to_string(home.state().join("audit.jsonl")).unwrap();
+    assert!(!raw.contains(&env.token) && !raw.contains(&over_long[..64]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// An upstream that echoes the injected secret back (tokenizer's echo-exfiltration class).
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "pending: response redaction"]
+fn secret_echoed_by_the_upstream_is_redacted_in_body_and_headers() {
+    let env = env();
+    let r = env.get("/reflect", "");
+    assert_eq!(r.status, 200, "{}", r.head);
+    // The upstream did get the secret (that is its job)...
+    assert_eq!(
+        env.seen()[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    // ...but the agent never sees it.
+    assert!(
+        !r.text().contains(SECRET),
+        "body leaks the secret: {}",
+        r.text()
+    );
+    assert!(
+        !r.head.contains(SECRET),
+        "headers leak the secret: {}",
+        r.head
+    );
+    assert!(r.text().contains("[REDACTED]"), "{}", r.text());
+    assert!(
+        r.header("x-debug-auth")
+            .unwrap_or_default()
+            .contains("[REDACTED]"),
+        "{}",
+        r.head
+    );
+}
+
+#[test]
+#[ignore = "pending: response redaction"]
+fn secret_echoed_split_across_two_body_chunks_is_redacted() {
+    let env = env();
+    let r = env.get("/reflect-split", "");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let half = &SECRET[..SECRET.len() / 2];
+    let other_half = &SECRET[SECRET.len() / 2..];
+    let body = r.text();
+    assert!(
+        !body.contains(SECRET),
+        "split body leaks the secret: {body}"
+    );
+    assert!(
+        !(body.contains(half) && body.contains(other_half)),
+        "{body}"
+    );
+    assert!(body.contains("[REDACTED]"), "{body}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network: private destinations, upstream faults.
+// ---------------------------------------------------------------------------------------------
+
+fn localhost_route(port: u16) -> String {
+    format!(
+        r#"
+[[routes]]
+id = "loopback-by-name"
+host = "localhost:{port}"
+methods = ["GET"]
+paths = ["/**"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#
+    )
+}
+
+#[test]
+#[ignore = "pending: upstream_private"]
+fn a_name_resolving_to_loopback_without_a_pin_is_403_upstream_private() {
+    let env = {
+        let home = Home::new();
+        home.standard_policy();
+        let path = home.path().join("policies/bot.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&localhost_route(home.https_port()));
+        std::fs::write(&path, text).unwrap();
+        home.set_secret("github", SECRET);
+        let token = home.issue("bot", &[]);
+        let proxy = home.serve(&[]);
+        Env { home, proxy, token }
+    };
+    let url = format!("https://localhost:{}/x", env.home.https_port());
+    let r = env.home.curl(&env.proxy, &env.token, &[], &url);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["reason"], "upstream_private");
+    assert!(
+        env.seen().is_empty(),
+        "the secret went to a loopback address"
+    );
+}
+
+#[test]
+fn a_name_pinned_to_loopback_with_resolve_is_allowed() {
+    let home = Home::new();
+    home.standard_policy();
+    let path = home.path().join("policies/bot.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&localhost_route(home.https_port()));
+    std::fs::write(&path, text).unwrap();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let pin = format!("localhost:{}:127.0.0.1", home.https_port());
+    let proxy = home.serve(&["--resolve", &pin]);
+    let url = format!("https://localhost:{}/x", home.https_port());
+    let r = home.curl(&proxy, &token, &[], &url);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["headers"]["authorization"][0],
+        format!("Bearer {SECRET}")
+    );
+}
+
+/// How a fake upstream misbehaves.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Reads the request, answers a status line that is not HTTP.
+    Garbage,
+    /// Reads the request, closes without answering.
+    CloseBeforeAnswer,
+    /// Answers a head announcing 100 bytes, sends 5, closes.
+    TruncatedBody,
+    /// Reads the request and never answers.
+    Silent,
+}
+
+/// A plain-HTTP fake upstream on 127.0.0.1:0; returns its port.
+fn fault_upstream(fault: Fault) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            match fault {
+                Fault::Garbage => {
+                    let _ = s.write_all(b"HTTP/1.1 garbage\r\nwhat even is this\r\n\r\n");
+                }
+                Fault::CloseBeforeAnswer => {}
+                Fault::TruncatedBody => {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort");
+                }
+                Fault::Silent => held.push(s),
+            }
+        }
+    });
+    port
+}
+
+/// Env with one plain-HTTP route `fault.example.test:PORT` to a fake upstream.
+fn fault_env(port: u16, serve_extra: &[&str]) -> Env {
+    let route = format!(
+        r#"
+[[routes]]
+id = "fault"
+host = "fault.example.test:{port}"
+methods = ["GET"]
+paths = ["/**"]
+"#
+    );
+    let pin = format!("fault.example.test:{port}:127.0.0.1");
+    let mut args = vec!["--resolve", pin.as_str()];
+    args.extend_from_slice(serve_extra);
+    env_with(&args, &route)
+}
+
+fn plain_get(env: &Env, port: u16) -> std::io::Result<RawResponse> {
+    let req = format!(
+        "GET http://fault.example.test:{port}/x HTTP/1.1\r\nHost: fault.example.test:{port}\r\nProxy-Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        env.token
+    );
+    raw_proxy(env.proxy.addr, req.as_bytes())
+}
+
+#[test]
+fn upstream_answering_garbage_is_502_upstream_protocol() {
+    let port = fault_upstream(Fault::Garbage);
+    let env = fault_env(port, &[]);
+    let r = plain_get(&env, port).unwrap();
+    assert_denied(&r, 502, "upstream_protocol", "garbage status line");
+    assert_eq!(
+        audit_line_with(&env.home, "upstream_protocol")["status"],
+        502
+    );
+    env.still_serves();
+}
+
+#[test]
+fn upstream_closing_before_answering_is_502_upstream_protocol() {
+    let port = fault_upstream(Fault::CloseBeforeAnswer);
+    let env = fault_env(port, &[]);
+    let r = plain_get(&env, port).unwrap();
+    assert_denied(&r, 502, "upstream_protocol", "closed before answering");
+    env.still_serves();
+}
+
+#[test]
+fn upstream_cutting_the_body_short_closes_the_agents_connection() {
+    let port = fault_upstream(Fault::TruncatedBody);
+    let env = fault_env(port, &[]);
+    // The head was already relayed (200, length 100); the agent must see the body end early
+    // (an error), never a complete-looking response.
+    match plain_get(&env, port) {
+        Ok(r) => panic!(
+            "a truncated upstream body looked complete to the agent: {} {:?}",
+            r.head,
+            r.text()
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}"),
+    }
+    env.still_serves();
+}
+
+#[test]
+fn upstream_that_never_answers_is_504_upstream_timeout() {
+    let port = fault_upstream(Fault::Silent);
+    let env = fault_env(port, &["--upstream-timeout", "1s"]);
+    let start = Instant::now();
+    let r = plain_get(&env, port).unwrap();
+    assert_denied(&r, 504, "upstream_timeout", "silent upstream");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    env.still_serves();
+}
+
+#[test]
+fn refused_upstream_is_502_upstream_unreachable_and_the_proxy_keeps_serving() {
+    let port = dead_port();
+    let env = fault_env(port, &[]);
+    let r = plain_get(&env, port).unwrap();
+    assert_denied(&r, 502, "upstream_unreachable", "connection refused");
+    env.still_serves();
+}
+
+#[test]
+fn upstream_certificate_for_another_name_is_502_upstream_tls_and_no_secret_is_sent() {
+    // The test upstream's certificate covers api/other.example.test, localhost and
+    // 127.0.0.1: not wrongname.example.test.
+    let env = {
+        let home = Home::new();
+        home.standard_policy();
+        let path = home.path().join("policies/bot.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            r#"
+[[routes]]
+id = "wrong-name"
+host = "wrongname.example.test:{}"
+methods = ["GET"]
+paths = ["/**"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#,
+            home.https_port()
+        ));
+        std::fs::write(&path, text).unwrap();
+        home.set_secret("github", SECRET);
+        let token = home.issue("bot", &[]);
+        let pin = format!("wrongname.example.test:{}:127.0.0.1", home.https_port());
+        let proxy = home.serve(&["--resolve", &pin]);
+        Env { home, proxy, token }
+    };
+    let url = format!("https://wrongname.example.test:{}/x", env.home.https_port());
+    let r = env.home.curl(&env.proxy, &env.token, &[], &url);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.json()["reason"], "upstream_tls");
+    assert!(
+        env.seen().is_empty(),
+        "a request (and the secret) went over unverified TLS"
+    );
+    env.still_serves();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "pending: max_body"]
+fn body_announced_larger_than_max_body_is_413_before_anything_reaches_upstream() {
+    let home = Home::new();
+    home.standard_policy();
+    let path = home.path().join("policies/bot.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        r#"
+[[routes]]
+id = "small-upload"
+host = "{API_HOST}:{}"
+methods = ["POST"]
+paths = ["/upload"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+max_body = 1024
+"#,
+        home.https_port()
+    ));
+    std::fs::write(&path, text).unwrap();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve(&[]);
+    let env = Env { home, proxy, token };
+    // Announce 1 MiB but send nothing: the answer must come from the header alone.
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: 1048576\r\n\r\n",
+        env.api()
+    );
+    let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+    assert_denied(&r, 413, "body_too_large", "1 MiB announced, 1 KiB allowed");
+    assert!(env.seen().is_empty());
+    // A body within the limit passes.
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789",
+        env.api()
+    );
+    let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+}
