@@ -15,7 +15,10 @@ fuzz_target!(|text: &str| {
     if let Err(diags) = latchkey::policy::AgentPolicy::from_toml(file, text) {
         assert!(!diags.is_empty(), "{text:?}: refused without a diagnostic");
         for d in &diags {
-            assert!(!d.to_string().is_empty(), "{text:?}: empty diagnostic {d:?}");
+            assert!(
+                !d.to_string().is_empty(),
+                "{text:?}: empty diagnostic {d:?}"
+            );
             assert!(
                 !d.message.trim().is_empty(),
                 "{text:?}: diagnostic without a message: {d:?}"
