@@ -815,9 +815,6 @@ fn bare_lf_line_endings_never_yield_a_second_request() {
 }
 
 #[test]
-#[ignore = "BUG: a malformed chunked request body (non-hex size, bare LF after the size) is \
-            answered 502 upstream_protocol ('stream error sent by user'), blaming the upstream, \
-            after the head was already forwarded; it is the agent's fault: 400 bad_request"]
 fn malformed_chunked_body_is_the_agents_fault_not_the_upstreams() {
     let env = env();
     let api = env.api();
@@ -850,6 +847,14 @@ fn malformed_chunked_body_is_the_agents_fault_not_the_upstreams() {
         audit.iter().all(|l| l["reason"] != "upstream_protocol"),
         "an agent's malformed body was audited as an upstream fault"
     );
+    // Bodies stream, so each malformed request's head did reach the upstream before its body
+    // broke; wait (bounded) until the upstream has recorded both heads before counting again.
+    for _ in 0..40 {
+        if env.seen().len() >= cases.len() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     env.still_serves();
 }
 
@@ -891,10 +896,6 @@ fn pipelined_second_request_is_checked_on_its_own() {
 }
 
 #[test]
-#[ignore = "BUG: a 70 KiB header block is sometimes accepted by the tunnel's h1 server (hyper's \
-            max_buf_size is a soft limit) and forwarded upstream with the injected secret; the \
-            upstream's h2 layer then tears down the pooled connection (GOAWAY \
-            header_list_way_too_large) and the agent gets 502 upstream_protocol"]
 fn oversized_header_block_is_refused_and_never_forwarded() {
     let env = env();
     let big = "a".repeat(70 * 1024);

@@ -401,6 +401,7 @@ fn missing_secret_is_503_and_a_secret_set_while_serving_is_used_next_request() {
         &[],
         &home.api_url("/repos/acme/backend/issues"),
     );
+    assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
         home.upstream.seen()[1].header("authorization"),
         Some("Bearer rotated-value-43")

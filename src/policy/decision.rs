@@ -99,6 +99,13 @@ pub enum Deny {
     /// The request body is larger than the route's (or the proxy's) limit.
     #[error("the request body exceeds the limit of {0} bytes")]
     BodyTooLarge(u64),
+    /// The request head is larger than latchkey accepts (hyper's buffer limit is soft, so the
+    /// size is checked again on the parsed headers).
+    #[error("the request headers exceed {0} bytes")]
+    HeadersTooLarge(usize),
+    /// The agent's request body broke off or was malformed (e.g. bad chunked framing).
+    #[error("the request body was malformed or cut off by the client")]
+    BadBody,
     /// Too many open connections overall or for this agent.
     #[error("too many open connections for {0}; retry later")]
     TooManyConnections(&'static str),
@@ -126,6 +133,8 @@ impl Deny {
             Deny::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Deny::UpstreamPrivate(_) => StatusCode::FORBIDDEN,
             Deny::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Deny::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Deny::BadBody => StatusCode::BAD_REQUEST,
             Deny::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -149,6 +158,8 @@ impl Deny {
             Deny::UpstreamProtocol(_) => "upstream_protocol",
             Deny::UpstreamPrivate(_) => "upstream_private",
             Deny::BodyTooLarge(_) => "body_too_large",
+            Deny::HeadersTooLarge(_) => "headers_too_large",
+            Deny::BadBody => "bad_body",
             Deny::TooManyConnections(_) => "too_many_connections",
         }
     }

@@ -193,7 +193,12 @@ impl AgentPolicy {
                     file: file.to_path_buf(),
                     line,
                     field: String::new(),
-                    message: e.message().trim_end().to_string(),
+                    // toml gives an empty message for some invalid bytes (e.g. DEL in a
+                    // comment); an operator still needs a reason.
+                    message: match e.message().trim_end() {
+                        "" => "invalid character or syntax here".to_string(),
+                        m => m.to_string(),
+                    },
                     severity: Severity::Error,
                 }]);
             }
@@ -590,6 +595,23 @@ fn compile_path(text: &str) -> Result<PathPattern, String> {
             text: text.into(),
             segs: segs.into_boxed_slice(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use std::path::Path;
+
+    /// Found by `scripts/fuzz` (policy_parse): a DEL byte in a comment gave an empty message.
+    #[test]
+    fn a_del_byte_in_a_comment_gets_a_message() {
+        let diags = crate::policy::AgentPolicy::from_toml(
+            Path::new("policies/x.toml"),
+            "agent = \"a\"\n# \u{7f}\n",
+        )
+        .unwrap_err();
+        assert!(diags.iter().all(|d| !d.message.is_empty()), "{diags:?}");
+        assert_eq!(diags[0].line, Some(2));
     }
 }
 

@@ -33,7 +33,7 @@ use crate::inject;
 use crate::policy::decision::{AuthStage, Deny};
 use crate::policy::{path, Allowed, Grant, Scheme};
 use crate::redact::RedactBody;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Body of every response latchkey sends to an agent.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
@@ -506,7 +506,9 @@ impl Tunnel {
     ) -> Result<Response<ProxyBody>, Deny> {
         let shared = &self.shared;
         // Revocation and expiry bite on every request, not only at CONNECT.
-        let live = if self.claims.is_expired_at(auth::unix_now()) {
+        let live = if let Err(deny) = check_head_size(&parts) {
+            Err(deny)
+        } else if self.claims.is_expired_at(auth::unix_now()) {
             Err(Deny::TokenExpired(AuthStage::Tunnel))
         } else if shared.revocations.is_revoked(&self.claims) {
             Err(Deny::TokenRevoked(AuthStage::Tunnel))
@@ -527,6 +529,31 @@ impl Tunnel {
         )
         .await
     }
+}
+
+/// Largest request head (target plus header names and values) accepted, and most headers.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+
+/// SECURITY: hyper's read-buffer limit is soft (one large read can pass it), so the parsed
+/// head is measured again; an oversized head never reaches the shared upstream connection,
+/// where the upstream's own limit would tear it down for every agent.
+fn check_head_size(parts: &http::request::Parts) -> Result<(), Deny> {
+    if parts.headers.len() > MAX_HEADERS {
+        return Err(Deny::HeadersTooLarge(MAX_HEAD_BYTES));
+    }
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+    let size = target
+        + parts
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size > MAX_HEAD_BYTES {
+        return Err(Deny::HeadersTooLarge(MAX_HEAD_BYTES));
+    }
+    Ok(())
 }
 
 /// Read (and discard) a little of a refused request's body before answering. Answering while
@@ -603,6 +630,7 @@ async fn handle_plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<P
         parts.uri.path().to_owned(),
     );
     let checked = (|| {
+        check_head_size(&parts)?;
         if parts.uri.scheme_str() != Some("http") {
             return Err(Deny::BadRequest(
                 "only http:// is proxied in absolute form; use CONNECT for https".into(),
@@ -672,7 +700,7 @@ async fn forward_checked(
         Ok(i) => i,
         Err(deny) => return Err(refuse(body, deny).await),
     };
-    let (limited, overflow) = LimitedBody::new(body, limit);
+    let (limited, body_state) = LimitedBody::new(body, limit);
     let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
     let sent = Instant::now();
     let resp = shared
@@ -683,8 +711,14 @@ async fn forward_checked(
     shared.metrics.observe_upstream(sent.elapsed());
     let resp = match resp {
         Ok(r) => r,
-        Err(_) if overflow.load(Ordering::Acquire) => return Err(Deny::BodyTooLarge(limit)),
-        Err(deny) => return Err(deny),
+        Err(deny) => {
+            return Err(match body_state.load(Ordering::Acquire) {
+                BODY_OVER_LIMIT => Deny::BodyTooLarge(limit),
+                // The agent's body broke, not the upstream: say so, to the agent and the log.
+                BODY_BROKEN => Deny::BadBody,
+                _ => deny,
+            });
+        }
     };
     let (mut parts, body) = resp.into_parts();
     inject::strip_response_headers(&mut parts.headers);
@@ -750,19 +784,24 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 struct LimitedBody {
     inner: Incoming,
     left: u64,
-    overflow: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
+/// `LimitedBody` states, read after a failed upstream exchange to say whose fault it was.
+const BODY_OK: u8 = 0;
+const BODY_OVER_LIMIT: u8 = 1;
+const BODY_BROKEN: u8 = 2;
+
 impl LimitedBody {
-    fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<AtomicBool>) {
-        let overflow = Arc::new(AtomicBool::new(false));
+    fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<AtomicU8>) {
+        let state = Arc::new(AtomicU8::new(BODY_OK));
         (
             LimitedBody {
                 inner,
                 left: limit,
-                overflow: overflow.clone(),
+                state: state.clone(),
             },
-            overflow,
+            state,
         )
     }
 }
@@ -786,7 +825,7 @@ impl http_body::Body for LimitedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 if len > this.left {
-                    this.overflow.store(true, Ordering::Release);
+                    this.state.store(BODY_OVER_LIMIT, Ordering::Release);
                     // SECURITY: an error (not an early end) aborts the upstream request, so
                     // the upstream never takes a truncated body for a complete one.
                     return Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
@@ -794,7 +833,10 @@ impl http_body::Body for LimitedBody {
                 this.left -= len;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.state.store(BODY_BROKEN, Ordering::Release);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
