@@ -235,6 +235,21 @@ impl TokenKeys {
     }
 }
 
+impl TokenKeys {
+    /// The claims of a token whose signature is ours but which has expired, for attributing
+    /// the refusal in the audit log. Never grants anything.
+    pub fn claims_of_expired(&self, token: &str) -> Option<Claims> {
+        if token.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let mut v = self.validation.clone();
+        v.validate_exp = false;
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .ok()
+            .map(|d| d.claims)
+    }
+}
+
 fn pinned_validation() -> Validation {
     // SECURITY: the algorithm list is fixed to EdDSA, so `alg: none`, HS256-with-public-key and
     // any other algorithm confusion fails before the signature is even looked at.

@@ -274,6 +274,17 @@ fn bad_forged_and_expired_tokens_get_407() {
     let mut expected: Vec<&str> = cases.iter().map(|c| c.2).collect();
     expected.push("token_missing");
     assert_eq!(reasons, expected);
+    // An expired token signed by us is still attributed; a forged one names nobody.
+    let expired_line = audit
+        .iter()
+        .find(|l| l["reason"] == "token_expired")
+        .unwrap();
+    assert_eq!(expired_line["agent"], "bot");
+    assert_eq!(expired_line["session"], "old");
+    assert!(audit
+        .iter()
+        .filter(|l| l["reason"] == "token_invalid")
+        .all(|l| l["agent"].is_null()));
     assert!(home.upstream.seen().is_empty());
 }
 

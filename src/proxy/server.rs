@@ -326,7 +326,18 @@ fn authenticate(
     rec: &mut Record,
 ) -> Result<Claims, Deny> {
     let token = auth::token_from_header(headers.get(header::PROXY_AUTHORIZATION))?;
-    let claims = shared.keys.verify(&token, AuthStage::Proxy)?;
+    let claims = match shared.keys.verify(&token, AuthStage::Proxy) {
+        Ok(c) => c,
+        Err(deny) => {
+            // An expired token signed by us still names who tried: attribute the refusal.
+            if matches!(deny, Deny::TokenExpired(_)) {
+                if let Some(c) = shared.keys.claims_of_expired(&token) {
+                    rec.who = Who::from_claims(&c);
+                }
+            }
+            return Err(deny);
+        }
+    };
     rec.who = Who::from_claims(&claims);
     if shared.revocations.is_revoked(&claims) {
         return Err(Deny::TokenRevoked(AuthStage::Proxy));
