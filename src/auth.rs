@@ -114,7 +114,14 @@ pub struct TokenKeys {
     encoding: Option<EncodingKey>,
     decoding: DecodingKey,
     validation: Validation,
+    /// Tokens whose signature and claims were already checked, keyed by their SHA-256, so a
+    /// client opening many tunnels pays the Ed25519 verification once. Expiry and revocation
+    /// are still checked on every use by the caller.
+    verified: dashmap::DashMap<[u8; 32], Arc<Claims>>,
 }
+
+/// Entries kept in the verified-token cache before it is pruned.
+const VERIFIED_CACHE_MAX: usize = 16 * 1024;
 
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -167,6 +174,7 @@ impl TokenKeys {
             encoding: Some(encoding),
             decoding,
             validation: pinned_validation(),
+            verified: dashmap::DashMap::new(),
         })
     }
 
@@ -198,8 +206,36 @@ impl TokenKeys {
         Ok((token, claims))
     }
 
-    /// Verify signature and claims. `stage` decides 407 vs 403 for expiry.
-    pub fn verify(&self, token: &str, stage: AuthStage) -> Result<Claims, Deny> {
+    /// Verify signature and claims, from the cache when this exact token was verified before.
+    /// `stage` decides 407 vs 403 for expiry.
+    pub fn verify(&self, token: &str, stage: AuthStage) -> Result<Arc<Claims>, Deny> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(Deny::TokenInvalid("the token is too long"));
+        }
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified.get(&key) {
+            if claims.is_expired_at(unix_now()) {
+                drop(claims);
+                self.verified.remove(&key);
+                return Err(Deny::TokenExpired(stage));
+            }
+            return Ok(claims.clone());
+        }
+        let claims = Arc::new(self.verify_uncached(token, stage)?);
+        if self.verified.len() >= VERIFIED_CACHE_MAX {
+            let now = unix_now();
+            self.verified.retain(|_, c| !c.is_expired_at(now));
+            if self.verified.len() >= VERIFIED_CACHE_MAX {
+                self.verified.clear();
+            }
+        }
+        self.verified.insert(key, claims.clone());
+        Ok(claims)
+    }
+
+    /// Verify signature and claims without the cache.
+    pub fn verify_uncached(&self, token: &str, stage: AuthStage) -> Result<Claims, Deny> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(Deny::TokenInvalid("the token is too long"));
         }
@@ -446,7 +482,10 @@ mod tests {
         let (_d, k) = keys();
         let (tok, claims) = k.issue(&spec("bot")).unwrap();
         let got = k.verify(&tok, AuthStage::Proxy).unwrap();
-        assert_eq!(got, claims);
+        assert_eq!(*got, claims);
+        // The second verification comes from the cache and is the same.
+        let again = k.verify(&tok, AuthStage::Proxy).unwrap();
+        assert!(Arc::ptr_eq(&got, &again));
         assert_eq!(got.obo.as_deref(), Some("alice"));
     }
 

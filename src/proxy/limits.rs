@@ -9,7 +9,7 @@ use dashmap::DashMap;
 /// Counters behind the caps. Lock-free on the common path.
 #[derive(Default)]
 pub struct ConnLimits {
-    global: AtomicUsize,
+    global: Arc<AtomicUsize>,
     per_agent: DashMap<Box<str>, Arc<AtomicUsize>>,
 }
 
@@ -18,9 +18,10 @@ pub struct Slot {
     counter: Arc<AtomicUsize>,
 }
 
-/// A held global slot, released on drop.
-pub struct GlobalSlot<'a> {
-    counter: &'a AtomicUsize,
+/// A held global slot, released on drop. It moves with the connection: from the accepted
+/// TCP connection into the tunnel when a CONNECT upgrades it.
+pub struct GlobalSlot {
+    counter: Arc<AtomicUsize>,
 }
 
 impl Drop for Slot {
@@ -29,7 +30,7 @@ impl Drop for Slot {
     }
 }
 
-impl Drop for GlobalSlot<'_> {
+impl Drop for GlobalSlot {
     fn drop(&mut self) {
         self.counter.fetch_sub(1, Ordering::AcqRel);
     }
@@ -45,9 +46,9 @@ fn try_take(counter: &AtomicUsize, max: usize) -> bool {
 
 impl ConnLimits {
     /// Take a connection slot if fewer than `max` are open.
-    pub fn try_global(&self, max: usize) -> Option<GlobalSlot<'_>> {
+    pub fn try_global(&self, max: usize) -> Option<GlobalSlot> {
         try_take(&self.global, max).then(|| GlobalSlot {
-            counter: &self.global,
+            counter: self.global.clone(),
         })
     }
 

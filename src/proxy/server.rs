@@ -103,18 +103,22 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut drain: Dra
         .limits_state
         .try_global(shared.limits.max_connections);
     let over_limit = slot.is_none();
+    // Shared with the request handler so a CONNECT can carry the slot into its tunnel.
+    let slot: ConnSlot = Arc::new(std::sync::Mutex::new(slot));
     let svc_shared = shared.clone();
     let svc_drain = drain.clone();
+    let svc_slot = slot.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let drain = svc_drain.clone();
+        let slot = svc_slot.clone();
         async move {
             if over_limit {
                 let rec = Record::new(req.method(), String::new(), String::new());
                 let deny = Deny::TooManyConnections("this proxy");
                 return Ok::<_, Infallible>(finish(&shared, rec, Err(deny)).await);
             }
-            Ok::<_, Infallible>(handle_proxy_request(req, shared, drain).await)
+            Ok::<_, Infallible>(handle_proxy_request(req, shared, drain, slot).await)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -303,9 +307,10 @@ async fn handle_proxy_request(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     drain: Drain,
+    slot: ConnSlot,
 ) -> Response<ProxyBody> {
     if req.method() == Method::CONNECT {
-        handle_connect(req, shared, drain).await
+        handle_connect(req, shared, drain, slot).await
     } else if req.uri().scheme().is_some() {
         handle_plain(req, shared).await
     } else {
@@ -324,7 +329,7 @@ fn authenticate(
     shared: &Shared,
     headers: &http::HeaderMap,
     rec: &mut Record,
-) -> Result<Claims, Deny> {
+) -> Result<Arc<Claims>, Deny> {
     let token = auth::token_from_header(headers.get(header::PROXY_AUTHORIZATION))?;
     let claims = match shared.keys.verify(&token, AuthStage::Proxy) {
         Ok(c) => c,
@@ -345,10 +350,14 @@ fn authenticate(
     Ok(claims)
 }
 
+/// The accepted connection's global slot, handed to the tunnel on CONNECT.
+type ConnSlot = Arc<std::sync::Mutex<Option<super::limits::GlobalSlot>>>;
+
 async fn handle_connect(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     drain: Drain,
+    conn_slot: ConnSlot,
 ) -> Response<ProxyBody> {
     let raw_authority = req
         .uri()
@@ -387,15 +396,20 @@ async fn handle_connect(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let tunnel_shared = shared.clone();
+    // The tunnel outlives the HTTP connection it came from: it keeps counting against the cap.
+    let global_slot = conn_slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
     let span = tracing::debug_span!("tunnel", agent = %claims.sub, host = %authority);
     tokio::spawn(
         async move {
-            let _slot = slot;
+            let _slots = (slot, global_slot);
             match upgrade.await {
                 Ok(upgraded) => {
                     let tunnel = Tunnel {
                         authority: Arc::new(authority),
-                        claims: Arc::new(claims),
+                        claims,
                         shared: tunnel_shared,
                     };
                     tunnel.run(TokioIo::new(upgraded), drain).await;
