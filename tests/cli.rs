@@ -233,3 +233,24 @@ fn token_list_shows_live_sessions_without_tokens() {
     let out = home.run_ok(&["token", "list", "--agent", "bot"]);
     assert_eq!(out.lines().count(), 1, "{out}");
 }
+
+#[test]
+fn global_flags_work_after_the_subcommand_and_from_the_environment() {
+    let home = Home::new();
+    home.set_secret("github", SECRET);
+    let state = home.state();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["secret", "list", "--state-dir"])
+        .arg(&state)
+        .env_remove("LATCHKEY_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("github"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["secret", "list"])
+        .env("LATCHKEY_STATE_DIR", &state)
+        .env_remove("LATCHKEY_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("github"));
+}

@@ -196,3 +196,86 @@ json.dump(ids, open(out, "w"))
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_slow_upstream_blocks_no_other_request() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve(&["--upstream-timeout", "3s"]);
+    let slow_url = home.api_url("/slow");
+    let mut slow = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy"])
+        .arg(proxy.url_with(&token))
+        .arg("--cacert")
+        .arg(home.latchkey_ca())
+        .arg(&slow_url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the slow request waits on its upstream, others are served at once.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = home.curl(
+            &proxy,
+            &token,
+            &[],
+            &home.api_url("/repos/acme/backend/issues"),
+        );
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a request waited behind the slow one"
+        );
+    }
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "504");
+}
+
+#[test]
+fn redirects_are_passed_to_the_agent_and_never_followed() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve(&[]);
+    let r = home.curl(&proxy, &token, &[], &home.api_url("/redirect"));
+    assert_eq!(r.status, 302, "{r:?}");
+    assert!(r.headers.contains(&format!("https://{OTHER_HOST}/collect")));
+    // The upstream saw one request; nothing went to the redirect target.
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/redirect");
+}
+
+#[test]
+fn the_audit_log_rotates_by_size_and_still_verifies_from_the_cli() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve(&["--audit-max-bytes", "4KiB", "--audit-keep", "50"]);
+    for _ in 0..15 {
+        let r = home.curl(
+            &proxy,
+            &token,
+            &[],
+            &home.api_url("/repos/acme/backend/issues"),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(proxy.terminate().success());
+    let rotated = home.state().join("audit.jsonl.1");
+    assert!(rotated.exists(), "no rotation happened");
+    let out = home.run(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("30 lines"), "{text}");
+    let tail = home.run_ok(&["logs", "tail", "--json"]);
+    assert_eq!(tail.lines().count(), 30);
+}

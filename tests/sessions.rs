@@ -981,3 +981,37 @@ fn token_revoke_with_no_arguments_names_both_ways_to_revoke() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--agent"), "{err}");
 }
+
+#[test]
+fn run_forwards_sigterm_to_the_child_and_passes_its_exit_code() {
+    let home = Home::new();
+    home.standard_policy();
+    let proxy = home.serve(&[]);
+    let ready = home.path().join("child-ready");
+    let script = format!(
+        "trap 'exit 42' TERM; touch '{}'; while true; do sleep 0.05; done",
+        ready.display()
+    );
+    let mut child = home
+        .cmd()
+        .args(["run", "--agent", "bot", "--proxy"])
+        .arg(proxy.addr.to_string())
+        .args(["--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let mut started = false;
+    for _ in 0..200 {
+        if ready.exists() {
+            started = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(started, "the child never started");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(42));
+}

@@ -233,6 +233,20 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     if req.uri().path() == "/reflect" || req.uri().path() == "/reflect-split" {
         return reflect(&record, req.uri().path() == "/reflect-split");
     }
+    if req.uri().path() == "/redirect" {
+        // Points at another allowed-looking place: latchkey must pass this on, not follow it.
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = StatusCode::FOUND;
+        resp.headers_mut().insert(
+            "location",
+            format!("https://{OTHER_HOST}/collect").parse().unwrap(),
+        );
+        return resp;
+    }
+    if req.uri().path() == "/slow" {
+        // Answers only after a long pause: for "a slow upstream blocks nobody else".
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
     if req.uri().path() == "/big" {
         let n: u64 = req
             .uri()
@@ -456,7 +470,7 @@ max_ttl = "1h"
 id = "issues-read"
 host = "{API_HOST}:{port}"
 methods = ["GET"]
-paths = ["/repos/acme/backend/issues", "/repos/acme/backend/issues/**", "/big"]
+paths = ["/repos/acme/backend/issues", "/repos/acme/backend/issues/**", "/big", "/redirect", "/slow"]
 credential = "github"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 
