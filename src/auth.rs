@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use base64::Engine;
 use http::HeaderValue;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
@@ -28,8 +28,8 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (the contract says at most one).
 pub const LEEWAY_SECS: u64 = 1;
 
+#[cfg(test)]
 const SIGNING_KEY_FILE: &str = "signing.key";
-const VERIFY_KEY_FILE: &str = "signing.pub";
 const REVOCATIONS_FILE: &str = "revocations.json";
 
 /// The claims of an agent token.
@@ -109,10 +109,13 @@ pub enum AuthError {
     BadRevocations(PathBuf),
 }
 
-/// latchkey's token keys: the private key (for `token issue`) and the verification key.
+/// latchkey's token keys: the current signing key (for `token issue`; absent on a replica
+/// that only verifies) and the ring of public keys tokens are verified with, by `kid`.
 pub struct TokenKeys {
-    encoding: Option<EncodingKey>,
-    decoding: DecodingKey,
+    signing: Option<crate::keys::SigningKey>,
+    ring: ArcSwap<crate::keys::KeyRing>,
+    ring_source: PathBuf,
+    ring_stamp: std::sync::Mutex<Option<fsutil::FileStamp>>,
     validation: Validation,
     /// Tokens whose signature and claims were already checked, keyed by their SHA-256, so a
     /// client opening many tunnels pays the Ed25519 verification once. Expiry and revocation
@@ -129,59 +132,59 @@ impl std::fmt::Debug for TokenKeys {
     }
 }
 
-impl TokenKeys {
-    /// Load the key pair from the state dir, creating it (private key 0600) on first use.
-    pub fn load_or_create(state_dir: &Path) -> Result<TokenKeys, AuthError> {
-        let key_path = state_dir.join(SIGNING_KEY_FILE);
-        let pub_path = state_dir.join(VERIFY_KEY_FILE);
-        if !key_path.exists() {
-            fsutil::ensure_private_dir(state_dir).map_err(|source| AuthError::Io {
-                path: state_dir.to_path_buf(),
-                source,
-            })?;
-            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
-                .map_err(|e| AuthError::KeyGeneration(e.to_string()))?;
-            let private = zeroize::Zeroizing::new(pair.serialize_pem());
-            // Public key first: a crash between the two writes leaves no private key without its
-            // public half, and the next start regenerates both.
-            fsutil::write_atomic(&pub_path, pair.public_key_pem().as_bytes(), 0o644).map_err(
-                |source| AuthError::Io {
-                    path: pub_path.clone(),
-                    source,
-                },
-            )?;
-            fsutil::write_atomic(&key_path, private.as_bytes(), 0o600).map_err(|source| {
-                AuthError::Io {
-                    path: key_path.clone(),
-                    source,
-                }
-            })?;
+impl From<crate::keys::KeyError> for AuthError {
+    fn from(e: crate::keys::KeyError) -> AuthError {
+        match e {
+            crate::keys::KeyError::Io { path, source } => AuthError::Io { path, source },
+            crate::keys::KeyError::Bad { path, .. } => AuthError::BadKey(path),
+            crate::keys::KeyError::Generate(why) => AuthError::KeyGeneration(why),
         }
-        let private =
-            zeroize::Zeroizing::new(fs::read(&key_path).map_err(|source| AuthError::Io {
-                path: key_path.clone(),
-                source,
-            })?);
-        let encoding =
-            EncodingKey::from_ed_pem(&private).map_err(|_| AuthError::BadKey(key_path.clone()))?;
-        let public = fs::read(&pub_path).map_err(|source| AuthError::Io {
-            path: pub_path.clone(),
-            source,
-        })?;
-        let decoding =
-            DecodingKey::from_ed_pem(&public).map_err(|_| AuthError::BadKey(pub_path.clone()))?;
+    }
+}
+
+impl TokenKeys {
+    /// Load the signing key and the key ring from the state dir, creating the key pair
+    /// (private key 0600) on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<TokenKeys, AuthError> {
+        let signing = crate::keys::load_or_create_signing(state_dir)?;
+        let mut keys = TokenKeys::verify_only(&state_dir.join(crate::keys::JWKS_FILE))?;
+        keys.signing = Some(signing);
+        Ok(keys)
+    }
+
+    /// Verify-only keys from a JWKS or PEM public-key file (a replica that never issues).
+    pub fn verify_only(source: &Path) -> Result<TokenKeys, AuthError> {
+        let ring = crate::keys::KeyRing::load(source)?;
         Ok(TokenKeys {
-            encoding: Some(encoding),
-            decoding,
+            signing: None,
+            ring: ArcSwap::from_pointee(ring),
+            ring_source: source.to_path_buf(),
+            ring_stamp: std::sync::Mutex::new(fsutil::FileStamp::of(source)),
             validation: pinned_validation(),
             verified: dashmap::DashMap::new(),
         })
     }
 
+    /// Re-read the key ring if its file changed (a `keys rotate` while serving). A broken file
+    /// keeps the last good ring.
+    pub fn reload_if_changed(&self) -> Result<bool, AuthError> {
+        let stamp = fsutil::FileStamp::of(&self.ring_source);
+        let mut last = self.ring_stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == stamp {
+            return Ok(false);
+        }
+        *last = stamp;
+        let ring = crate::keys::KeyRing::load(&self.ring_source)?;
+        self.ring.store(Arc::new(ring));
+        // A retired key must not live on through tokens verified with it earlier.
+        self.verified.clear();
+        Ok(true)
+    }
+
     /// Issue a token. Returns the JWT and its claims.
     pub fn issue(&self, spec: &TokenSpec) -> Result<(String, Claims), AuthError> {
-        let encoding = self
-            .encoding
+        let signing = self
+            .signing
             .as_ref()
             .ok_or_else(|| AuthError::Signing("no private key loaded".into()))?;
         let now = unix_now();
@@ -201,7 +204,9 @@ impl TokenKeys {
                 Some(spec.routes.clone())
             },
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, encoding)
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(signing.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &signing.encoding)
             .map_err(|e| AuthError::Signing(e.to_string()))?;
         Ok((token, claims))
     }
@@ -240,23 +245,32 @@ impl TokenKeys {
             return Err(Deny::TokenInvalid("the token is too long"));
         }
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => Deny::TokenExpired(stage),
-                ErrorKind::InvalidSignature => Deny::TokenInvalid("bad signature"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
-                    Deny::TokenInvalid("wrong algorithm")
+        // The kid only selects among our own keys; the algorithm stays pinned.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Deny::TokenInvalid("malformed token"))?;
+        let ring = self.ring.load();
+        let key = ring.find(header.kid.as_deref()).ok_or(Deny::TokenInvalid(
+            "signed by a key this latchkey does not know",
+        ))?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => Deny::TokenExpired(stage),
+                    ErrorKind::InvalidSignature => Deny::TokenInvalid("bad signature"),
+                    ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+                        Deny::TokenInvalid("wrong algorithm")
+                    }
+                    ErrorKind::InvalidIssuer => Deny::TokenInvalid("wrong issuer"),
+                    ErrorKind::InvalidAudience => Deny::TokenInvalid("wrong audience"),
+                    ErrorKind::ImmatureSignature => Deny::TokenInvalid("not valid yet (nbf)"),
+                    ErrorKind::MissingRequiredClaim(_) => {
+                        Deny::TokenInvalid("a required claim is missing")
+                    }
+                    ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => {
+                        Deny::TokenInvalid("a claim has the wrong format")
+                    }
+                    _ => Deny::TokenInvalid("malformed token"),
                 }
-                ErrorKind::InvalidIssuer => Deny::TokenInvalid("wrong issuer"),
-                ErrorKind::InvalidAudience => Deny::TokenInvalid("wrong audience"),
-                ErrorKind::ImmatureSignature => Deny::TokenInvalid("not valid yet (nbf)"),
-                ErrorKind::MissingRequiredClaim(_) => {
-                    Deny::TokenInvalid("a required claim is missing")
-                }
-                ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => {
-                    Deny::TokenInvalid("a claim has the wrong format")
-                }
-                _ => Deny::TokenInvalid("malformed token"),
             })?;
         let claims = data.claims;
         if claims.jti.is_empty() || claims.sub.is_empty() {
@@ -280,7 +294,10 @@ impl TokenKeys {
         }
         let mut v = self.validation.clone();
         v.validate_exp = false;
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let ring = self.ring.load();
+        let key = ring.find(header.kid.as_deref())?;
+        jsonwebtoken::decode::<Claims>(token, key, &v)
             .ok()
             .map(|d| d.claims)
     }
@@ -546,7 +563,7 @@ mod tests {
         let tok = jsonwebtoken::encode(
             &Header::new(Algorithm::EdDSA),
             &claims,
-            k.encoding.as_ref().unwrap(),
+            &k.signing.as_ref().unwrap().encoding,
         )
         .unwrap();
         assert_eq!(k.verify(&tok, AuthStage::Tunnel).unwrap_err().status(), 403);

@@ -79,6 +79,9 @@ enum Command {
     /// Manage latchkey's certificate authority.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Manage the token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Run a command as an agent: mint a token for its lifetime, point its proxy and CA
     /// variables at latchkey, pass its exit code through, revoke the token when it exits.
     Run(RunArgs),
@@ -131,6 +134,10 @@ struct ServeArgs {
     /// How long the upstream may take to send its response head.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Verify tokens with the public keys in this JWKS or PEM file instead of the state dir's
+    /// own keys (replicas that must not issue tokens). Re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    verify_keys: Option<PathBuf>,
     /// Allow upstreams that resolve to loopback, private, link-local or other non-public
     /// addresses without a --resolve pin (off by default: SSRF guard).
     #[arg(long)]
@@ -245,6 +252,18 @@ enum AuditCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Make a new signing key; tokens signed with the previous keys stay valid until they expire.
+    Rotate {
+        /// How many public keys to keep accepting (the new one included).
+        #[arg(long, default_value_t = crate::keys::DEFAULT_KEEP)]
+        keep: usize,
+    },
+    /// Print the accepted public keys as JWKS (give this file to replicas: `serve --verify-keys`).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
 enum CaCmd {
     /// Create certs/ca.crt and certs/ca.key if they do not exist.
     Init,
@@ -341,6 +360,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Run(args) => run_agent(&dirs, args).await,
+        Command::Keys(KeysCmd::Rotate { keep }) => {
+            let kid = crate::keys::rotate(&dirs.state_dir, keep)?;
+            eprintln!(
+                "new signing key {kid}; tokens signed with the previous keys stay valid until they expire"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCmd::Show) => {
+            crate::keys::load_or_create_signing(&dirs.state_dir)?;
+            let jwks = crate::keys::read_jwks(&dirs.state_dir)?.unwrap_or_default();
+            println!("{}", serde_json::to_string_pretty(&jwks)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCmd::Init) => {
             let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
             let crt = dirs.certs.join("ca.crt");
@@ -421,7 +453,10 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
             dirs.certs.join("ca.crt").display()
         );
     }
-    let keys = TokenKeys::load_or_create(&dirs.state_dir)?;
+    let keys = match &args.verify_keys {
+        Some(file) => TokenKeys::verify_only(file)?,
+        None => TokenKeys::load_or_create(&dirs.state_dir)?,
+    };
     let revocations = Revocations::open(&dirs.state_dir)?;
     let secrets = Arc::new(SecretStore::open(&dirs.state_dir)?);
     let policies = load_policies(dirs)?;
@@ -540,6 +575,13 @@ async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
         }
         if let Err(e) = shared.revocations.reload_if_changed() {
             tracing::error!(error = %e, "cannot reload revocations; keeping the last list");
+        }
+        match shared.keys.reload_if_changed() {
+            Ok(true) => tracing::info!("token verification keys reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the token keys; keeping the last set")
+            }
         }
         let stamp = policy_dir_stamp(&shared.policies_dir);
         if stamp != last_policy_stamp {

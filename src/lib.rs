@@ -10,6 +10,7 @@ pub mod authority;
 pub mod cli;
 pub mod fsutil;
 pub mod inject;
+pub mod keys;
 pub mod metrics;
 pub mod netguard;
 pub mod policy;
