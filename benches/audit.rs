@@ -21,6 +21,7 @@ fn typical_event() -> AuditEvent {
         credential: Some("github_pat".into()),
         decision: Decision::Allow,
         reason: None,
+        replica: None,
         method: "GET".into(),
         host: "api.github.com".into(),
         path: "/repos/latchkey/latchkey/pulls/42/comments".into(),

@@ -110,9 +110,13 @@ struct ServeArgs {
     /// Pin HOST:PORT to ADDR, like curl's --resolve (repeatable).
     #[arg(long, value_name = "HOST:PORT:ADDR")]
     resolve: Vec<ResolvePin>,
-    /// Audit log file (default: <state-dir>/audit.jsonl).
-    #[arg(long, value_name = "FILE")]
+    /// Audit log file (default: <state-dir>/audit.jsonl); `-` writes lines to standard output
+    /// for log shippers.
+    #[arg(long, value_name = "FILE|-")]
     audit_log: Option<PathBuf>,
+    /// This replica's name in every audit line (default: the host name).
+    #[arg(long, env = "LATCHKEY_REPLICA_ID")]
+    replica_id: Option<String>,
     /// Rotate the audit log when it would grow past this size (e.g. 64MiB).
     #[arg(long, default_value = "64MiB", value_parser = parse_size_arg)]
     audit_max_bytes: u64,
@@ -471,6 +475,7 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         .audit_log
         .clone()
         .unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
+    let audit_to_stdout = audit_path.as_os_str() == crate::audit::sink::STDOUT_PATH;
     let rotation = audit::Rotation {
         max_bytes: args.audit_max_bytes,
         keep: args.audit_keep,
@@ -497,6 +502,12 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         policies_dir: dirs.policies.clone(),
         metrics: Default::default(),
         limits_state: Default::default(),
+        replica: args.replica_id.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "latchkey".to_owned())
+        }),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -531,9 +542,17 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
     let server = tokio::spawn(server::serve(listener, shared.clone(), drain));
-    println!("latchkey listening on {addr}");
+    // With `--audit-log -`, standard output carries only audit lines.
+    let announce = |line: String| {
+        if audit_to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    announce(format!("latchkey listening on {addr}"));
     if let Some(a) = admin_addr {
-        println!("latchkey admin on {a}");
+        announce(format!("latchkey admin on {a}"));
     }
     let _ = std::io::stdout().flush();
 

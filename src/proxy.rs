@@ -44,6 +44,8 @@ pub struct Shared {
     pub policies_dir: PathBuf,
     /// Counters for the admin listener.
     pub metrics: crate::metrics::Metrics,
+    /// This replica's name in every audit line (`--replica-id`).
+    pub replica: String,
     /// Open connections overall and per agent, checked against `limits`.
     pub limits_state: limits::ConnLimits,
 }

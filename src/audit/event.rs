@@ -50,6 +50,9 @@ pub struct AuditEvent {
     pub decision: Decision,
     /// Stable reason code (a `Deny::code()` for denials).
     pub reason: Option<String>,
+    /// The latchkey replica that decided (`--replica-id`, default the host name).
+    #[serde(default)]
+    pub replica: Option<String>,
     /// HTTP method (or `CONNECT`).
     pub method: String,
     /// Target host.
@@ -122,6 +125,7 @@ mod tests {
             credential: None,
             decision: Decision::Deny,
             reason: Some("no_rule".into()),
+            replica: None,
             method: "GET".into(),
             host: "h".into(),
             path: "/".into(),

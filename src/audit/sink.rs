@@ -137,6 +137,8 @@ impl AuditSink {
         path: &Path,
         rotation: Option<Rotation>,
     ) -> Result<(AuditSink, AuditWriter), AuditError> {
+        // Standard output cannot be renamed away.
+        let rotation = if is_stdout(path) { None } else { rotation };
         Self::spawn(path, rotation, QUEUE_CAPACITY).await
     }
 
@@ -208,8 +210,28 @@ impl AuditWriter {
     }
 }
 
+/// The path that means "write lines to standard output" (`--audit-log -`, for log shippers).
+pub const STDOUT_PATH: &str = "-";
+
+fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == STDOUT_PATH
+}
+
 /// Open or create the log and find where the chain stands; also returns the file's length.
 fn open_blocking(path: &Path) -> Result<(File, Chain, u64), AuditError> {
+    if is_stdout(path) {
+        // A fresh chain per run: the shipper keeps the lines, and each run's chain verifies
+        // on its own from genesis.
+        use std::os::fd::AsFd;
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| AuditError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        return Ok((File::from(fd), Chain::genesis(), 0));
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // SECURITY: the log names agents, hosts and paths; keep a new directory private.
         DirBuilder::new()
@@ -483,8 +505,10 @@ fn bytecount_newlines(buf: &[u8]) -> u64 {
 /// fsync the log so everything written survives a crash.
 async fn sync(log: &mut LogFile) -> Result<(), AuditError> {
     let file = log.file.take().ok_or(AuditError::WriterGone)?;
+    let stdout = is_stdout(&log.path);
     let (file, res) = tokio::task::spawn_blocking(move || {
-        let res = file.sync_all();
+        // A pipe or terminal cannot be fsynced; everything was already written to it.
+        let res = if stdout { Ok(()) } else { file.sync_all() };
         (file, res)
     })
     .await

@@ -38,6 +38,7 @@ fn event(i: u64) -> AuditEvent {
         } else {
             None
         },
+        replica: Some("replica-a".into()),
         method: "GET".into(),
         host: "api.github.com".into(),
         path: format!("/repos/{i}"),

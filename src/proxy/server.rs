@@ -251,6 +251,7 @@ async fn finish(
             credential: rec.credential,
             decision,
             reason: reason.map(str::to_owned),
+            replica: Some(shared.replica.clone()),
             method: rec.method,
             host: rec.host,
             path: rec.path,
