@@ -25,12 +25,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A fresh random name and `create_new`: two writers never share a temp file, and nothing
+    // planted at that name is followed or reused.
+    let suffix: [u8; 8] = rand::random();
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(suffix)));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         // The mode passed to open is masked by umask; set it explicitly.

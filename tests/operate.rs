@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -15,18 +15,6 @@ fn ready() -> (Home, Proxy, String) {
     let token = home.issue("bot", &[]);
     let proxy = home.serve(&[]);
     (home, proxy, token)
-}
-
-/// Poll `f` every 25 ms for up to `limit`; true once it held.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    false
 }
 
 fn get(url: &str) -> (u16, String) {

@@ -548,12 +548,7 @@ fn a_100_mib_download_streams_with_bounded_memory() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {size}"));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let hwm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kib = peak_rss_kib(proxy.pid());
     // Buffering the body would need > 100 MiB; streaming needs a few buffers.
     assert!(
         hwm_kib < 64 * 1024,
@@ -620,12 +615,7 @@ fn a_100_mib_upload_streams_with_bounded_memory() {
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(v["body_len"], size);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let hwm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kib = peak_rss_kib(proxy.pid());
     assert!(
         hwm_kib < 64 * 1024,
         "peak RSS {hwm_kib} KiB while uploading 100 MiB"
