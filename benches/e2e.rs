@@ -19,7 +19,9 @@
 //! - peak RSS of latchkey (VmHWM) under load: <= 30 MiB.
 //!
 //! Knobs (environment): BENCH_SECS (5) per timed run, BENCH_RUNS (3) per path, BENCH_CONNS (32),
-//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s4").
+//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s4"),
+//! BENCH_PERF_DIR (profile latchkey with `perf record -e cpu-clock` during the first proxied run
+//! of each scenario, to DIR/<scenario>.data).
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write};
@@ -395,6 +397,32 @@ impl Meter {
             lk_cpu: (proc_cpu(self.lk_pid).saturating_sub(self.lk)) as f64 / 100.0,
             me_cpu: (proc_cpu(std::process::id()).saturating_sub(self.me)) as f64 / 100.0,
         }
+    }
+}
+
+/// Start `perf record` on latchkey when BENCH_PERF_DIR is set.
+fn perf_start(pid: u32, label: &str) -> Option<Child> {
+    let dir = std::env::var("BENCH_PERF_DIR").ok()?;
+    std::fs::create_dir_all(&dir).ok()?;
+    let child = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(format!("{dir}/{label}.data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Some(child)
+}
+
+fn perf_stop(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
     }
 }
 
@@ -953,7 +981,11 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         let mut res: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
         for i in 0..runs {
             for via in [Via::Direct, Via::Proxied] {
+                let perf = (i == 0 && via == Via::Proxied)
+                    .then(|| perf_start(pid, key))
+                    .flatten();
                 let r = rt.block_on(timed(ctx.clone(), kind, via, n, secs, pid));
+                perf_stop(perf);
                 log(&format!(
                     "{key} run {i} {:>7}: {:>8.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} \
                      core0 {:.0}% core1 {:.0}% latchkey cpu {:.1} us/req, load side {:.1} us/req{}",
@@ -1019,7 +1051,12 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         let mut res: [Vec<(f64, Usage)>; 2] = [Vec::new(), Vec::new()];
         for i in 0..runs {
             for via in [Via::Direct, Via::Proxied] {
-                match rt.block_on(download(ctx.clone(), via, pid)) {
+                let perf = (i == 0 && via == Via::Proxied)
+                    .then(|| perf_start(pid, "s4"))
+                    .flatten();
+                let r = rt.block_on(download(ctx.clone(), via, pid));
+                perf_stop(perf);
+                match r {
                     Ok((mbs, n, u)) => {
                         log(&format!(
                             "s4 run {i} {:>7}: {mbs:.0} MB/s ({n} bytes) core0 {:.0}% core1 {:.0}% \
@@ -1063,7 +1100,11 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         let mut res: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
         for (i, hosts) in host_sets.iter().enumerate() {
             for via in [Via::Direct, Via::Proxied] {
+                let perf = (i == 0 && via == Via::Proxied)
+                    .then(|| perf_start(pid, "s6"))
+                    .flatten();
                 let r = rt.block_on(first_contact(ctx.clone(), via, hosts.clone(), pid));
+                perf_stop(perf);
                 log(&format!(
                     "s6 run {i} {:>7}: {} hosts p50 {:.3} ms p99 {:.3} ms errors {} core0 {:.0}% \
                      core1 {:.0}% latchkey cpu {:.0} us/host{}",
