@@ -367,6 +367,8 @@ struct Usage {
     lk_cpu: f64,
     /// This process (upstream + load generator) CPU time, in seconds.
     me_cpu: f64,
+    /// Wall time of the measurement, in seconds.
+    wall: f64,
 }
 
 impl Meter {
@@ -390,8 +392,8 @@ impl Meter {
                 0.0
             }
         };
-        let _ = self.start;
         Usage {
+            wall: self.start.elapsed().as_secs_f64(),
             core0: share(0),
             core1: share(1),
             lk_cpu: (proc_cpu(self.lk_pid).saturating_sub(self.lk)) as f64 / 100.0,
@@ -784,8 +786,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn usage_note(u: &[Usage]) -> String {
     let c0 = median(u.iter().map(|x| x.core0).collect());
     let c1 = median(u.iter().map(|x| x.core1).collect());
+    let lk = median(u.iter().map(|x| x.lk_cpu / x.wall).collect());
+    let me = median(u.iter().map(|x| x.me_cpu / x.wall).collect());
     let sat = if c0 >= 0.95 { " (core0 saturated)" } else { "" };
-    format!("core0 {:.0}% core1 {:.0}%{sat}", c0 * 100.0, c1 * 100.0)
+    format!(
+        "core0 {:.0}% core1 {:.0}%{sat}, load side {:.0}%, latchkey {:.0}%",
+        c0 * 100.0,
+        c1 * 100.0,
+        me * 100.0,
+        lk * 100.0
+    )
 }
 
 fn log(line: &str) {
@@ -1006,6 +1016,11 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
                 res[via as usize].push(r);
             }
         }
+        log(&format!(
+            "{key} done: latchkey VmRSS {} KiB VmHWM {} KiB",
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "VmHWM:")
+        ));
         let m = |v: &Vec<Run>, f: &dyn Fn(&Run) -> f64| median(v.iter().map(f).collect());
         let d_rps = m(&res[0], &|r| r.rps());
         let p_rps = m(&res[1], &|r| r.rps());
@@ -1072,6 +1087,11 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
                 }
             }
         }
+        log(&format!(
+            "s4 done: latchkey VmRSS {} KiB VmHWM {} KiB",
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "VmHWM:")
+        ));
         let d = median(res[0].iter().map(|x| x.0).collect());
         let p = median(res[1].iter().map(|x| x.0).collect());
         let lk_ns = median(
@@ -1096,6 +1116,9 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         ]);
     }
 
+    let hwm_before_s6 = status_kib(pid, "VmHWM:");
+    let rss_before_s6 = status_kib(pid, "VmRSS:");
+    let mut per_host = f64::NAN;
     if want("s6") {
         let mut res: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
         for (i, hosts) in host_sets.iter().enumerate() {
@@ -1124,6 +1147,13 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
                 res[via as usize].push(r);
             }
         }
+        log(&format!(
+            "s6 done: latchkey VmRSS {} KiB VmHWM {} KiB",
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "VmHWM:")
+        ));
+        per_host = status_kib(pid, "VmRSS:").saturating_sub(rss_before_s6) as f64
+            / (n_hosts * runs).max(1) as f64;
         let m = |v: &Vec<Run>, f: &dyn Fn(&Run) -> f64| median(v.iter().map(f).collect());
         let d50 = m(&res[0], &|r| r.pct(50.0));
         let p50 = m(&res[1], &|r| r.pct(50.0));
@@ -1189,11 +1219,17 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         "Peak RSS (VmHWM)".into(),
         "-".into(),
         format!(
-            "{} MiB after S1-S4/S6; {} MiB incl. S5",
+            "{} MiB after S1-S4; {} MiB after S6 ({} distinct hosts); {} MiB incl. S5",
+            fmt(hwm_before_s6 as f64 / 1024.0, 1),
             fmt(hwm_load as f64 / 1024.0, 1),
+            n_hosts * runs,
             fmt(hwm as f64 / 1024.0, 1)
         ),
-        format!("start {} MiB", fmt(rss0 as f64 / 1024.0, 1)),
+        format!(
+            "start {} MiB; S6 adds {} KiB per distinct host",
+            fmt(rss0 as f64 / 1024.0, 1),
+            fmt(per_host, 1)
+        ),
         String::new(),
         String::new(),
     ]);
