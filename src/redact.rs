@@ -24,6 +24,9 @@ const MIN_NEEDLE: usize = 4;
 /// put on the wire (percent-encoded, base64 in a Basic header).
 pub struct Needles {
     needles: Vec<Zeroizing<Vec<u8>>>,
+    /// Searchers built once per needle set, not per chunk. They hold their own copy of the
+    /// needle (not zeroized on drop, like the injected `HeaderValue` itself).
+    finders: Vec<memchr::memmem::Finder<'static>>,
     longest: usize,
 }
 
@@ -43,14 +46,23 @@ impl Needles {
             }
         }
         let longest = needles.iter().map(|n| n.len()).max()?;
-        Some(Arc::new(Needles { needles, longest }))
+        let finders = needles
+            .iter()
+            .map(|n| memchr::memmem::Finder::new(n.as_slice()).into_owned())
+            .collect();
+        Some(Arc::new(Needles {
+            needles,
+            finders,
+            longest,
+        }))
     }
 
     /// Sorted, non-overlapping match ranges in `hay`.
     fn matches(&self, hay: &[u8]) -> Vec<(usize, usize)> {
         let mut found: Vec<(usize, usize)> = Vec::new();
-        for n in &self.needles {
-            found.extend(memchr::memmem::find_iter(hay, n.as_slice()).map(|i| (i, i + n.len())));
+        for f in &self.finders {
+            let len = f.needle().len();
+            found.extend(f.find_iter(hay).map(|i| (i, i + len)));
         }
         if found.len() > 1 {
             found.sort_unstable();

@@ -228,6 +228,10 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(64)
+            // Large windows so one multiplexed upstream connection carries big downloads at
+            // full speed instead of waiting on WINDOW_UPDATEs every 64 KiB.
+            .http2_initial_stream_window_size(Some(4 << 20))
+            .http2_initial_connection_window_size(Some(8 << 20))
             .build(https);
         Ok(Upstream {
             client,

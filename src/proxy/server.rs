@@ -491,6 +491,8 @@ impl Tunnel {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(100)
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
