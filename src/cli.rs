@@ -203,7 +203,7 @@ impl BackendArgs {
     /// by the first lookup, so the proxy starts and serves routes that need no credential.
     fn open(&self, dirs: &Dirs) -> Result<Secrets> {
         match self.secret_backend {
-            BackendKind::File => Ok(Secrets::File(SecretStore::open(&dirs.state_dir)?)),
+            BackendKind::File => Ok(Secrets::File(Box::new(SecretStore::open(&dirs.state_dir)?))),
             BackendKind::Openbao => {
                 let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
                 let addr = self

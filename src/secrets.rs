@@ -139,7 +139,7 @@ impl SecretBackend for OpenBao {
 /// The configured backend, as the proxy and the CLI use it.
 pub enum Secrets {
     /// The encrypted store in the state dir, read directly.
-    File(SecretStore),
+    File(Box<SecretStore>),
     /// OpenBao / Vault, read through the TTL cache.
     OpenBao(Arc<SecretCache<OpenBao>>),
 }
@@ -165,7 +165,7 @@ impl Secrets {
     /// Sets `name` to `value` in the backend (and drops this process's cached copy).
     pub async fn set(&self, name: &str, value: Secret) -> Result<(), BackendError> {
         match self {
-            Secrets::File(store) => SecretBackend::set(store, name, value).await,
+            Secrets::File(store) => SecretBackend::set(&**store, name, value).await,
             Secrets::OpenBao(cache) => {
                 SecretBackend::set(cache.backend(), name, value).await?;
                 cache.invalidate(name).await;
@@ -177,7 +177,7 @@ impl Secrets {
     /// Removes `name`; `Ok(false)` when it did not exist.
     pub async fn remove(&self, name: &str) -> Result<bool, BackendError> {
         match self {
-            Secrets::File(store) => SecretBackend::remove(store, name).await,
+            Secrets::File(store) => SecretBackend::remove(&**store, name).await,
             Secrets::OpenBao(cache) => {
                 let existed = SecretBackend::remove(cache.backend(), name).await?;
                 cache.invalidate(name).await;
@@ -189,7 +189,7 @@ impl Secrets {
     /// Names and dates, sorted by name; never values. Always asks the backend.
     pub async fn list(&self) -> Result<Vec<SecretMeta>, BackendError> {
         match self {
-            Secrets::File(store) => SecretBackend::list(store).await,
+            Secrets::File(store) => SecretBackend::list(&**store).await,
             Secrets::OpenBao(cache) => SecretBackend::list(cache.backend()).await,
         }
     }
@@ -197,7 +197,7 @@ impl Secrets {
     /// Whether `name` exists. Always asks the backend.
     pub async fn contains(&self, name: &str) -> Result<bool, BackendError> {
         match self {
-            Secrets::File(store) => SecretBackend::contains(store, name).await,
+            Secrets::File(store) => SecretBackend::contains(&**store, name).await,
             Secrets::OpenBao(cache) => SecretBackend::contains(cache.backend(), name).await,
         }
     }

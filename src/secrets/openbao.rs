@@ -209,7 +209,9 @@ impl OpenBao {
             )));
         }
         let prefix = config.prefix.trim_start_matches('/').to_owned();
-        if !prefix.is_empty() && !(prefix.ends_with('/') && valid_path(&prefix[..prefix.len() - 1]))
+        if !prefix
+            .strip_suffix('/')
+            .map_or(prefix.is_empty(), valid_path)
         {
             return Err(OpenBaoError::Config(format!(
                 "the prefix {:?} must be empty or folders ending in '/', e.g. latchkey/",
