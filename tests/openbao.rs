@@ -231,6 +231,22 @@ fn secret_set_list_and_rm_work_against_openbao() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no secret named github"));
 
+    // `policy check` asks the same backend which credentials exist.
+    home.standard_policy();
+    bao.put("github", value);
+    let out = latchkey(&home, &bao, &["policy", "check"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warnings = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        warnings.contains("\"not-stored\" is not in the secret store"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("\"github\""), "{warnings}");
+
     // A different prefix is a different folder.
     let out = latchkey(
         &home,
@@ -363,6 +379,10 @@ fn openbao_down_serves_cached_values_until_the_ttl_then_503_secret_unavailable()
     let proxy = serve(&home, &bao, &["--secret-cache-ttl", "3s"]);
     let (r, _) = get_issues(&home, &proxy, &token);
     assert_eq!(r.status, 200, "{r:?}\n{}", proxy.log());
+    // A credential OpenBao does not hold is refused as before, while OpenBao is up.
+    let r = home.curl(&proxy, &token, &[], &home.api_url("/missing"));
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["reason"], "secret_unavailable");
 
     bao.stop();
     let stopped = Instant::now();
