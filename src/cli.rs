@@ -20,7 +20,9 @@ use crate::policy::{path, Grant, Policies, Scheme, Severity};
 use crate::proxy::admin;
 use crate::proxy::server::{self, Drain};
 use crate::proxy::{Limits, ResolvePin, Shared, Upstream};
-use crate::secrets::{Secret, SecretStore};
+use crate::secrets::{
+    OpenBao, OpenBaoAuth, OpenBaoConfig, Secret, SecretCache, SecretStore, Secrets,
+};
 use crate::tls::{CertificateAuthority, LeafCache};
 
 /// latchkey: give AI agents scoped, short-lived access to real APIs without ever handing them a key.
@@ -61,9 +63,8 @@ pub struct Dirs {
 enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
-    /// Manage credentials in the encrypted store.
-    #[command(subcommand)]
-    Secret(SecretCmd),
+    /// Manage credentials in the secret backend (encrypted file store or OpenBao).
+    Secret(SecretArgs),
     /// Issue and revoke agent tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -146,6 +147,125 @@ struct ServeArgs {
     /// addresses without a --resolve pin (off by default: SSRF guard).
     #[arg(long)]
     allow_private_upstreams: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// Which secret backend holds credential values: the encrypted file store in the state dir,
+/// or a KV v2 engine in OpenBao / HashiCorp Vault. Accepted by `serve`, `secret` and
+/// `policy check`; the OpenBao token and AppRole secret_id come from the environment only.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// Where credential values live: `file` (encrypted store in the state dir) or `openbao`
+    /// (OpenBao or HashiCorp Vault, KV v2).
+    #[arg(long, global = true, env = "LATCHKEY_SECRET_BACKEND", value_enum, default_value_t = BackendKind::File)]
+    secret_backend: BackendKind,
+    /// OpenBao/Vault address, e.g. https://bao.internal:8200 (default: $BAO_ADDR, then $VAULT_ADDR).
+    #[arg(long, global = true, env = "LATCHKEY_OPENBAO_ADDR", value_name = "URL")]
+    openbao_addr: Option<String>,
+    /// KV v2 mount of the credentials.
+    #[arg(
+        long,
+        global = true,
+        env = "LATCHKEY_OPENBAO_MOUNT",
+        default_value = "secret"
+    )]
+    openbao_mount: String,
+    /// Prefix of credential names inside the mount: NAME lives at <mount>/data/<prefix>NAME.
+    #[arg(
+        long,
+        global = true,
+        env = "LATCHKEY_OPENBAO_PREFIX",
+        default_value = "latchkey/"
+    )]
+    openbao_prefix: String,
+    /// AppRole role_id (with LATCHKEY_OPENBAO_SECRET_ID); otherwise $BAO_TOKEN or $VAULT_TOKEN.
+    #[arg(
+        long,
+        global = true,
+        env = "LATCHKEY_OPENBAO_ROLE_ID",
+        value_name = "ROLE_ID"
+    )]
+    openbao_role_id: Option<String>,
+    /// How long a value read from OpenBao is served from memory before it must be re-read.
+    #[arg(long, global = true, env = "LATCHKEY_SECRET_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    secret_cache_ttl: Duration,
+}
+
+/// The secret backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    /// The encrypted store in the state dir.
+    File,
+    /// OpenBao or HashiCorp Vault (KV v2).
+    Openbao,
+}
+
+/// Environment variable holding the AppRole secret_id (never a flag: argv is world-readable).
+const OPENBAO_SECRET_ID_ENV: &str = "LATCHKEY_OPENBAO_SECRET_ID";
+/// Bound on one HTTP exchange with OpenBao from the CLI and the background refresh.
+const OPENBAO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the one fetch a request may wait for when its credential is not cached fresh:
+/// short, so an OpenBao outage turns into a quick 503 rather than a stalled agent.
+const OPENBAO_REQUEST_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl BackendArgs {
+    /// Open the configured backend. OpenBao is not contacted here: a down OpenBao is reported
+    /// by the first lookup, so the proxy starts and serves routes that need no credential.
+    fn open(&self, dirs: &Dirs) -> Result<Secrets> {
+        match self.secret_backend {
+            BackendKind::File => Ok(Secrets::File(Box::new(SecretStore::open(&dirs.state_dir)?))),
+            BackendKind::Openbao => {
+                let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+                let addr = self
+                    .openbao_addr
+                    .clone()
+                    .or_else(|| env("BAO_ADDR"))
+                    .or_else(|| env("VAULT_ADDR"))
+                    .ok_or_else(|| {
+                        anyhow!("--secret-backend openbao needs --openbao-addr (or LATCHKEY_OPENBAO_ADDR, BAO_ADDR, VAULT_ADDR)")
+                    })?;
+                let auth = match &self.openbao_role_id {
+                    Some(role_id) => {
+                        let secret_id = env(OPENBAO_SECRET_ID_ENV).ok_or_else(|| {
+                            anyhow!("--openbao-role-id needs the AppRole secret_id in {OPENBAO_SECRET_ID_ENV}")
+                        })?;
+                        OpenBaoAuth::AppRole {
+                            role_id: role_id.clone(),
+                            secret_id: Secret::new(secret_id.into_bytes()),
+                        }
+                    }
+                    None => {
+                        let token = env("BAO_TOKEN").or_else(|| env("VAULT_TOKEN")).ok_or_else(|| {
+                            anyhow!("--secret-backend openbao needs a token in BAO_TOKEN or VAULT_TOKEN, or AppRole credentials (--openbao-role-id and {OPENBAO_SECRET_ID_ENV})")
+                        })?;
+                        OpenBaoAuth::Token(Secret::new(token.into_bytes()))
+                    }
+                };
+                let bao = OpenBao::try_new(OpenBaoConfig {
+                    addr,
+                    mount: self.openbao_mount.clone(),
+                    prefix: self.openbao_prefix.clone(),
+                    auth,
+                    timeout: OPENBAO_TIMEOUT,
+                })?;
+                Ok(Secrets::OpenBao(Arc::new(SecretCache::new(
+                    bao,
+                    self.secret_cache_ttl,
+                    OPENBAO_REQUEST_FETCH_TIMEOUT,
+                ))))
+            }
+        }
+    }
+}
+
+/// `latchkey secret ...`: the backend flags, then what to do.
+#[derive(Debug, Args)]
+struct SecretArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(subcommand)]
+    cmd: SecretCmd,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,7 +327,10 @@ struct IssueArgs {
 #[derive(Debug, Subcommand)]
 enum PolicyCmd {
     /// Validate every policy file; errors name file, line and field.
-    Check,
+    Check {
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// Show whether a request would be allowed and by which route.
     Explain {
         /// Agent name.
@@ -292,11 +415,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let dirs = cli.dirs;
     match cli.command {
         Command::Serve(args) => serve(&dirs, args).await,
-        Command::Secret(cmd) => secret(&dirs, cmd),
+        Command::Secret(args) => secret(&dirs, args).await,
         Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, args),
         Command::Token(TokenCmd::Revoke { jti, agent }) => token_revoke(&dirs, jti, agent),
         Command::Token(TokenCmd::List { agent }) => token_list(&dirs, agent.as_deref()),
-        Command::Policy(PolicyCmd::Check) => policy_check(&dirs),
+        Command::Policy(PolicyCmd::Check { backend }) => policy_check(&dirs, &backend).await,
         Command::Policy(PolicyCmd::Explain { agent, method, url }) => {
             policy_explain(&dirs, &agent, &method, &url)
         }
@@ -462,7 +585,8 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         None => TokenKeys::load_or_create(&dirs.state_dir)?,
     };
     let revocations = Revocations::open(&dirs.state_dir)?;
-    let secrets = Arc::new(SecretStore::open(&dirs.state_dir)?);
+    let secrets = Arc::new(args.backend.open(dirs)?);
+    secrets.start_refresh();
     let policies = load_policies(dirs)?;
     let upstream = Upstream::try_new(
         &args.upstream_ca,
@@ -663,9 +787,9 @@ fn policy_dir_stamp(dir: &Path) -> Vec<(PathBuf, Option<fsutil::FileStamp>)> {
     v
 }
 
-fn secret(dirs: &Dirs, cmd: SecretCmd) -> Result<ExitCode> {
-    let store = SecretStore::open(&dirs.state_dir)?;
-    match cmd {
+async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {
+    let store = args.backend.open(dirs)?;
+    match args.cmd {
         SecretCmd::Set { name } => {
             crate::secrets::validate_name(&name)?;
             let mut buf = zeroize::Zeroizing::new(Vec::new());
@@ -682,13 +806,13 @@ fn secret(dirs: &Dirs, cmd: SecretCmd) -> Result<ExitCode> {
                 bail!("the secret read from standard input is empty; pipe the value in, e.g. `printf %s \"$TOKEN\" | latchkey secret set {name}`");
             }
             let value = Secret::new(std::mem::take(&mut *buf));
-            store.set(&name, value)?;
+            store.set(&name, value).await?;
             eprintln!("stored secret {name}");
         }
         SecretCmd::List => {
-            let list = store.list()?;
+            let list = store.list().await?;
             if list.is_empty() {
-                eprintln!("no secrets stored in {}", dirs.state_dir.display());
+                eprintln!("no secrets stored in {}", store.describe());
             }
             for m in list {
                 println!(
@@ -700,7 +824,7 @@ fn secret(dirs: &Dirs, cmd: SecretCmd) -> Result<ExitCode> {
             }
         }
         SecretCmd::Rm { name } => {
-            if !store.remove(&name)? {
+            if !store.remove(&name).await? {
                 bail!("no secret named {name}");
             }
             eprintln!("removed secret {name}");
@@ -1003,17 +1127,44 @@ fn token_revoke(dirs: &Dirs, jti: Option<String>, agent: Option<String>) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-fn policy_check(dirs: &Dirs) -> Result<ExitCode> {
+async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
     let report = Policies::load_dir(&dirs.policies)
         .with_context(|| format!("cannot read policies from {}", dirs.policies.display()))?;
     let mut diagnostics = report.diagnostics.clone();
-    // A missing credential is a warning: it may be stored after the policy is written.
-    if let Ok(store) = SecretStore::open(&dirs.state_dir) {
-        diagnostics.extend(
-            report
-                .policies
-                .missing_credentials(&|name| store.contains(name).unwrap_or(false)),
-        );
+    // A missing credential is a warning: it may be stored after the policy is written. The
+    // backend is asked once per referenced name, before the (synchronous) check.
+    if let Ok(store) = backend.open(dirs) {
+        let mut present = std::collections::HashSet::new();
+        let mut unreachable = None;
+        // The referenced names, gathered through the same walk that reports them.
+        let names = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let _ = report.policies.missing_credentials(&|name| {
+            names.borrow_mut().insert(name.to_owned());
+            true
+        });
+        for name in names.into_inner() {
+            match store.contains(&name).await {
+                Ok(true) => {
+                    present.insert(name);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    unreachable = Some(e);
+                    break;
+                }
+            }
+        }
+        match unreachable {
+            Some(e) => eprintln!(
+                "warning: cannot check which credentials exist in {}: {e}",
+                store.describe()
+            ),
+            None => diagnostics.extend(
+                report
+                    .policies
+                    .missing_credentials(&|name| present.contains(name)),
+            ),
+        }
     }
     let errors = diagnostics
         .iter()

@@ -4,6 +4,8 @@
 //! Only a policy `Allowed` can reach `apply`; the secret value lives here for the time it
 //! takes to build one header or query parameter, in zeroizing buffers.
 
+use std::sync::Arc;
+
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -14,7 +16,7 @@ use crate::authority::Authority;
 use crate::policy::decision::Deny;
 use crate::policy::{Allowed, Inject, Scheme};
 use crate::redact::Needles;
-use crate::secrets::SecretStore;
+use crate::secrets::{Secret, Secrets};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) plus the legacy `proxy-connection`.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -88,17 +90,40 @@ fn remove_prefixed(headers: &mut HeaderMap) {
     }
 }
 
+/// Look up the route's credential, before `apply`: the one step of the request that may wait
+/// on a secret backend (bounded; see `secrets::SecretCache`). `Ok(None)` when the route
+/// injects nothing. A missing credential or a backend that cannot answer is
+/// `SecretUnavailable` (503), with a detail that names the credential and never its value.
+pub async fn credential(allowed: &Allowed, secrets: &Secrets) -> Result<Option<Arc<Secret>>, Deny> {
+    let Some(name) = allowed.route().credential() else {
+        return Ok(None);
+    };
+    match secrets.get(name).await {
+        Ok(Some(secret)) => Ok(Some(secret)),
+        Ok(None) => Err(Deny::SecretUnavailable(name.to_owned())),
+        Err(e) => {
+            // Our fault, not the agent's: the operator gets the cause, the agent one phrase.
+            tracing::error!(credential = name, error = %e, "secret backend cannot answer");
+            Err(Deny::SecretUnavailable(format!(
+                "{name} ({})",
+                e.agent_detail()
+            )))
+        }
+    }
+}
+
 /// What `apply` put on the request, for the response side.
 #[derive(Debug, Default)]
 pub struct Injected {
     /// The credential as it can appear in a response (raw, percent-encoded, as sent), for
     /// redaction; `None` when the route injects nothing.
-    pub needles: Option<std::sync::Arc<Needles>>,
+    pub needles: Option<Arc<Needles>>,
 }
 
 /// Rewrite an allowed request for the upstream: absolute URI from the checked authority and the
 /// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
-/// route's credential. `query` is the agent's raw query string, if any.
+/// route's credential (`secret`, from [`credential`]). `query` is the agent's raw query string,
+/// if any.
 pub fn apply(
     parts: &mut Parts,
     scheme: Scheme,
@@ -106,7 +131,7 @@ pub fn apply(
     path: &str,
     query: Option<&str>,
     allowed: &Allowed,
-    store: &SecretStore,
+    secret: Option<Arc<Secret>>,
 ) -> Result<Injected, Deny> {
     let route = allowed.route();
     let inject = route.inject();
@@ -116,17 +141,11 @@ pub fn apply(
     };
     strip_request_headers(&mut parts.headers, injected_header);
 
-    let secret = match route.credential() {
-        Some(name) => Some(
-            store
-                .get(name)
-                .map_err(|e| {
-                    tracing::error!(credential = name, error = %e, "secret store unreadable");
-                    Deny::SecretUnavailable(name.to_owned())
-                })?
-                .ok_or_else(|| Deny::SecretUnavailable(name.to_owned()))?,
-        ),
-        None => None,
+    let secret = match (route.credential(), secret) {
+        (Some(_), Some(secret)) => Some(secret),
+        // SECURITY: a credentialed route never goes out without its credential.
+        (Some(name), None) => return Err(Deny::SecretUnavailable(name.to_owned())),
+        (None, _) => None,
     };
 
     let scheme_str = match scheme {

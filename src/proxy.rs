@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crate::audit::AuditSink;
 use crate::auth::{Revocations, TokenKeys};
 use crate::policy::Policies;
-use crate::secrets::SecretStore;
+use crate::secrets::Secrets;
 use crate::tls::LeafCache;
 
 pub use forward::{ResolvePin, Upstream};
@@ -30,8 +30,9 @@ pub struct Shared {
     pub keys: TokenKeys,
     /// Revoked sessions and agents (reloaded by a background task).
     pub revocations: Revocations,
-    /// The encrypted secret store (re-read when the file changes).
-    pub secrets: Arc<SecretStore>,
+    /// The secret backend: the encrypted file store (re-read when the file changes) or
+    /// OpenBao behind its TTL cache.
+    pub secrets: Arc<Secrets>,
     /// Leaf certificates per host.
     pub leaves: LeafCache,
     /// The pooled upstream client.

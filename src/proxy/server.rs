@@ -715,6 +715,10 @@ async fn forward_checked(
             return Err(refuse(body, Deny::BodyTooLarge(limit)).await);
         }
     }
+    let secret = match inject::credential(&allowed, &shared.secrets).await {
+        Ok(s) => s,
+        Err(deny) => return Err(refuse(body, deny).await),
+    };
     let query = parts.uri.query().map(str::to_owned);
     let injected = match inject::apply(
         &mut parts,
@@ -723,7 +727,7 @@ async fn forward_checked(
         &normalized,
         query.as_deref(),
         &allowed,
-        &shared.secrets,
+        secret,
     ) {
         Ok(i) => i,
         Err(deny) => return Err(refuse(body, deny).await),

@@ -261,6 +261,11 @@ impl SecretStore {
         })
     }
 
+    /// `the encrypted store <path>`, for messages.
+    pub fn describe(&self) -> String {
+        format!("the encrypted store {}", self.path.display())
+    }
+
     /// The current value of `name`, or `None`. Re-reads the file when it changed since the
     /// last read (one `stat` per call), so a secret set by another process is used by the
     /// next request without a restart.

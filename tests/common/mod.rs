@@ -559,7 +559,13 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
 
     /// Start `latchkey serve` on 127.0.0.1:0 with the upstream pinned and trusted.
     pub fn serve(&self, extra: &[&str]) -> Proxy {
+        self.serve_env(extra, &[])
+    }
+
+    /// `serve` with extra environment variables (e.g. an OpenBao token, never on argv).
+    pub fn serve_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
         let mut cmd = self.cmd();
+        cmd.envs(envs.iter().copied());
         cmd.args([
             "serve",
             "--listen",
