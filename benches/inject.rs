@@ -127,6 +127,9 @@ fn injection(c: &mut Criterion) {
     let github_secret = || lookup(allowed.route().credential().expect("credentialed"));
     let example_secret = || lookup(allowed_query.route().credential().expect("credentialed"));
 
+    // Prebuilt values per route and secret, as the proxy keeps them.
+    let prepared = latchkey::inject::PreparedCache::default();
+
     // Sanity: the agent's credential is gone and ours is there.
     let mut parts = agent_request(PATH);
     let injected = apply(
@@ -137,6 +140,7 @@ fn injection(c: &mut Criterion) {
         Some("per_page=100&page=2"),
         &allowed,
         github_secret(),
+        &prepared,
     )
     .expect("apply");
     assert_eq!(
@@ -160,6 +164,7 @@ fn injection(c: &mut Criterion) {
                     Some("per_page=100&page=2"),
                     &allowed,
                     github_secret(),
+                    &prepared,
                 );
                 (parts, out)
             },
@@ -178,6 +183,7 @@ fn injection(c: &mut Criterion) {
                     Some("q=latchkey&api_key=agent-own&limit=50"),
                     &allowed_query,
                     example_secret(),
+                    &prepared,
                 );
                 (parts, out)
             },

@@ -626,6 +626,7 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         policies_dir: dirs.policies.clone(),
         metrics: Default::default(),
         limits_state: Default::default(),
+        prepared: Default::default(),
         replica: args.replica_id.clone().unwrap_or_else(|| {
             nix::unistd::gethostname()
                 .ok()
@@ -734,6 +735,7 @@ async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
                     let current = shared.policies.load_full();
                     let merged = keep_last_good(&current, report);
                     shared.policies.store(Arc::new(merged));
+                    shared.prepared.clear();
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
             }

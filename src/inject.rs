@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::authority::Authority;
 use crate::policy::decision::Deny;
-use crate::policy::{Allowed, Inject, Scheme};
+use crate::policy::{Allowed, Inject, Route, Scheme};
 use crate::redact::Needles;
 use crate::secrets::{Secret, Secrets};
 
@@ -132,6 +132,7 @@ pub fn apply(
     query: Option<&str>,
     allowed: &Allowed,
     secret: Option<Arc<Secret>>,
+    cache: &PreparedCache,
 ) -> Result<Injected, Deny> {
     let route = allowed.route();
     let inject = route.inject();
@@ -141,8 +142,8 @@ pub fn apply(
     };
     strip_request_headers(&mut parts.headers, injected_header);
 
-    let secret = match (route.credential(), secret) {
-        (Some(_), Some(secret)) => Some(secret),
+    let prepared = match (route.credential(), secret) {
+        (Some(_), Some(secret)) => Some(cache.get(route, &secret)?),
         // SECURITY: a credentialed route never goes out without its credential.
         (Some(name), None) => return Err(Deny::SecretUnavailable(name.to_owned())),
         (None, _) => None,
@@ -157,11 +158,14 @@ pub fn apply(
     ));
     target.push_str(scheme_str);
     target.push_str("://");
-    target.push_str(&authority.to_string());
-    target.push_str(path);
+    {
+        use std::fmt::Write as _;
+        // Straight into the buffer: no intermediate String for the authority.
+        let _ = write!(&mut *target, "{authority}{path}");
+    }
 
-    match (inject, &secret) {
-        (Some(Inject::Query { name }), Some(secret)) => {
+    match (inject, prepared.as_deref()) {
+        (Some(Inject::Query { name }), Some(prepared)) => {
             target.push('?');
             let mut first = true;
             for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -181,7 +185,7 @@ pub fn apply(
             }
             target.push_str(name);
             target.push('=');
-            encode_component(secret.expose(), &mut target);
+            target.push_str(&prepared.query_value);
         }
         _ => {
             if let Some(q) = query {
@@ -192,65 +196,115 @@ pub fn apply(
     }
     parts.uri = Uri::try_from(target.as_str())
         .map_err(|_| Deny::BadRequest("the request target cannot be rebuilt".into()))?;
-
-    match (inject, &secret) {
-        (
-            Some(Inject::Header {
-                name,
-                prefix,
-                suffix,
-            }),
-            Some(secret),
-        ) => {
-            let mut value = Zeroizing::new(Vec::with_capacity(
-                prefix.len() + secret.len() + suffix.len(),
-            ));
-            value.extend_from_slice(prefix.as_bytes());
-            value.extend_from_slice(secret.expose());
-            value.extend_from_slice(suffix.as_bytes());
-            parts
-                .headers
-                .insert(name.clone(), sensitive_value(&value, route.credential())?);
-        }
-        (Some(Inject::BasicUser { user }), Some(secret)) => {
-            let mut pair = Zeroizing::new(Vec::with_capacity(user.len() + 1 + secret.len()));
-            pair.extend_from_slice(user.as_bytes());
-            pair.push(b':');
-            pair.extend_from_slice(secret.expose());
-            let mut value = Zeroizing::new(b"Basic ".to_vec());
-            let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
-            value.extend_from_slice(encoded.as_bytes());
-            parts.headers.insert(
-                header::AUTHORIZATION,
-                sensitive_value(&value, route.credential())?,
-            );
-        }
-        _ => {}
-    }
     // The pooled client speaks HTTP/2 or HTTP/1.1 upstream, whatever the agent used.
     parts.version = Version::HTTP_11;
-    let Some(secret) = secret else {
+
+    let Some(prepared) = prepared else {
         return Ok(Injected::default());
     };
+    if let Some((name, value)) = &prepared.header {
+        // A clone of a prebuilt value: a reference count, not a copy of the secret.
+        parts.headers.insert(name.clone(), value.clone());
+    }
     // SECURITY: ask for an uncompressed answer on credentialed routes, so an echoed secret
     // cannot hide from redaction inside gzip.
     parts.headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let mut needles = vec![Zeroizing::new(secret.expose().to_vec())];
-    let mut encoded = Zeroizing::new(String::new());
-    encode_component(secret.expose(), &mut encoded);
-    needles.push(Zeroizing::new(encoded.as_bytes().to_vec()));
-    if let Some(Inject::BasicUser { .. }) = inject {
-        if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
-            let b64 = v.as_bytes().strip_prefix(b"Basic ").unwrap_or(v.as_bytes());
-            needles.push(Zeroizing::new(b64.to_vec()));
-        }
-    }
     Ok(Injected {
-        needles: Needles::new(needles),
+        needles: prepared.needles.clone(),
     })
+}
+
+/// What a route puts on the wire for one secret value, built once and reused until the value
+/// or the policy changes: the header, the percent-encoded query value, and the needles the
+/// response is scanned for.
+pub struct Prepared {
+    header: Option<(HeaderName, HeaderValue)>,
+    query_value: Zeroizing<String>,
+    needles: Option<Arc<Needles>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepared([redacted])")
+    }
+}
+
+impl Prepared {
+    fn build(route: &Route, secret: &Secret) -> Result<Prepared, Deny> {
+        let mut query_value = Zeroizing::new(String::new());
+        encode_component(secret.expose(), &mut query_value);
+        let mut needles = vec![
+            Zeroizing::new(secret.expose().to_vec()),
+            Zeroizing::new(query_value.as_bytes().to_vec()),
+        ];
+        let header = match route.inject() {
+            Some(Inject::Header {
+                name,
+                prefix,
+                suffix,
+            }) => {
+                let mut value = Zeroizing::new(Vec::with_capacity(
+                    prefix.len() + secret.len() + suffix.len(),
+                ));
+                value.extend_from_slice(prefix.as_bytes());
+                value.extend_from_slice(secret.expose());
+                value.extend_from_slice(suffix.as_bytes());
+                Some((name.clone(), sensitive_value(&value, route.credential())?))
+            }
+            Some(Inject::BasicUser { user }) => {
+                let mut pair = Zeroizing::new(Vec::with_capacity(user.len() + 1 + secret.len()));
+                pair.extend_from_slice(user.as_bytes());
+                pair.push(b':');
+                pair.extend_from_slice(secret.expose());
+                let encoded =
+                    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
+                needles.push(Zeroizing::new(encoded.as_bytes().to_vec()));
+                let mut value = Zeroizing::new(b"Basic ".to_vec());
+                value.extend_from_slice(encoded.as_bytes());
+                Some((
+                    header::AUTHORIZATION,
+                    sensitive_value(&value, route.credential())?,
+                ))
+            }
+            _ => None,
+        };
+        Ok(Prepared {
+            header,
+            query_value,
+            needles: Needles::new(needles),
+        })
+    }
+}
+
+/// Prebuilt injections per route, valid while the route's secret value is the same `Arc`
+/// (the stores hand out the same `Arc<Secret>` until the value changes). Cleared on policy
+/// reload so retired routes do not linger.
+#[derive(Default)]
+pub struct PreparedCache {
+    entries: dashmap::DashMap<usize, (Arc<Route>, Arc<Secret>, Arc<Prepared>)>,
+}
+
+impl PreparedCache {
+    fn get(&self, route: &Arc<Route>, secret: &Arc<Secret>) -> Result<Arc<Prepared>, Deny> {
+        let key = Arc::as_ptr(route) as usize;
+        if let Some(entry) = self.entries.get(&key) {
+            if Arc::ptr_eq(&entry.0, route) && Arc::ptr_eq(&entry.1, secret) {
+                return Ok(entry.2.clone());
+            }
+        }
+        let prepared = Arc::new(Prepared::build(route, secret)?);
+        self.entries
+            .insert(key, (route.clone(), secret.clone(), prepared.clone()));
+        Ok(prepared)
+    }
+
+    /// Forget everything (after a policy reload).
+    pub fn clear(&self) {
+        self.entries.clear();
+    }
 }
 
 fn sensitive_value(bytes: &[u8], credential: Option<&str>) -> Result<HeaderValue, Deny> {

@@ -45,6 +45,8 @@ pub struct Shared {
     pub policies_dir: PathBuf,
     /// Counters for the admin listener.
     pub metrics: crate::metrics::Metrics,
+    /// Prebuilt injected header values and redaction needles per route and secret value.
+    pub prepared: crate::inject::PreparedCache,
     /// This replica's name in every audit line (`--replica-id`).
     pub replica: String,
     /// Open connections overall and per agent, checked against `limits`.

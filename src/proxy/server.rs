@@ -728,6 +728,7 @@ async fn forward_checked(
         query.as_deref(),
         &allowed,
         secret,
+        &shared.prepared,
     ) {
         Ok(i) => i,
         Err(deny) => return Err(refuse(body, deny).await),
