@@ -205,7 +205,7 @@ fn a_slow_upstream_blocks_no_other_request() {
     let token = home.issue("bot", &[]);
     let proxy = home.serve(&["--upstream-timeout", "3s"]);
     let slow_url = home.api_url("/slow");
-    let mut slow = Command::new("curl")
+    let slow = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy"])
         .arg(proxy.url_with(&token))
         .arg("--cacert")
