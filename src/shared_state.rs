@@ -253,9 +253,12 @@ impl SharedState {
         let stored = self.load_revocations().await?;
         let learned = revs.learn(stored.iter().cloned());
         revs.mark_synced(started);
+        // Sessions about to expire are left out: Redis would drop them at once anyway.
+        let soon = unix_now() + 2;
         let missing: Vec<Revoked> = revs
             .learned()
             .into_iter()
+            .filter(|r| !matches!(r, Revoked::Session { exp, .. } if *exp <= soon))
             .filter(|r| !stored.contains(r))
             .collect();
         if !missing.is_empty() {
