@@ -23,6 +23,7 @@ use crate::proxy::{Limits, ResolvePin, Shared, Upstream};
 use crate::secrets::{
     OpenBao, OpenBaoAuth, OpenBaoConfig, Secret, SecretCache, SecretStore, Secrets,
 };
+use crate::shared_state::SharedState;
 use crate::tls::{CertificateAuthority, LeafCache};
 
 /// latchkey: give AI agents scoped, short-lived access to real APIs without ever handing them a key.
@@ -31,6 +32,8 @@ use crate::tls::{CertificateAuthority, LeafCache};
 pub struct Cli {
     #[command(flatten)]
     dirs: Dirs,
+    #[command(flatten)]
+    state: StateArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +60,30 @@ pub struct Dirs {
         default_value = ".latchkey"
     )]
     pub state_dir: PathBuf,
+}
+
+/// State shared by several `serve` replicas (used by `serve`, `token` and `run`).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Redis holding revocations and rate limits shared by every replica, e.g.
+    /// redis://127.0.0.1:6379. Without it the state dir is the only store.
+    #[arg(long, global = true, env = "LATCHKEY_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// How long `serve` keeps accepting tokens issued after its last complete Redis sync while
+    /// Redis is unreachable; after that they get 503 state_unavailable.
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    pub redis_grace: Duration,
+}
+
+impl StateArgs {
+    /// The shared store, when `--redis` is given (no I/O yet).
+    fn open(&self) -> Result<Option<SharedState>> {
+        self.redis
+            .as_deref()
+            .map(SharedState::open)
+            .transpose()
+            .map_err(Into::into)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -413,12 +440,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Run the parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let dirs = cli.dirs;
+    let state = cli.state;
     match cli.command {
-        Command::Serve(args) => serve(&dirs, args).await,
+        Command::Serve(args) => serve(&dirs, &state, args).await,
         Command::Secret(args) => secret(&dirs, args).await,
-        Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, args),
-        Command::Token(TokenCmd::Revoke { jti, agent }) => token_revoke(&dirs, jti, agent),
-        Command::Token(TokenCmd::List { agent }) => token_list(&dirs, agent.as_deref()),
+        Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, &state, args).await,
+        Command::Token(TokenCmd::Revoke { jti, agent }) => {
+            token_revoke(&dirs, &state, jti, agent).await
+        }
+        Command::Token(TokenCmd::List { agent }) => {
+            token_list(&dirs, &state, agent.as_deref()).await
+        }
         Command::Policy(PolicyCmd::Check { backend }) => policy_check(&dirs, &backend).await,
         Command::Policy(PolicyCmd::Explain { agent, method, url }) => {
             policy_explain(&dirs, &agent, &method, &url)
@@ -486,7 +518,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Run(args) => run_agent(&dirs, args).await,
+        Command::Run(args) => run_agent(&dirs, &state, args).await,
         Command::Keys(KeysCmd::Rotate { keep }) => {
             let kid = crate::keys::rotate(&dirs.state_dir, keep)?;
             eprintln!(
@@ -572,7 +604,7 @@ fn load_policies(dirs: &Dirs) -> Result<Policies> {
     Ok(report.policies)
 }
 
-async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
+async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCode> {
     let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
     if created {
         eprintln!(
@@ -585,6 +617,22 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
         None => TokenKeys::load_or_create(&dirs.state_dir)?,
     };
     let revocations = Revocations::open(&dirs.state_dir)?;
+    let shared_state = state.open()?.map(Arc::new);
+    if let Some(st) = &shared_state {
+        revocations.require_sync(state.redis_grace);
+        // Start with the full set when Redis answers; when it does not, start anyway with what
+        // the state dir holds: the sync task keeps trying, and the grace period applies.
+        match st.resync(&revocations).await {
+            Ok(n) => tracing::info!(revocations = n, "shared state (Redis) synced"),
+            Err(e) => {
+                tracing::error!(error = %e, "shared state (Redis) unreachable at start; will keep trying")
+            }
+        }
+    }
+    let rate_limits = match &shared_state {
+        Some(st) => crate::ratelimit::RateLimits::shared(st.clone()),
+        None => crate::ratelimit::RateLimits::local(),
+    };
     let secrets = Arc::new(args.backend.open(dirs)?);
     secrets.start_refresh();
     let policies = load_policies(dirs)?;
@@ -633,6 +681,7 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "latchkey".to_owned())
         }),
+        rate_limits,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -663,6 +712,21 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     };
     let (drain, stop, mut alive) = Drain::new();
     let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone()));
+    let syncer = shared_state.map(|st| {
+        let shared = shared.clone();
+        let mut drain = drain.clone();
+        let grace = state.redis_grace;
+        tokio::spawn(async move {
+            crate::shared_state::sync_revocations(
+                &st,
+                &shared.revocations,
+                &shared.metrics,
+                grace,
+                drain.stopped(),
+            )
+            .await
+        })
+    });
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
@@ -686,6 +750,9 @@ async fn serve(dirs: &Dirs, args: ServeArgs) -> Result<ExitCode> {
     let _ = stop.send(true);
     let _ = server.await;
     let _ = reloader.await;
+    if let Some(syncer) = syncer {
+        let _ = syncer.await;
+    }
     if let Some(admin) = admin {
         let _ = admin.await;
     }
@@ -835,8 +902,8 @@ async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn token_issue(dirs: &Dirs, args: IssueArgs) -> Result<ExitCode> {
-    let (token, claims) = issue_token(dirs, args, DEFAULT_TTL)?;
+async fn token_issue(dirs: &Dirs, state: &StateArgs, args: IssueArgs) -> Result<ExitCode> {
+    let (token, claims) = issue_token(dirs, state, args, DEFAULT_TTL).await?;
     println!("{}", token.as_str());
     eprintln!(
         "session {} for agent {} expires {}",
@@ -853,12 +920,20 @@ const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_RUN_TTL: Duration = Duration::from_secs(60 * 60);
 
 /// Check the request against the agent's policy (agent exists, routes exist, TTL within
-/// max_ttl), sign, and record the session.
-fn issue_token(
+/// max_ttl), sign, and record the session. With `--redis`, Redis must answer first: a token
+/// issued while replicas cannot be told about its revocation would outlive the grace period.
+async fn issue_token(
     dirs: &Dirs,
+    state: &StateArgs,
     args: IssueArgs,
     default_ttl: Duration,
 ) -> Result<(zeroize::Zeroizing<String>, auth::Claims)> {
+    if let Some(st) = state.open()? {
+        st.ping().await.context(
+            "the shared state (--redis) is unreachable; refusing to issue a token that could \
+             not be revoked on every replica",
+        )?;
+    }
     let policies = load_policies(dirs)?;
     let policy = policies.get(&args.agent).ok_or_else(|| {
         anyhow!(
@@ -895,7 +970,7 @@ fn issue_token(
     Ok((zeroize::Zeroizing::new(token), claims))
 }
 
-async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
+async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<ExitCode> {
     let proxy = match args.proxy {
         Some(p) => p
             .trim_start_matches("http://")
@@ -914,7 +989,7 @@ async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
         }
     };
     let ca = CertificateAuthority::load_or_create(&dirs.certs)?.0;
-    let (token, claims) = issue_token(dirs, args.token, DEFAULT_RUN_TTL)?;
+    let (token, claims) = issue_token(dirs, state, args.token, DEFAULT_RUN_TTL).await?;
     let bundle_path = dirs.state_dir.join(format!("ca-bundle-{}.pem", claims.jti));
     let bundle = ca_bundle(ca.cert_pem());
     fsutil::write_atomic(&bundle_path, bundle.as_bytes(), 0o644)?;
@@ -955,8 +1030,15 @@ async fn run_agent(dirs: &Dirs, args: RunArgs) -> Result<ExitCode> {
         ))),
     };
     // The task is over: its token dies with it, whatever happened.
-    let revoked =
-        Revocations::open(&dirs.state_dir).and_then(|r| r.revoke_session(&claims.jti, claims.exp));
+    let revoked = revoke_everywhere(
+        dirs,
+        state,
+        auth::Revoked::Session {
+            jti: claims.jti.clone(),
+            exp: claims.exp,
+        },
+    )
+    .await;
     let _ = std::fs::remove_file(&bundle_path);
     revoked.context("cannot revoke the session token after the command exited")?;
     let status = status?;
@@ -1036,7 +1118,7 @@ fn record_session(state_dir: &Path, claims: &auth::Claims) -> Result<()> {
 }
 
 /// Sessions recorded at issue time that have neither expired nor been revoked.
-fn token_list(dirs: &Dirs, agent: Option<&str>) -> Result<ExitCode> {
+async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Result<ExitCode> {
     let path = dirs.state_dir.join("sessions.jsonl");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -1044,6 +1126,13 @@ fn token_list(dirs: &Dirs, agent: Option<&str>) -> Result<ExitCode> {
         Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
     };
     let revs = Revocations::open(&dirs.state_dir)?;
+    if let Some(st) = state.open()? {
+        let stored = st
+            .load_revocations()
+            .await
+            .context("cannot read revocations from the shared state (--redis)")?;
+        revs.learn(stored);
+    }
     let now = auth::unix_now();
     let mut live = 0;
     println!("SESSION                           AGENT            ON-BEHALF-OF     EXPIRES               TASK");
@@ -1104,8 +1193,36 @@ fn session_exp(state_dir: &Path, jti: &str) -> Option<u64> {
         .and_then(|v| v["exp"].as_u64())
 }
 
-fn token_revoke(dirs: &Dirs, jti: Option<String>, agent: Option<String>) -> Result<ExitCode> {
+/// Revoke in the state dir, then, with `--redis`, in Redis and on every replica. The local
+/// write comes first so a Redis failure still leaves this host's proxies enforcing it, and
+/// the error says the other replicas were not told.
+async fn revoke_everywhere(dirs: &Dirs, state: &StateArgs, what: auth::Revoked) -> Result<()> {
     let revs = Revocations::open(&dirs.state_dir)?;
+    let what = match what {
+        auth::Revoked::Session { jti, exp } => {
+            revs.revoke_session(&jti, exp)?;
+            auth::Revoked::Session { jti, exp }
+        }
+        auth::Revoked::Agent { agent, .. } => {
+            let cutoff = revs.revoke_agent(&agent)?;
+            auth::Revoked::Agent { agent, cutoff }
+        }
+    };
+    if let Some(st) = state.open()? {
+        st.publish_revocation(&what).await.context(
+            "revoked in the local state dir only: the shared state (--redis) is unreachable, \
+             so other replicas were NOT told; run the revoke again once Redis is back",
+        )?;
+    }
+    Ok(())
+}
+
+async fn token_revoke(
+    dirs: &Dirs,
+    state: &StateArgs,
+    jti: Option<String>,
+    agent: Option<String>,
+) -> Result<ExitCode> {
     match (jti, agent) {
         (Some(jti), _) => {
             let exp = match session_exp(&dirs.state_dir, &jti) {
@@ -1115,11 +1232,27 @@ fn token_revoke(dirs: &Dirs, jti: Option<String>, agent: Option<String>) -> Resu
                     auth::unix_now() + 366 * 24 * 3600
                 }
             };
-            revs.revoke_session(&jti, exp)?;
+            revoke_everywhere(
+                dirs,
+                state,
+                auth::Revoked::Session {
+                    jti: jti.clone(),
+                    exp,
+                },
+            )
+            .await?;
             eprintln!("revoked session {jti}");
         }
         (None, Some(agent)) => {
-            revs.revoke_agent(&agent)?;
+            revoke_everywhere(
+                dirs,
+                state,
+                auth::Revoked::Agent {
+                    agent: agent.clone(),
+                    cutoff: 0,
+                },
+            )
+            .await?;
             eprintln!("revoked every token of agent {agent} issued until now");
         }
         (None, None) => bail!(

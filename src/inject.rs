@@ -124,6 +124,8 @@ pub struct Injected {
 /// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
 /// route's credential (`secret`, from [`credential`]). `query` is the agent's raw query string,
 /// if any.
+// Every argument is a distinct fact of this one request; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     parts: &mut Parts,
     scheme: Scheme,
@@ -284,8 +286,11 @@ impl Prepared {
 /// reload so retired routes do not linger.
 #[derive(Default)]
 pub struct PreparedCache {
-    entries: dashmap::DashMap<usize, (Arc<Route>, Arc<Secret>, Arc<Prepared>)>,
+    entries: dashmap::DashMap<usize, PreparedEntry>,
 }
+
+/// A cache entry: valid while both `Arc`s are the ones the request holds.
+type PreparedEntry = (Arc<Route>, Arc<Secret>, Arc<Prepared>);
 
 impl PreparedCache {
     fn get(&self, route: &Arc<Route>, secret: &Arc<Secret>) -> Result<Arc<Prepared>, Deny> {

@@ -15,6 +15,8 @@ pub mod metrics;
 pub mod netguard;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod redact;
 pub mod secrets;
+pub mod shared_state;
 pub mod tls;

@@ -22,6 +22,12 @@ pub struct Metrics {
     active_tunnels: AtomicI64,
     active_connections: AtomicI64,
     redactions: AtomicU64,
+    /// Shared state (Redis): configured, reachable, last complete sync, errors.
+    state_configured: std::sync::atomic::AtomicBool,
+    state_up: AtomicI64,
+    state_last_sync: AtomicU64,
+    state_errors: AtomicU64,
+    rate_fallbacks: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -94,6 +100,22 @@ impl Metrics {
     /// Count a response in which an echoed credential was redacted.
     pub fn record_redaction(&self) {
         self.redactions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record whether the shared state (Redis) answered the last sync, and when the last
+    /// complete sync started (unix seconds).
+    pub fn record_state_sync(&self, up: bool, last_sync: u64) {
+        self.state_configured.store(true, Ordering::Relaxed);
+        self.state_up.store(i64::from(up), Ordering::Relaxed);
+        self.state_last_sync.store(last_sync, Ordering::Relaxed);
+        if !up {
+            self.state_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a rate-limit decision made locally because Redis failed.
+    pub fn record_rate_fallback(&self) {
+        self.rate_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Open tunnels right now.
@@ -174,6 +196,38 @@ impl Metrics {
             "latchkey_active_connections {}",
             self.active_connections.load(Ordering::Relaxed)
         );
+        if self.state_configured.load(Ordering::Relaxed) {
+            out.push_str("# HELP latchkey_shared_state_up Whether the last sync with the shared state (Redis) succeeded.\n");
+            out.push_str("# TYPE latchkey_shared_state_up gauge\n");
+            let _ = writeln!(
+                out,
+                "latchkey_shared_state_up {}",
+                self.state_up.load(Ordering::Relaxed)
+            );
+            out.push_str("# HELP latchkey_shared_state_last_sync_seconds Unix time at which the last complete revocation sync started.\n");
+            out.push_str("# TYPE latchkey_shared_state_last_sync_seconds gauge\n");
+            let _ = writeln!(
+                out,
+                "latchkey_shared_state_last_sync_seconds {}",
+                self.state_last_sync.load(Ordering::Relaxed)
+            );
+            out.push_str(
+                "# HELP latchkey_shared_state_errors_total Failed syncs with the shared state.\n",
+            );
+            out.push_str("# TYPE latchkey_shared_state_errors_total counter\n");
+            let _ = writeln!(
+                out,
+                "latchkey_shared_state_errors_total {}",
+                self.state_errors.load(Ordering::Relaxed)
+            );
+            out.push_str("# HELP latchkey_rate_limit_local_fallbacks_total Rate-limit decisions made locally because Redis failed.\n");
+            out.push_str("# TYPE latchkey_rate_limit_local_fallbacks_total counter\n");
+            let _ = writeln!(
+                out,
+                "latchkey_rate_limit_local_fallbacks_total {}",
+                self.rate_fallbacks.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

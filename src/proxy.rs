@@ -51,6 +51,8 @@ pub struct Shared {
     pub replica: String,
     /// Open connections overall and per agent, checked against `limits`.
     pub limits_state: limits::ConnLimits,
+    /// Request rate limits per (agent, route): local, or shared through Redis.
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.

@@ -109,6 +109,20 @@ pub enum Deny {
     /// Too many open connections overall or for this agent.
     #[error("too many open connections for {0}; retry later")]
     TooManyConnections(&'static str),
+    /// The agent exceeded the route's `rate` (per agent and route, GCRA).
+    #[error("rate limit of this route exceeded; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds until a request would pass (sent as `Retry-After`).
+        retry_after_secs: u64,
+    },
+    /// The shared session state (Redis) has been unreachable for longer than the grace
+    /// period and the token was issued after the last sync, so whether it was revoked in the
+    /// meantime cannot be known.
+    #[error(
+        "the shared session state is unreachable and this token is newer than the last sync; \
+         retry later"
+    )]
+    StateUnavailable,
 }
 
 impl Deny {
@@ -135,7 +149,8 @@ impl Deny {
             Deny::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Deny::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Deny::BadBody => StatusCode::BAD_REQUEST,
-            Deny::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
+            Deny::TooManyConnections(_) | Deny::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Deny::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -161,6 +176,17 @@ impl Deny {
             Deny::HeadersTooLarge(_) => "headers_too_large",
             Deny::BadBody => "bad_body",
             Deny::TooManyConnections(_) => "too_many_connections",
+            Deny::RateLimited { .. } => "rate_limited",
+            Deny::StateUnavailable => "state_unavailable",
+        }
+    }
+
+    /// The `Retry-After` seconds to send with this refusal, if it is worth retrying soon.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Deny::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Deny::TooManyConnections(_) | Deny::StateUnavailable => Some(1),
+            _ => None,
         }
     }
 
@@ -188,6 +214,23 @@ mod tests {
             Deny::TokenRevoked(AuthStage::Tunnel).code(),
             "token_revoked"
         );
+    }
+
+    #[test]
+    fn rate_limited_is_429_with_its_retry_after() {
+        let d = Deny::RateLimited {
+            retry_after_secs: 6,
+        };
+        assert_eq!(d.status(), 429);
+        assert_eq!(d.code(), "rate_limited");
+        assert_eq!(d.retry_after_secs(), Some(6));
+    }
+
+    #[test]
+    fn state_unavailable_is_503() {
+        assert_eq!(Deny::StateUnavailable.status(), 503);
+        assert_eq!(Deny::StateUnavailable.code(), "state_unavailable");
+        assert!(!Deny::StateUnavailable.is_upstream_fault());
     }
 
     #[test]

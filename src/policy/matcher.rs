@@ -215,6 +215,7 @@ pub struct Route {
     pub(crate) inject: Option<Inject>,
     pub(crate) insecure_http: bool,
     pub(crate) max_body: Option<u64>,
+    pub(crate) rate: Option<crate::ratelimit::Rate>,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -243,6 +244,11 @@ impl Route {
     /// The largest request body this route accepts, if it sets one.
     pub fn max_body(&self) -> Option<u64> {
         self.max_body
+    }
+
+    /// The request rate limit per agent on this route (its own `rate`, else the agent file's).
+    pub fn rate(&self) -> Option<crate::ratelimit::Rate> {
+        self.rate
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

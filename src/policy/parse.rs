@@ -18,6 +18,7 @@ use toml::Spanned;
 use super::matcher::{AgentPolicy, HostPattern, Inject, PathPattern, PortSpec, Route, Seg};
 use super::path::normalize;
 use crate::authority::parse_host_port;
+use crate::ratelimit::{parse_rate, Rate};
 
 /// How serious a diagnostic is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,8 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 struct RawPolicy {
     agent: Spanned<String>,
     max_ttl: Option<Spanned<String>>,
+    /// Default request rate for every route that sets none, e.g. "120/min".
+    rate: Option<Spanned<String>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -91,6 +94,7 @@ struct RawRoute {
     inject: Option<Spanned<RawInject>>,
     insecure_http: Option<Spanned<bool>>,
     max_body: Option<Spanned<RawSize>>,
+    rate: Option<Spanned<String>>,
 }
 
 /// A size: a number of bytes, or a string like "10MiB", "512KiB", "1GB".
@@ -238,6 +242,17 @@ impl AgentPolicy {
                     }
                 });
 
+        let default_rate = raw
+            .rate
+            .as_ref()
+            .and_then(|r| match parse_rate(r.get_ref()) {
+                Ok(rate) => Some(rate),
+                Err(e) => {
+                    cx.error(r.span(), "rate", e);
+                    None
+                }
+            });
+
         let mut routes = Vec::with_capacity(raw.routes.len());
         let mut seen_ids: HashMap<&str, (usize, usize)> = HashMap::new();
         for (i, raw_route) in raw.routes.iter().enumerate() {
@@ -254,7 +269,7 @@ impl AgentPolicy {
                 seen_ids.insert(id, (i, id_line));
             }
             let line = cx.lines.line(raw_route.span().start);
-            if let Some(route) = compile_route(&mut cx, i, line, r) {
+            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate) {
                 routes.push(Arc::new(route));
             }
         }
@@ -273,7 +288,14 @@ impl AgentPolicy {
 }
 
 /// Validate one route; `None` when it had errors (recorded in `cx`).
-fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Option<Route> {
+/// `default_rate` is the agent file's top-level `rate`, which a route's own `rate` overrides.
+fn compile_route(
+    cx: &mut Ctx<'_>,
+    i: usize,
+    line: usize,
+    r: &RawRoute,
+    default_rate: Option<Rate>,
+) -> Option<Route> {
     let before = cx.diags.len();
     let f = |name: &str| format!("routes[{i}].{name}");
 
@@ -375,6 +397,17 @@ fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Optio
         }
     });
 
+    let rate = match &r.rate {
+        Some(text) => match parse_rate(text.get_ref()) {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                cx.error(text.span(), f("rate"), e);
+                None
+            }
+        },
+        None => default_rate,
+    };
+
     if cx.diags.len() > before {
         return None;
     }
@@ -390,6 +423,7 @@ fn compile_route(cx: &mut Ctx<'_>, i: usize, line: usize, r: &RawRoute) -> Optio
         inject,
         insecure_http: r.insecure_http.as_ref().is_some_and(|b| *b.get_ref()),
         max_body,
+        rate,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

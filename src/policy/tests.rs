@@ -1153,3 +1153,42 @@ fn missing_credentials_are_warnings_with_lines() {
         .starts_with("warning: policies/t.toml:7: routes[0].credential: "));
     assert!(policies.missing_credentials(&|_| true).is_empty());
 }
+
+#[test]
+fn route_rate_overrides_the_agent_default() {
+    let p = load(&format!(
+        "agent = \"a\"\nrate = \"100/h\"\n[[routes]]\n{BASE}\nrate = \"10/min\"\n\
+         [[routes]]\nid = \"s\"\nhost = \"api.example.com\"\nmethods = [\"GET\"]\npaths = [\"/y\"]\n"
+    ));
+    let own = p.route("r").unwrap().rate().unwrap();
+    assert_eq!((own.count, own.period.as_secs()), (10, 60));
+    let default = p.route("s").unwrap().rate().unwrap();
+    assert_eq!((default.count, default.period.as_secs()), (100, 3600));
+    assert!(load(&route_with(BASE)).routes()[0].rate().is_none());
+}
+
+#[test]
+fn bad_route_rate_is_refused_with_its_field() {
+    assert_refused(
+        &route_with(&format!("{BASE}\nrate = \"10/fortnight\"")),
+        "routes[0].rate",
+        "is not a rate",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\nrate = \"0/s\"")),
+        "routes[0].rate",
+        "at least 1",
+    );
+}
+
+#[test]
+fn bad_agent_default_rate_is_refused_with_its_line() {
+    let d = errors(&format!(
+        "agent = \"a\"\nrate = \"fast\"\n[[routes]]\n{BASE}\n"
+    ));
+    assert!(
+        d.iter()
+            .any(|d| d.field == "rate" && d.line == Some(2) && d.message.contains("not a rate")),
+        "{d:?}"
+    );
+}

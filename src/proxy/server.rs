@@ -32,6 +32,7 @@ use crate::authority::Authority;
 use crate::inject;
 use crate::policy::decision::{AuthStage, Deny};
 use crate::policy::{path, Allowed, Grant, Scheme};
+use crate::ratelimit::Verdict;
 use crate::redact::RedactBody;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -285,8 +286,8 @@ fn deny_response(deny: &Deny, request_id: &str) -> Response<ProxyBody> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if deny.status() == StatusCode::TOO_MANY_REQUESTS {
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let Some(secs) = deny.retry_after_secs() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     if deny.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         h.insert(
@@ -345,9 +346,7 @@ fn authenticate(
         }
     };
     rec.who = Who::from_claims(&claims);
-    if shared.revocations.is_revoked(&claims) {
-        return Err(Deny::TokenRevoked(AuthStage::Proxy));
-    }
+    shared.revocations.check(&claims, AuthStage::Proxy)?;
     Ok(claims)
 }
 
@@ -538,8 +537,8 @@ impl Tunnel {
             Err(deny)
         } else if self.claims.is_expired_at(auth::unix_now()) {
             Err(Deny::TokenExpired(AuthStage::Tunnel))
-        } else if shared.revocations.is_revoked(&self.claims) {
-            Err(Deny::TokenRevoked(AuthStage::Tunnel))
+        } else if let Err(deny) = shared.revocations.check(&self.claims, AuthStage::Tunnel) {
+            Err(deny)
         } else {
             check_bound_authority(&parts, &self.authority, 443)
         };
@@ -708,6 +707,17 @@ async fn forward_checked(
         Ok(ok) => ok,
         Err(deny) => return Err(refuse(body, deny).await),
     };
+    // After policy (only allowed requests count against a limit), before any credential is
+    // touched or a byte goes upstream.
+    if let Some(rate) = allowed.route().rate() {
+        if let Verdict::Deny { retry_after_secs } = shared
+            .rate_limits
+            .check(&claims.sub, allowed.route().id(), rate, &shared.metrics)
+            .await
+        {
+            return Err(refuse(body, Deny::RateLimited { retry_after_secs }).await);
+        }
+    }
     let limit = allowed.route().max_body().unwrap_or(shared.limits.max_body);
     // SECURITY: a body announced larger than the limit never reaches the upstream.
     if let Some(len) = content_length(&parts.headers) {

@@ -426,13 +426,19 @@ impl Home {
 
     /// The binary with the three global dirs pointing into this home.
     pub fn cmd(&self) -> Command {
+        self.cmd_in(&self.state())
+    }
+
+    /// The binary with this home's policies and certs but another state dir (a second
+    /// replica that shares nothing on disk but the policies and the CA).
+    pub fn cmd_in(&self, state: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_latchkey"));
         c.arg("--policies")
             .arg(self.path().join("policies"))
             .arg("--certs")
             .arg(self.path().join("certs"))
             .arg("--state-dir")
-            .arg(self.state())
+            .arg(state)
             .env_remove("LATCHKEY_MASTER_KEY")
             .env("RUST_LOG", "info");
         c
@@ -559,12 +565,22 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
 
     /// Start `latchkey serve` on 127.0.0.1:0 with the upstream pinned and trusted.
     pub fn serve(&self, extra: &[&str]) -> Proxy {
-        self.serve_env(extra, &[])
+        self.serve_full(&self.state(), extra, &[])
     }
 
     /// `serve` with extra environment variables (e.g. an OpenBao token, never on argv).
     pub fn serve_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
-        let mut cmd = self.cmd();
+        self.serve_full(&self.state(), extra, envs)
+    }
+
+    /// `serve`, with its state (keys, secrets, revocations, audit log) in `state`.
+    pub fn serve_in(&self, state: &Path, extra: &[&str]) -> Proxy {
+        self.serve_full(state, extra, &[])
+    }
+
+    /// `serve` with its own state dir and extra environment variables.
+    pub fn serve_full(&self, state: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
+        let mut cmd = self.cmd_in(state);
         cmd.envs(envs.iter().copied());
         cmd.args([
             "serve",
