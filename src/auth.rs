@@ -59,6 +59,10 @@ pub struct Claims {
     /// Narrowing to a subset of the agent's route ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<String>>,
+    /// The id of the key that signed the token (from its header, not its payload); set by
+    /// `verify` so that retiring a key also ends tunnels opened with its tokens.
+    #[serde(skip)]
+    pub kid: Option<String>,
 }
 
 impl Claims {
@@ -165,6 +169,12 @@ impl TokenKeys {
         })
     }
 
+    /// Whether the key that signed these claims is still accepted. Checked on every request
+    /// in a tunnel: a retired (e.g. compromised) key ends the tunnels its tokens opened.
+    pub fn still_trusted(&self, claims: &Claims) -> bool {
+        self.ring.load().find(claims.kid.as_deref()).is_some()
+    }
+
     /// Re-read the key ring if its file changed (a `keys rotate` while serving). A broken file
     /// keeps the last good ring.
     pub fn reload_if_changed(&self) -> Result<bool, AuthError> {
@@ -203,6 +213,7 @@ impl TokenKeys {
             } else {
                 Some(spec.routes.clone())
             },
+            kid: Some(signing.kid.clone()),
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(signing.kid.clone());
@@ -272,7 +283,8 @@ impl TokenKeys {
                     _ => Deny::TokenInvalid("malformed token"),
                 }
             })?;
-        let claims = data.claims;
+        let mut claims = data.claims;
+        claims.kid = header.kid;
         if claims.jti.is_empty() || claims.sub.is_empty() {
             return Err(Deny::TokenInvalid("a required claim is missing"));
         }
@@ -707,6 +719,7 @@ mod tests {
             obo: None,
             task: None,
             routes: None,
+            kid: None,
         };
         let tok = jsonwebtoken::encode(
             &Header::new(Algorithm::EdDSA),

@@ -1154,6 +1154,7 @@ async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Resu
             obo: None,
             task: None,
             routes: None,
+            kid: None,
         };
         if revs.is_revoked(&as_claims) {
             continue;

@@ -37,8 +37,46 @@ fn rotation_while_serving_keeps_old_tokens_valid_until_their_key_is_dropped() {
         == 200));
     assert_eq!(home.curl(&proxy, &old, &[], &url).status, 200);
 
+    // An agent holding a tunnel opened with the old token: retiring the key must end it too.
+    let script = r#"
+import sys, time, requests
+s = requests.Session()
+assert s.get(sys.argv[1], timeout=10).status_code == 200
+print("open", flush=True)
+sys.stdin.readline()
+deadline = time.time() + 3
+while time.time() < deadline:
+    r = s.get(sys.argv[1], timeout=10)
+    if r.status_code == 403:
+        print(r.json()["reason"])
+        sys.exit(0)
+    time.sleep(0.05)
+print("still", r.status_code)
+"#;
+    let mut py = std::process::Command::new("python3")
+        .args(["-c", script, &url])
+        .env("HTTPS_PROXY", proxy.url_with(&old))
+        .env("REQUESTS_CA_BUNDLE", home.latchkey_ca())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+
     // Keeping only the newest key retires the old one: its tokens are refused.
     home.run_ok(&["keys", "rotate", "--keep", "1"]);
+    std::io::Write::write_all(py.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "token_revoked",
+        "the open tunnel outlived its retired key"
+    );
+    assert!(py.wait().unwrap().success());
     assert!(within(Duration::from_secs(1), || home
         .curl(&proxy, &old, &[], &url)
         .connect_status

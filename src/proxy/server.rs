@@ -539,6 +539,9 @@ impl Tunnel {
             Err(Deny::TokenExpired(AuthStage::Tunnel))
         } else if let Err(deny) = shared.revocations.check(&self.claims, AuthStage::Tunnel) {
             Err(deny)
+        } else if !shared.keys.still_trusted(&self.claims) {
+            // The signing key was retired since the tunnel opened: the issuer withdrew it.
+            Err(Deny::TokenRevoked(AuthStage::Tunnel))
         } else {
             check_bound_authority(&parts, &self.authority, 443)
         };
