@@ -158,12 +158,14 @@ impl TokenKeys {
 
     /// Verify-only keys from a JWKS or PEM public-key file (a replica that never issues).
     pub fn verify_only(source: &Path) -> Result<TokenKeys, AuthError> {
+        // Stamp before load: a change in between is then reloaded, not missed.
+        let stamp = fsutil::FileStamp::of(source);
         let ring = crate::keys::KeyRing::load(source)?;
         Ok(TokenKeys {
             signing: None,
             ring: ArcSwap::from_pointee(ring),
             ring_source: source.to_path_buf(),
-            ring_stamp: std::sync::Mutex::new(fsutil::FileStamp::of(source)),
+            ring_stamp: std::sync::Mutex::new(stamp),
             validation: pinned_validation(),
             verified: dashmap::DashMap::new(),
         })

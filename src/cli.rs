@@ -635,6 +635,9 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
     };
     let secrets = Arc::new(args.backend.open(dirs)?);
     secrets.start_refresh();
+    // Taken before the load: a file that changes between the two is then seen as a change by
+    // the reloader instead of being missed until its next edit.
+    let policy_stamp = policy_dir_stamp(&dirs.policies);
     let policies = load_policies(dirs)?;
     let upstream = Upstream::try_new(
         &args.upstream_ca,
@@ -711,7 +714,7 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
         )
     };
     let (drain, stop, mut alive) = Drain::new();
-    let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone()));
+    let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone(), policy_stamp));
     let syncer = shared_state.map(|st| {
         let shared = shared.clone();
         let mut drain = drain.clone();
@@ -776,9 +779,9 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
 
 /// Pick up revocations and policy edits while serving. Polling one stat per file keeps this
 /// independent of inotify limits and works on every filesystem.
-async fn reload_loop(shared: Arc<Shared>, mut drain: Drain) {
+async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: PolicyStamp) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut last_policy_stamp = policy_dir_stamp(&shared.policies_dir);
+    let mut last_policy_stamp = policy_stamp;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -839,7 +842,10 @@ fn keep_last_good(current: &Policies, report: crate::policy::LoadReport) -> Poli
     Policies::from_shared(agents)
 }
 
-fn policy_dir_stamp(dir: &Path) -> Vec<(PathBuf, Option<fsutil::FileStamp>)> {
+/// What the policy directory looked like: each `.toml` file and its stamp.
+type PolicyStamp = Vec<(PathBuf, Option<fsutil::FileStamp>)>;
+
+fn policy_dir_stamp(dir: &Path) -> PolicyStamp {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())

@@ -82,10 +82,18 @@ fn a_new_policy_file_is_picked_up_and_an_open_tunnel_survives_reload() {
         .status
         .success()));
     let helper = home.issue("helper", &[]);
-    assert!(within(Duration::from_secs(3), || home
-        .curl(&proxy, &helper, &[], &home.api_url("/x"))
-        .status
-        == 200));
+    let mut last = None;
+    let ok = within(Duration::from_secs(3), || {
+        let r = home.curl(&proxy, &helper, &[], &home.api_url("/x"));
+        let done = r.status == 200;
+        last = Some(r);
+        done
+    });
+    assert!(
+        ok,
+        "the new agent was not served: {last:?}\n{}",
+        proxy.log()
+    );
     // A keep-alive tunnel open across a reload keeps working.
     let script = r#"
 import sys, requests, time, pathlib

@@ -165,6 +165,8 @@ impl Who {
 /// One request's record, completed by `finish`.
 struct Record {
     request_id: String,
+    /// Wall-clock time the request arrived (the audit line's `ts`).
+    received: chrono::DateTime<chrono::Utc>,
     start: Instant,
     who: Who,
     method: String,
@@ -178,6 +180,7 @@ impl Record {
     fn new(method: &Method, host: String, path: String) -> Record {
         Record {
             request_id: auth::new_id(),
+            received: chrono::Utc::now(),
             start: Instant::now(),
             who: Who::default(),
             method: method.as_str().to_owned(),
@@ -242,7 +245,7 @@ async fn finish(
     shared
         .audit
         .record(AuditEvent {
-            ts: chrono::Utc::now(),
+            ts: rec.received,
             request_id: rec.request_id,
             agent: rec.who.agent,
             on_behalf_of: rec.who.obo,
