@@ -20,15 +20,8 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// Replace `path` with `bytes` atomically: a temp file in the same directory with `mode`,
 /// fsync, rename over, fsync the directory. A crash leaves either the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    // A fresh random name and `create_new`: two writers never share a temp file, and nothing
-    // planted at that name is followed or reused.
-    let suffix: [u8; 8] = rand::random();
-    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(suffix)));
+    let dir = parent_dir(path);
+    let tmp = temp_path(path);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -40,12 +33,61 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Create `path` with `bytes` only if it does not exist yet, atomically: a temp file with
+/// `mode` is written, fsynced and hard-linked into place (the link fails if another process
+/// won the race), then the directory is fsynced. `path` is never seen half-written. Returns
+/// false, writing nothing, when `path` already exists.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
+    let dir = parent_dir(path);
+    let tmp = temp_path(path);
+    let linked = (|| {
+        // SECURITY: the mode is set at creation, so the file is never briefly readable by others.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok::<_, io::Error>(fs::hard_link(&tmp, path))
+    })();
+    let _ = fs::remove_file(&tmp);
+    match linked? {
+        Ok(()) => {
+            sync_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsync a directory, so that renames and new entries in it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A fresh temp name beside `path`: random, so two writers never share one and nothing
+/// planted at a predictable name is reused (callers open it with `create_new`).
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let suffix: [u8; 8] = rand::random();
+    parent_dir(path).join(format!(".{name}.{}.tmp", hex::encode(suffix)))
 }
 
 /// Take an exclusive advisory lock on `path` (created 0600), held until the file is dropped.
@@ -100,6 +142,24 @@ mod tests {
         );
         assert_ne!(s1, FileStamp::of(&p));
         assert_eq!(FileStamp::of(&d.path().join("missing")), None);
+    }
+
+    #[test]
+    fn write_new_never_overwrites() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("key");
+        assert!(write_new(&p, b"first", 0o600).unwrap());
+        assert!(!write_new(&p, b"second", 0o600).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "a temp file was left"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! module only renames and deletes whole files; it never rewrites or splits a line.
 
 use std::ffi::OsString;
-use std::fs::File;
+
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -104,11 +104,7 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
 
 /// fsync the directory holding `path`, so that renames and the new file survive a crash.
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    crate::fsutil::sync_dir(crate::fsutil::parent_dir(path))
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@
 //! With a [`Rotation`], the writer rotates the file between two lines when the next one would
 //! take it past `max_bytes` (see `rotate.rs`); the chain carries on into the new file.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -234,14 +234,10 @@ fn open_blocking(path: &Path) -> Result<(File, Chain, u64), AuditError> {
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // SECURITY: the log names agents, hosts and paths; keep a new directory private.
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| AuditError::CreateDir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        crate::fsutil::ensure_private_dir(dir).map_err(|source| AuditError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     let (mut file, len) = open_active(path)?;
     let chain = if len == 0 {

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -594,23 +594,17 @@ fn decode(mut buf: &[u8]) -> Result<Entries, &'static str> {
 
 /// Creates `dir` with mode 0700 if it does not exist (existing directories are left alone).
 fn ensure_private_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    crate::fsutil::ensure_private_dir(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    crate::fsutil::sync_dir(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads `<state_dir>/master.key`, creating it (32 random bytes, hex, 0600) when missing.
@@ -638,45 +632,27 @@ fn load_or_create_key_file(state_dir: &Path) -> Result<Zeroizing<[u8; 32]>, Stor
     rand::rngs::OsRng.fill_bytes(&mut key[..]);
     let text = Zeroizing::new(hex::encode(&key[..]));
 
-    // Write a temp file, then hard-link it into place: the link fails if another process won
-    // the race, in which case we use its key. The key file is never seen half-written.
-    let mut suffix = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut suffix);
-    let tmp_path = state_dir.join(format!(".{KEY_FILE}.{}.tmp", hex::encode(suffix)));
-    let io_tmp = |source| StoreError::Io {
-        path: tmp_path.clone(),
-        source,
-    };
-    let written = (|| {
-        let mut tmp = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp_path)
-            .map_err(io_tmp)?;
-        tmp.write_all(text.as_bytes()).map_err(io_tmp)?;
-        tmp.write_all(b"\n").map_err(io_tmp)?;
-        tmp.sync_all().map_err(io_tmp)?;
-        Ok::<_, StoreError>(fs::hard_link(&tmp_path, &path))
-    })();
-    let _ = fs::remove_file(&tmp_path);
-    match written? {
-        Ok(()) => {
-            sync_dir(state_dir)?;
-            Ok(key)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let bytes = Zeroizing::new(fs::read(&path).map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?);
-            let text = std::str::from_utf8(&bytes).map_err(|_| StoreError::BadMasterKey {
-                origin: origin.clone(),
-            })?;
-            parse_master_key(text, &origin)
-        }
-        Err(source) => Err(StoreError::Io { path, source }),
+    // Created without overwriting: if another process won the race, we use its key. The key
+    // file is never seen half-written.
+    let mut contents = Zeroizing::new(Vec::with_capacity(text.len() + 1));
+    contents.extend_from_slice(text.as_bytes());
+    contents.push(b'\n');
+    let created =
+        crate::fsutil::write_new(&path, &contents, 0o600).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    if created {
+        return Ok(key);
     }
+    let bytes = Zeroizing::new(fs::read(&path).map_err(|source| StoreError::Io {
+        path: path.clone(),
+        source,
+    })?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| StoreError::BadMasterKey {
+        origin: origin.clone(),
+    })?;
+    parse_master_key(text, &origin)
 }
 
 #[cfg(test)]

@@ -6,9 +6,8 @@
 //! never print the key: `Debug` shows the subject and fingerprint only.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -203,14 +202,10 @@ impl CertificateAuthority {
     }
 
     fn create(certs_dir: &Path) -> Result<CertificateAuthority, CaError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(certs_dir)
-            .map_err(|source| CaError::Io {
-                path: certs_dir.to_path_buf(),
-                source,
-            })?;
+        crate::fsutil::ensure_private_dir(certs_dir).map_err(|source| CaError::Io {
+            path: certs_dir.to_path_buf(),
+            source,
+        })?;
         let generate = |e: rcgen::Error| CaError::Generate(e.to_string());
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let mut params = CertificateParams::default();
@@ -300,46 +295,11 @@ enum Written {
     AlreadyExists,
 }
 
-/// Writes `bytes` to `path` atomically and without overwriting: a temp file (created with
-/// `mode`, fsynced) is hard-linked into place, so `path` never exists half-written.
+/// Writes `bytes` to `path` atomically and without overwriting (see `fsutil::write_new`).
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<Written, CaError> {
-    use rand::RngCore;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut suffix = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut suffix);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp_path = dir.join(format!(".{name}.{}.tmp", hex::encode(suffix)));
-    let io_tmp = |source| CaError::Io {
-        path: tmp_path.clone(),
-        source,
-    };
-    let linked = (|| {
-        // SECURITY: the mode is set at creation, so the key is never briefly world-readable.
-        let mut tmp = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp_path)
-            .map_err(io_tmp)?;
-        tmp.write_all(bytes).map_err(io_tmp)?;
-        tmp.sync_all().map_err(io_tmp)?;
-        Ok::<_, CaError>(fs::hard_link(&tmp_path, path))
-    })();
-    let _ = fs::remove_file(&tmp_path);
-    match linked? {
-        Ok(()) => {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| CaError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-            Ok(Written::Created)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Written::AlreadyExists),
+    match crate::fsutil::write_new(path, bytes, mode) {
+        Ok(true) => Ok(Written::Created),
+        Ok(false) => Ok(Written::AlreadyExists),
         Err(source) => Err(CaError::Io {
             path: path.to_path_buf(),
             source,
