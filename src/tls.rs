@@ -21,6 +21,26 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The roots of the system trust store. Certificates the store cannot parse are skipped: a
+/// broken entry must not take the others down.
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    roots
+}
+
+/// A client config for outgoing TLS (upstreams, the secret manager): our provider, safe
+/// protocol versions, certificates always verified against `roots`, no client certificate.
+pub fn client_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("the aws-lc-rs provider supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// Sets `not_before = now - backdate` and `not_after = now + lifetime`.
 ///
 /// Computed from `SystemTime` through rcgen's own date constructor so this crate does not

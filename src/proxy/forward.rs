@@ -194,22 +194,15 @@ impl Upstream {
         response_timeout: Duration,
         allow_private: bool,
     ) -> Result<Upstream, ForwardError> {
-        let mut roots = rustls::RootCertStore::empty();
         // A broken system store is not fatal when --upstream-ca gives roots.
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
+        let mut roots = crate::tls::system_roots();
         for path in extra_roots {
             add_pem_roots(&mut roots, path)?;
         }
         if roots.is_empty() {
             return Err(ForwardError::NoRoots);
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("the aws-lc-rs provider supports the default protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client_config(roots);
         let tcp = PinnedConnector {
             pins: Arc::new(
                 pins.iter()
