@@ -173,63 +173,81 @@ impl Metrics {
             self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "latchkey_upstream_duration_seconds_count {count}");
-        out.push_str("# HELP latchkey_cert_cache_hits_total Leaf certificate cache hits.\n");
-        out.push_str("# TYPE latchkey_cert_cache_hits_total counter\n");
-        let _ = writeln!(out, "latchkey_cert_cache_hits_total {}", cert_cache.0);
-        out.push_str("# HELP latchkey_cert_cache_misses_total Leaf certificates minted.\n");
-        out.push_str("# TYPE latchkey_cert_cache_misses_total counter\n");
-        let _ = writeln!(out, "latchkey_cert_cache_misses_total {}", cert_cache.1);
-        out.push_str("# HELP latchkey_redactions_total Upstream responses that echoed an injected credential.\n");
-        out.push_str("# TYPE latchkey_redactions_total counter\n");
-        let _ = writeln!(
-            out,
-            "latchkey_redactions_total {}",
-            self.redactions.load(Ordering::Relaxed)
+        scalar(
+            &mut out,
+            "latchkey_cert_cache_hits_total",
+            "counter",
+            "Leaf certificate cache hits.",
+            cert_cache.0,
         );
-        out.push_str("# HELP latchkey_active_tunnels Open CONNECT tunnels.\n");
-        out.push_str("# TYPE latchkey_active_tunnels gauge\n");
-        let _ = writeln!(out, "latchkey_active_tunnels {}", self.active_tunnels());
-        out.push_str("# HELP latchkey_active_connections Open agent connections.\n");
-        out.push_str("# TYPE latchkey_active_connections gauge\n");
-        let _ = writeln!(
-            out,
-            "latchkey_active_connections {}",
-            self.active_connections.load(Ordering::Relaxed)
+        scalar(
+            &mut out,
+            "latchkey_cert_cache_misses_total",
+            "counter",
+            "Leaf certificates minted.",
+            cert_cache.1,
+        );
+        scalar(
+            &mut out,
+            "latchkey_redactions_total",
+            "counter",
+            "Upstream responses that echoed an injected credential.",
+            self.redactions.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "latchkey_active_tunnels",
+            "gauge",
+            "Open CONNECT tunnels.",
+            self.active_tunnels(),
+        );
+        scalar(
+            &mut out,
+            "latchkey_active_connections",
+            "gauge",
+            "Open agent connections.",
+            self.active_connections.load(Ordering::Relaxed),
         );
         if self.state_configured.load(Ordering::Relaxed) {
-            out.push_str("# HELP latchkey_shared_state_up Whether the last sync with the shared state (Redis) succeeded.\n");
-            out.push_str("# TYPE latchkey_shared_state_up gauge\n");
-            let _ = writeln!(
-                out,
-                "latchkey_shared_state_up {}",
-                self.state_up.load(Ordering::Relaxed)
+            scalar(
+                &mut out,
+                "latchkey_shared_state_up",
+                "gauge",
+                "Whether the last sync with the shared state (Redis) succeeded.",
+                self.state_up.load(Ordering::Relaxed),
             );
-            out.push_str("# HELP latchkey_shared_state_last_sync_seconds Unix time at which the last complete revocation sync started.\n");
-            out.push_str("# TYPE latchkey_shared_state_last_sync_seconds gauge\n");
-            let _ = writeln!(
-                out,
-                "latchkey_shared_state_last_sync_seconds {}",
-                self.state_last_sync.load(Ordering::Relaxed)
+            scalar(
+                &mut out,
+                "latchkey_shared_state_last_sync_seconds",
+                "gauge",
+                "Unix time at which the last complete revocation sync started.",
+                self.state_last_sync.load(Ordering::Relaxed),
             );
-            out.push_str(
-                "# HELP latchkey_shared_state_errors_total Failed syncs with the shared state.\n",
+            scalar(
+                &mut out,
+                "latchkey_shared_state_errors_total",
+                "counter",
+                "Failed syncs with the shared state.",
+                self.state_errors.load(Ordering::Relaxed),
             );
-            out.push_str("# TYPE latchkey_shared_state_errors_total counter\n");
-            let _ = writeln!(
-                out,
-                "latchkey_shared_state_errors_total {}",
-                self.state_errors.load(Ordering::Relaxed)
-            );
-            out.push_str("# HELP latchkey_rate_limit_local_fallbacks_total Rate-limit decisions made locally because Redis failed.\n");
-            out.push_str("# TYPE latchkey_rate_limit_local_fallbacks_total counter\n");
-            let _ = writeln!(
-                out,
-                "latchkey_rate_limit_local_fallbacks_total {}",
-                self.rate_fallbacks.load(Ordering::Relaxed)
+            scalar(
+                &mut out,
+                "latchkey_rate_limit_local_fallbacks_total",
+                "counter",
+                "Rate-limit decisions made locally because Redis failed.",
+                self.rate_fallbacks.load(Ordering::Relaxed),
             );
         }
         out
     }
+}
+
+/// One unlabelled metric: its HELP and TYPE lines and its value.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 /// Escape a label value (backslash, quote, newline) per the exposition format.
