@@ -7,7 +7,7 @@
 
 use chrono::Utc;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use latchkey::audit::{AuditEvent, Chain, Decision};
+use latchkey::audit::{AuditEvent, Chain, Decision, Outcome};
 
 fn typical_event() -> AuditEvent {
     AuditEvent {
@@ -25,8 +25,12 @@ fn typical_event() -> AuditEvent {
         method: "GET".into(),
         host: "api.github.com".into(),
         path: "/repos/latchkey/latchkey/pulls/42/comments".into(),
-        status: 200,
+        status: Some(200),
         duration_ms: 143.217,
+        outcome: Some(Outcome::Ok),
+        ttfb_ms: Some(41.5),
+        bytes_up: Some(0),
+        bytes_down: Some(18_211),
     }
 }
 

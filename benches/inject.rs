@@ -26,7 +26,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use http::{Method, Request};
 use http_body::{Body, Frame};
 use latchkey::authority::Authority;
-use latchkey::inject::apply;
+use latchkey::inject::{apply, Rewrite};
 use latchkey::policy::{AgentPolicy, Grant, Scheme};
 use latchkey::redact::RedactBody;
 use latchkey::secrets::{Secret, SecretStore};
@@ -134,11 +134,13 @@ fn injection(c: &mut Criterion) {
     let mut parts = agent_request(PATH);
     let injected = apply(
         &mut parts,
-        Scheme::Https,
-        &github,
-        PATH,
-        Some("per_page=100&page=2"),
-        &allowed,
+        &Rewrite {
+            scheme: Scheme::Https,
+            authority: &github,
+            path: PATH,
+            query: Some("per_page=100&page=2"),
+            allowed: &allowed,
+        },
         github_secret(),
         &prepared,
     )
@@ -158,11 +160,13 @@ fn injection(c: &mut Criterion) {
             |mut parts| {
                 let out = apply(
                     &mut parts,
-                    Scheme::Https,
-                    black_box(&github),
-                    black_box(PATH),
-                    Some("per_page=100&page=2"),
-                    &allowed,
+                    &Rewrite {
+                        scheme: Scheme::Https,
+                        authority: black_box(&github),
+                        path: black_box(PATH),
+                        query: Some("per_page=100&page=2"),
+                        allowed: &allowed,
+                    },
                     github_secret(),
                     &prepared,
                 );
@@ -177,11 +181,13 @@ fn injection(c: &mut Criterion) {
             |mut parts| {
                 let out = apply(
                     &mut parts,
-                    Scheme::Https,
-                    black_box(&example),
-                    "/v1/search",
-                    Some("q=latchkey&api_key=agent-own&limit=50"),
-                    &allowed_query,
+                    &Rewrite {
+                        scheme: Scheme::Https,
+                        authority: black_box(&example),
+                        path: "/v1/search",
+                        query: Some("q=latchkey&api_key=agent-own&limit=50"),
+                        allowed: &allowed_query,
+                    },
                     example_secret(),
                     &prepared,
                 );

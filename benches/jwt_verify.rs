@@ -22,7 +22,7 @@ use base64::Engine;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderValue;
 use latchkey::auth::{token_from_header, unix_now, Revocations, TokenKeys, TokenSpec};
-use latchkey::policy::AuthStage;
+use latchkey::deny::AuthStage;
 
 fn jwt(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::policy::decision::{AuthStage, Deny};
+use crate::deny::{AuthStage, Deny};
 
 /// Issuer claim of every latchkey token.
 pub const ISSUER: &str = "latchkey";

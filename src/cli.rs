@@ -5,26 +5,21 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 
-use crate::audit::{self, AuditSink};
+use crate::app::{self, RedisConfig, ServeConfig};
+use crate::audit;
 use crate::auth::{self, Revocations, TokenKeys, TokenSpec};
 use crate::authority::Authority;
 use crate::fsutil;
 use crate::policy::{path, Grant, Policies, Scheme, Severity};
-use crate::proxy::admin;
-use crate::proxy::server::{self, Drain};
-use crate::proxy::{Limits, ResolvePin, Shared, Upstream};
-use crate::secrets::{
-    OpenBao, OpenBaoAuth, OpenBaoConfig, Secret, SecretCache, SecretStore, Secrets,
-};
+use crate::proxy::{Limits, ResolvePin};
+use crate::secrets::{BackendConfig, OpenBaoAuth, OpenBaoConfig, Secret, Secrets};
 use crate::shared_state::SharedState;
-use crate::tls::{CertificateAuthority, LeafCache};
+use crate::tls::CertificateAuthority;
 
 /// latchkey: give AI agents scoped, short-lived access to real APIs without ever handing them a key.
 #[derive(Debug, Parser)]
@@ -237,11 +232,10 @@ const OPENBAO_TIMEOUT: Duration = Duration::from_secs(5);
 const OPENBAO_REQUEST_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl BackendArgs {
-    /// Open the configured backend. OpenBao is not contacted here: a down OpenBao is reported
-    /// by the first lookup, so the proxy starts and serves routes that need no credential.
-    fn open(&self, dirs: &Dirs) -> Result<Secrets> {
+    /// The validated backend choice: flags plus the environment (tokens never come from argv).
+    fn config(&self) -> Result<BackendConfig> {
         match self.secret_backend {
-            BackendKind::File => Ok(Secrets::File(Box::new(SecretStore::open(&dirs.state_dir)?))),
+            BackendKind::File => Ok(BackendConfig::File),
             BackendKind::Openbao => {
                 let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
                 let addr = self
@@ -269,20 +263,24 @@ impl BackendArgs {
                         OpenBaoAuth::Token(Secret::new(token.into_bytes()))
                     }
                 };
-                let bao = OpenBao::try_new(OpenBaoConfig {
-                    addr,
-                    mount: self.openbao_mount.clone(),
-                    prefix: self.openbao_prefix.clone(),
-                    auth,
-                    timeout: OPENBAO_TIMEOUT,
-                })?;
-                Ok(Secrets::OpenBao(Arc::new(SecretCache::new(
-                    bao,
-                    self.secret_cache_ttl,
-                    OPENBAO_REQUEST_FETCH_TIMEOUT,
-                ))))
+                Ok(BackendConfig::OpenBao {
+                    config: OpenBaoConfig {
+                        addr,
+                        mount: self.openbao_mount.clone(),
+                        prefix: self.openbao_prefix.clone(),
+                        auth,
+                        timeout: OPENBAO_TIMEOUT,
+                    },
+                    cache_ttl: self.secret_cache_ttl,
+                    request_fetch_timeout: OPENBAO_REQUEST_FETCH_TIMEOUT,
+                })
             }
         }
+    }
+
+    /// Open the configured backend (see [`BackendConfig::open`]).
+    fn open(&self, dirs: &Dirs) -> Result<Secrets> {
+        Ok(self.config()?.open(&dirs.state_dir)?)
     }
 }
 
@@ -583,283 +581,74 @@ async fn shutdown_signal() {
     }
 }
 
-fn load_policies(dirs: &Dirs) -> Result<Policies> {
-    let report = Policies::load_dir(&dirs.policies)
-        .with_context(|| format!("cannot read policies from {}", dirs.policies.display()))?;
-    let mut errors = 0;
-    for d in &report.diagnostics {
-        if d.severity == Severity::Error {
-            errors += 1;
-            eprintln!("error: {d}");
-        } else {
-            eprintln!("{d}");
-        }
-    }
-    if errors > 0 {
-        bail!(
-            "{errors} error(s) in policy files under {}; run `latchkey policy check`",
-            dirs.policies.display()
-        );
-    }
-    Ok(report.policies)
-}
-
 async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCode> {
-    let (ca, created) = CertificateAuthority::load_or_create(&dirs.certs)?;
-    if created {
-        eprintln!(
-            "latchkey: created a new CA at {} (give this file to agents)",
-            dirs.certs.join("ca.crt").display()
-        );
-    }
-    let keys = match &args.verify_keys {
-        Some(file) => TokenKeys::verify_only(file)?,
-        None => TokenKeys::load_or_create(&dirs.state_dir)?,
+    let admin_listen = if args.admin_listen.eq_ignore_ascii_case("off") {
+        None
+    } else {
+        Some(args.admin_listen.parse::<SocketAddr>().with_context(|| {
+            format!(
+                "--admin-listen {:?} is not an address (or `off`)",
+                args.admin_listen
+            )
+        })?)
     };
-    let revocations = Revocations::open(&dirs.state_dir)?;
-    let shared_state = state.open()?.map(Arc::new);
-    if let Some(st) = &shared_state {
-        revocations.require_sync(state.redis_grace);
-        // Start with the full set when Redis answers; when it does not, start anyway with what
-        // the state dir holds: the sync task keeps trying, and the grace period applies.
-        match st.resync(&revocations).await {
-            Ok(n) => tracing::info!(revocations = n, "shared state (Redis) synced"),
-            Err(e) => {
-                tracing::error!(error = %e, "shared state (Redis) unreachable at start; will keep trying")
-            }
-        }
-    }
-    let rate_limits = match &shared_state {
-        Some(st) => crate::ratelimit::RateLimits::shared(st.clone()),
-        None => crate::ratelimit::RateLimits::local(),
-    };
-    let secrets = Arc::new(args.backend.open(dirs)?);
-    secrets.start_refresh();
-    // Taken before the load: a file that changes between the two is then seen as a change by
-    // the reloader instead of being missed until its next edit.
-    let policy_stamp = policy_dir_stamp(&dirs.policies);
-    let policies = load_policies(dirs)?;
-    let upstream = Upstream::try_new(
-        &args.upstream_ca,
-        &args.resolve,
-        args.upstream_timeout,
-        args.allow_private_upstreams,
-    )?;
-    let leaves = LeafCache::try_new(Arc::new(ca), 10_000)?;
-    let audit_path = args
-        .audit_log
-        .clone()
-        .unwrap_or_else(|| dirs.state_dir.join("audit.jsonl"));
-    let audit_to_stdout = audit_path.as_os_str() == crate::audit::sink::STDOUT_PATH;
-    let rotation = audit::Rotation {
+    let mut cfg = ServeConfig::new(
+        dirs.policies.clone(),
+        dirs.certs.clone(),
+        dirs.state_dir.clone(),
+    );
+    cfg.listen = args.listen;
+    cfg.admin_listen = admin_listen;
+    cfg.upstream_ca = args.upstream_ca;
+    cfg.resolve = args.resolve;
+    cfg.audit_log = args.audit_log;
+    cfg.audit_rotation = audit::Rotation {
         max_bytes: args.audit_max_bytes,
         keep: args.audit_keep,
     };
-    let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(rotation))
-        .await
-        .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?;
-    let limits = Limits {
+    if let Some(id) = args.replica_id {
+        cfg.replica_id = id;
+    }
+    cfg.limits = Limits {
         upstream_timeout: args.upstream_timeout,
         max_body: args.max_body,
         max_connections: args.max_connections,
         max_connections_per_agent: args.max_connections_per_agent,
         ..Limits::default()
     };
-    let shared = Arc::new(Shared {
-        policies: ArcSwap::from_pointee(policies),
-        keys,
-        revocations,
-        secrets,
-        leaves,
-        upstream,
-        audit: audit.clone(),
-        limits,
-        policies_dir: dirs.policies.clone(),
-        metrics: Default::default(),
-        limits_state: Default::default(),
-        prepared: Default::default(),
-        replica: args.replica_id.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "latchkey".to_owned())
-        }),
-        rate_limits,
+    cfg.verify_keys = args.verify_keys;
+    cfg.allow_private_upstreams = args.allow_private_upstreams;
+    cfg.secrets = args.backend.config()?;
+    cfg.redis = state.redis.clone().map(|url| RedisConfig {
+        url,
+        grace: state.redis_grace,
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    fsutil::ensure_private_dir(&dirs.state_dir)?;
-    fsutil::write_atomic(
-        &dirs.state_dir.join("proxy.addr"),
-        format!("{addr}\n").as_bytes(),
-        0o600,
-    )?;
-    let admin_listener = if args.admin_listen.eq_ignore_ascii_case("off") {
-        None
-    } else {
-        let admin_addr: SocketAddr = args.admin_listen.parse().with_context(|| {
-            format!(
-                "--admin-listen {:?} is not an address (or `off`)",
-                args.admin_listen
-            )
-        })?;
-        Some(
-            tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .with_context(|| {
-                    format!("cannot listen on {admin_addr} for the admin endpoints")
-                })?,
-        )
-    };
-    let (drain, stop, mut alive) = Drain::new();
-    let reloader = tokio::spawn(reload_loop(shared.clone(), drain.clone(), policy_stamp));
-    let syncer = shared_state.map(|st| {
-        let shared = shared.clone();
-        let mut drain = drain.clone();
-        let grace = state.redis_grace;
-        tokio::spawn(async move {
-            crate::shared_state::sync_revocations(
-                &st,
-                &shared.revocations,
-                &shared.metrics,
-                grace,
-                drain.stopped(),
-            )
-            .await
-        })
-    });
-    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let admin =
-        admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
-    let server = tokio::spawn(server::serve(listener, shared.clone(), drain));
+    let running = app::run(cfg).await?;
+    if let Some(ca) = &running.created_ca {
+        eprintln!(
+            "latchkey: created a new CA at {} (give this file to agents)",
+            ca.display()
+        );
+    }
     // With `--audit-log -`, standard output carries only audit lines.
     let announce = |line: String| {
-        if audit_to_stdout {
+        if running.audit_to_stdout {
             eprintln!("{line}");
         } else {
             println!("{line}");
         }
     };
-    announce(format!("latchkey listening on {addr}"));
-    if let Some(a) = admin_addr {
+    announce(format!("latchkey listening on {}", running.addr));
+    if let Some(a) = running.admin_addr {
         announce(format!("latchkey admin on {a}"));
     }
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
-    let _ = stop.send(true);
-    let _ = server.await;
-    let _ = reloader.await;
-    if let Some(syncer) = syncer {
-        let _ = syncer.await;
-    }
-    if let Some(admin) = admin {
-        let _ = admin.await;
-    }
-    drop(shared);
-    // Every connection holds a Drain; recv returns None once the last one is gone.
-    if tokio::time::timeout(Limits::default().drain_timeout, alive.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish in time");
-    }
-    drop(audit);
-    let lines = audit_writer
-        .shutdown()
-        .await
-        .context("cannot flush the audit log")?;
-    tracing::info!(lines, "audit log flushed");
-    let _ = std::fs::remove_file(dirs.state_dir.join("proxy.addr"));
+    let stopped = running.shutdown().await?;
+    tracing::info!(lines = stopped.audit_lines, "audit log flushed");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Pick up revocations and policy edits while serving. Polling one stat per file keeps this
-/// independent of inotify limits and works on every filesystem.
-async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: PolicyStamp) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut last_policy_stamp = policy_stamp;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = drain.stopped() => return,
-        }
-        if let Err(e) = shared.revocations.reload_if_changed() {
-            tracing::error!(error = %e, "cannot reload revocations; keeping the last list");
-        }
-        match shared.keys.reload_if_changed() {
-            Ok(true) => tracing::info!("token verification keys reloaded"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the token keys; keeping the last set")
-            }
-        }
-        let stamp = policy_dir_stamp(&shared.policies_dir);
-        if stamp != last_policy_stamp {
-            last_policy_stamp = stamp;
-            match Policies::load_dir(&shared.policies_dir) {
-                Ok(report) => {
-                    let current = shared.policies.load_full();
-                    let merged = keep_last_good(&current, report);
-                    shared.policies.store(Arc::new(merged));
-                    shared.prepared.clear();
-                }
-                Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
-            }
-        }
-    }
-}
-
-/// The new policy set after a reload: every file that loaded cleanly, plus, for each file that
-/// failed, the agents it defined in the last good set, so a typo never revokes an agent's
-/// access nor widens it.
-fn keep_last_good(current: &Policies, report: crate::policy::LoadReport) -> Policies {
-    let failed: std::collections::HashSet<&Path> = report
-        .diagnostics
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-        .map(|d| d.file.as_path())
-        .collect();
-    for d in report
-        .diagnostics
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-    {
-        tracing::error!("policy file not reloaded, keeping its last good version: {d}");
-    }
-    let mut agents: Vec<Arc<crate::policy::AgentPolicy>> =
-        report.policies.agents().cloned().collect();
-    for old in current.agents() {
-        let from_failed_file = failed.contains(old.file());
-        if from_failed_file && report.policies.get(old.agent()).is_none() {
-            agents.push(old.clone());
-        }
-    }
-    tracing::info!(agents = agents.len(), "policies reloaded");
-    Policies::from_shared(agents)
-}
-
-/// What the policy directory looked like: each `.toml` file and its stamp.
-type PolicyStamp = Vec<(PathBuf, Option<fsutil::FileStamp>)>;
-
-fn policy_dir_stamp(dir: &Path) -> PolicyStamp {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .map(|p| {
-                    let s = fsutil::FileStamp::of(&p);
-                    (p, s)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {
@@ -940,7 +729,7 @@ async fn issue_token(
              not be revoked on every replica",
         )?;
     }
-    let policies = load_policies(dirs)?;
+    let policies = app::load_policies(&dirs.policies)?;
     let policy = policies.get(&args.agent).ok_or_else(|| {
         anyhow!(
             "no policy for agent {:?} in {}; write one before issuing tokens",
@@ -1332,7 +1121,7 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
 }
 
 fn policy_explain(dirs: &Dirs, agent: &str, method: &str, url: &str) -> Result<ExitCode> {
-    let policies = load_policies(dirs)?;
+    let policies = app::load_policies(&dirs.policies)?;
     let policy = policies
         .get(agent)
         .ok_or_else(|| anyhow!("no policy for agent {agent:?}"))?;

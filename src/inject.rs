@@ -13,7 +13,7 @@ use http::{Uri, Version};
 use zeroize::Zeroizing;
 
 use crate::authority::Authority;
-use crate::policy::decision::Deny;
+use crate::deny::Deny;
 use crate::policy::{Allowed, Inject, Route, Scheme};
 use crate::redact::Needles;
 use crate::secrets::{Secret, Secrets};
@@ -120,22 +120,39 @@ pub struct Injected {
     pub needles: Option<Arc<Needles>>,
 }
 
+/// The facts an allowed request is rewritten from: where it goes (the checked scheme and
+/// authority, the normalised path policy matched, the agent's raw query) and the route that
+/// allowed it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrite<'a> {
+    /// `http` or `https` upstream.
+    pub scheme: Scheme,
+    /// The checked authority (CONNECT target or absolute-form host).
+    pub authority: &'a Authority,
+    /// The normalised path that policy matched.
+    pub path: &'a str,
+    /// The agent's raw query string, if any.
+    pub query: Option<&'a str>,
+    /// The route that allowed the request.
+    pub allowed: &'a Allowed,
+}
+
 /// Rewrite an allowed request for the upstream: absolute URI from the checked authority and the
 /// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
-/// route's credential (`secret`, from [`credential`]). `query` is the agent's raw query string,
-/// if any.
-// Every argument is a distinct fact of this one request; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
+/// route's credential (`secret`, from [`credential`]).
 pub fn apply(
     parts: &mut Parts,
-    scheme: Scheme,
-    authority: &Authority,
-    path: &str,
-    query: Option<&str>,
-    allowed: &Allowed,
+    rewrite: &Rewrite<'_>,
     secret: Option<Arc<Secret>>,
     cache: &PreparedCache,
 ) -> Result<Injected, Deny> {
+    let Rewrite {
+        scheme,
+        authority,
+        path,
+        query,
+        allowed,
+    } = *rewrite;
     let route = allowed.route();
     let inject = route.inject();
     let injected_header = match inject {

@@ -35,6 +35,7 @@ struct RequestKey {
     agent: String,
     route: String,
     decision: &'static str,
+    outcome: &'static str,
     reason: &'static str,
 }
 
@@ -48,18 +49,20 @@ impl Drop for GaugeGuard<'_> {
 }
 
 impl Metrics {
-    /// Count one decided request.
+    /// Count one completed request (the same event as its audit line).
     pub fn record_request(
         &self,
         agent: Option<&str>,
         route: Option<&str>,
         decision: &'static str,
+        outcome: &'static str,
         reason: &'static str,
     ) {
         let key = RequestKey {
             agent: agent.unwrap_or("").to_owned(),
             route: route.unwrap_or("").to_owned(),
             decision,
+            outcome,
             reason,
         };
         if let Some(c) = self.requests.get(&key) {
@@ -126,7 +129,7 @@ impl Metrics {
     /// The Prometheus text exposition. `cert_cache` is (hits, misses) of the leaf cache.
     pub fn render(&self, cert_cache: (u64, u64)) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP latchkey_requests_total Decided requests by agent, route, decision and reason.\n");
+        out.push_str("# HELP latchkey_requests_total Completed requests (one per audit line) by agent, route, decision, outcome and reason.\n");
         out.push_str("# TYPE latchkey_requests_total counter\n");
         let mut rows: Vec<(RequestKey, u64)> = self
             .requests
@@ -134,20 +137,22 @@ impl Metrics {
             .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
             .collect();
         rows.sort_by(|a, b| {
-            (&a.0.agent, &a.0.route, a.0.decision, a.0.reason).cmp(&(
+            (&a.0.agent, &a.0.route, a.0.decision, a.0.outcome, a.0.reason).cmp(&(
                 &b.0.agent,
                 &b.0.route,
                 b.0.decision,
+                b.0.outcome,
                 b.0.reason,
             ))
         });
         for (k, v) in rows {
             let _ = writeln!(
                 out,
-                "latchkey_requests_total{{agent=\"{}\",route=\"{}\",decision=\"{}\",reason=\"{}\"}} {v}",
+                "latchkey_requests_total{{agent=\"{}\",route=\"{}\",decision=\"{}\",outcome=\"{}\",reason=\"{}\"}} {v}",
                 escape(&k.agent),
                 escape(&k.route),
                 k.decision,
+                k.outcome,
                 k.reason
             );
         }
@@ -264,14 +269,14 @@ mod tests {
     #[test]
     fn render_counts_requests_latency_and_gauges() {
         let m = Metrics::default();
-        m.record_request(Some("bot"), Some("r1"), "allow", "");
-        m.record_request(Some("bot"), Some("r1"), "allow", "");
-        m.record_request(Some("bot"), None, "deny", "no_route");
+        m.record_request(Some("bot"), Some("r1"), "allow", "ok", "");
+        m.record_request(Some("bot"), Some("r1"), "allow", "ok", "");
+        m.record_request(Some("bot"), None, "deny", "denied", "no_route");
         m.observe_upstream(Duration::from_millis(3));
         let g = m.tunnel();
         let text = m.render((5, 2));
         assert!(text.contains(
-            "latchkey_requests_total{agent=\"bot\",route=\"r1\",decision=\"allow\",reason=\"\"} 2"
+            "latchkey_requests_total{agent=\"bot\",route=\"r1\",decision=\"allow\",outcome=\"ok\",reason=\"\"} 2"
         ));
         assert!(text.contains("reason=\"no_route\"} 1"));
         assert!(text.contains("latchkey_upstream_duration_seconds_bucket{le=\"0.005\"} 1"));

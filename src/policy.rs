@@ -4,20 +4,19 @@
 //! - `path`: request path normalisation (the form that is matched and forwarded).
 //! - `parse`: policy files -> validated routes, with diagnostics naming file, line and field.
 //! - `matcher`: the compiled per-agent index and `decide`.
-//! - `decision`: `Deny` and its status/code mapping.
+//! - `reload`: noticing edits and keeping a broken file's last good version.
 //!
 //! Policy must not do I/O per request, resolve names, or touch the secret store.
 
-pub mod decision;
 pub mod matcher;
 pub mod parse;
 pub mod path;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use decision::{AuthStage, BadPath, Deny};
 pub use matcher::{AgentPolicy, Allowed, Grant, Inject, Route, Scheme};
 pub use parse::{Diagnostic, Severity};
 pub use path::normalize;

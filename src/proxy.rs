@@ -1,10 +1,12 @@
 //! The proxy: accept agent connections, authenticate, intercept TLS, decide, inject, forward,
-//! audit. `server` owns the life of a connection and of each request; `forward` owns the
-//! upstream client.
+//! audit. `server` owns sockets, TLS and shutdown; `request` owns the stages of one request
+//! and its audit record; `body` the bodies on the way through; `forward` the upstream client.
 
 pub mod admin;
+pub mod body;
 pub mod forward;
 pub mod limits;
+pub mod request;
 pub mod server;
 
 use std::path::PathBuf;
@@ -13,7 +15,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::audit::AuditSink;
+use crate::audit::Recorder;
+use crate::metrics::Metrics;
 use crate::auth::{Revocations, TokenKeys};
 use crate::policy::Policies;
 use crate::secrets::Secrets;
@@ -37,18 +40,16 @@ pub struct Shared {
     pub leaves: LeafCache,
     /// The pooled upstream client.
     pub upstream: Upstream,
-    /// The audit log.
-    pub audit: AuditSink,
+    /// Opens each request's audit record (the log, the metrics, this replica's name).
+    pub recorder: Arc<Recorder>,
     /// Limits and timeouts.
     pub limits: Limits,
     /// Where policies are loaded from (for hot reload).
     pub policies_dir: PathBuf,
     /// Counters for the admin listener.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<Metrics>,
     /// Prebuilt injected header values and redaction needles per route and secret value.
     pub prepared: crate::inject::PreparedCache,
-    /// This replica's name in every audit line (`--replica-id`).
-    pub replica: String,
     /// Open connections overall and per agent, checked against `limits`.
     pub limits_state: limits::ConnLimits,
     /// Request rate limits per (agent, route): local, or shared through Redis.

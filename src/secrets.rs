@@ -136,6 +136,41 @@ impl SecretBackend for OpenBao {
     }
 }
 
+/// Which backend to open, validated (flags and environment already read).
+#[derive(Debug)]
+pub enum BackendConfig {
+    /// The encrypted store in the state dir.
+    File,
+    /// OpenBao / Vault behind a TTL cache.
+    OpenBao {
+        /// Address, mount, prefix and credentials.
+        config: OpenBaoConfig,
+        /// How long a value is served from memory before it must be re-read.
+        cache_ttl: Duration,
+        /// Bound on the one fetch a request may wait for when its value is not cached fresh.
+        request_fetch_timeout: Duration,
+    },
+}
+
+impl BackendConfig {
+    /// Open the backend. OpenBao is not contacted here: a down OpenBao is reported by the
+    /// first lookup, so the proxy starts and serves routes that need no credential.
+    pub fn open(self, state_dir: &std::path::Path) -> Result<Secrets, BackendError> {
+        Ok(match self {
+            BackendConfig::File => Secrets::File(Box::new(SecretStore::open(state_dir)?)),
+            BackendConfig::OpenBao {
+                config,
+                cache_ttl,
+                request_fetch_timeout,
+            } => Secrets::OpenBao(Arc::new(SecretCache::new(
+                OpenBao::try_new(config)?,
+                cache_ttl,
+                request_fetch_timeout,
+            ))),
+        })
+    }
+}
+
 /// The configured backend, as the proxy and the CLI use it.
 pub enum Secrets {
     /// The encrypted store in the state dir, read directly.

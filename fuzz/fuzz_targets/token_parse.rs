@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use http::HeaderValue;
 use latchkey::auth::{token_from_header, TokenKeys};
-use latchkey::policy::AuthStage;
+use latchkey::deny::AuthStage;
 use libfuzzer_sys::fuzz_target;
 
 /// One key pair for the whole run: creating it per input would fuzz key generation instead.

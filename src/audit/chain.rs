@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::event::{normalise_duration_ms, AuditEvent, Decision};
+use super::event::{normalise_duration_ms, AuditEvent, Decision, Outcome};
 
 /// `prev_hash` of the first line of a log: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -30,12 +30,15 @@ pub struct Chain {
 #[derive(Serialize)]
 struct Canonical<'a> {
     agent: &'a Option<String>,
+    bytes_down: Option<u64>,
+    bytes_up: Option<u64>,
     credential: &'a Option<String>,
     decision: Decision,
     duration_ms: f64,
     host: &'a str,
     method: &'a str,
     on_behalf_of: &'a Option<String>,
+    outcome: Option<Outcome>,
     path: &'a str,
     prev_hash: &'a str,
     reason: &'a Option<String>,
@@ -43,9 +46,10 @@ struct Canonical<'a> {
     request_id: &'a str,
     route: &'a Option<String>,
     session: &'a Option<String>,
-    status: u16,
+    status: Option<u16>,
     task: &'a Option<String>,
     ts: &'a str,
+    ttfb_ms: Option<f64>,
 }
 
 impl Chain {
@@ -80,12 +84,15 @@ impl Chain {
         let ts = event.ts_string();
         let canonical = Canonical {
             agent: &event.agent,
+            bytes_down: event.bytes_down,
+            bytes_up: event.bytes_up,
             credential: &event.credential,
             decision: event.decision,
             duration_ms: normalise_duration_ms(event.duration_ms),
             host: &event.host,
             method: &event.method,
             on_behalf_of: &event.on_behalf_of,
+            outcome: event.outcome,
             path: &event.path,
             prev_hash: self.last_hash(),
             reason: &event.reason,
@@ -96,6 +103,7 @@ impl Chain {
             status: event.status,
             task: &event.task,
             ts: &ts,
+            ttfb_ms: event.ttfb_ms.map(normalise_duration_ms),
         };
         // Writing to a Vec cannot fail, and every field is a plain string, number or null.
         serde_json::to_writer(&mut *out, &canonical)
@@ -175,13 +183,17 @@ mod tests {
             route: Some("github".into()),
             credential: Some("gh_token".into()),
             decision: Decision::Allow,
+            outcome: Some(Outcome::Ok),
             reason: None,
             replica: None,
             method: "GET".into(),
             host: "api.github.com".into(),
             path: "/repos/x/y".into(),
-            status: 200,
+            status: Some(200),
             duration_ms: 0.1 + 0.2 + f64::from(i) * 1.000_000_7,
+            ttfb_ms: Some(0.1 + 0.2),
+            bytes_up: Some(0),
+            bytes_down: Some(u64::from(i) * 1000),
         }
     }
 
@@ -201,6 +213,7 @@ mod tests {
         let mut value = serde_json::to_value(&e).unwrap();
         value["prev_hash"] = GENESIS_HASH.into();
         value["duration_ms"] = normalise_duration_ms(e.duration_ms).into();
+        value["ttfb_ms"] = normalise_duration_ms(e.ttfb_ms.unwrap()).into();
         let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(value).unwrap();
         let expected = serde_json::to_string(&sorted).unwrap();
         assert_eq!(&line[..expected.len() - 1], &expected[..expected.len() - 1]);

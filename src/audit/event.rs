@@ -6,14 +6,48 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The outcome recorded for a request.
+/// Whether the request went out: `allow` exactly when latchkey handed it, with its credential
+/// (if the route has one), to the upstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
-    /// The request was forwarded (with its credential injected, if any).
+    /// The request was sent upstream, with its credential injected if the route has one,
+    /// whatever happened after (the `outcome` says).
     Allow,
-    /// The request was refused by the proxy.
+    /// The request never went upstream: refused by the proxy, or the upstream could not even
+    /// be connected to.
     Deny,
+}
+
+/// How the request's life ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The response was delivered to its end (for CONNECT: the tunnel was opened).
+    Ok,
+    /// latchkey refused the request (`decision: deny`; `reason` says why).
+    Denied,
+    /// The upstream could not be reached or failed before its response head (unreachable, TLS,
+    /// timeout, protocol error). `decision` says whether the request had gone out.
+    UpstreamFailed,
+    /// The agent went away (closed its socket, reset its stream) before the response ended.
+    Cancelled,
+    /// A body broke mid-stream: the upstream's response body, or the agent's request body
+    /// after it had started going upstream (`reason` says which).
+    BodyError,
+}
+
+impl Outcome {
+    /// The snake_case word used in the log and the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::BodyError => "body_error",
+        }
+    }
 }
 
 impl Decision {
@@ -46,8 +80,11 @@ pub struct AuditEvent {
     pub route: Option<String>,
     /// Name (never the value) of the credential injected.
     pub credential: Option<String>,
-    /// Allowed or denied.
+    /// `allow` exactly when the request (and its credential) went upstream.
     pub decision: Decision,
+    /// How the request ended. Absent in lines written before this field existed.
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
     /// Stable reason code (a `Deny::code()` for denials).
     pub reason: Option<String>,
     /// The latchkey replica that decided (`--replica-id`, default the host name).
@@ -59,10 +96,21 @@ pub struct AuditEvent {
     pub host: String,
     /// Request path without the query string (queries may carry secrets).
     pub path: String,
-    /// Status returned to the agent.
-    pub status: u16,
-    /// Time from receipt to response, in milliseconds.
+    /// Status returned to the agent; `null` when the agent went away before any response.
+    pub status: Option<u16>,
+    /// Time from receipt to the end of the response body (or to the end of the request's
+    /// life: refusal, failure, cancellation), in milliseconds.
     pub duration_ms: f64,
+    /// Time from receipt to the response head sent to the agent, in milliseconds; `null` when
+    /// none was sent. Absent in older lines.
+    #[serde(default)]
+    pub ttfb_ms: Option<f64>,
+    /// Request body bytes forwarded upstream. Absent in older lines.
+    #[serde(default)]
+    pub bytes_up: Option<u64>,
+    /// Response body bytes delivered to the agent. Absent in older lines.
+    #[serde(default)]
+    pub bytes_down: Option<u64>,
 }
 
 impl AuditEvent {
@@ -124,20 +172,35 @@ mod tests {
             route: None,
             credential: None,
             decision: Decision::Deny,
+            outcome: Some(Outcome::Denied),
             reason: Some("no_rule".into()),
             replica: None,
             method: "GET".into(),
             host: "h".into(),
             path: "/".into(),
-            status: 403,
+            status: Some(403),
             duration_ms: 1.5,
+            ttfb_ms: Some(1.5),
+            bytes_up: Some(0),
+            bytes_down: Some(120),
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["ts"], "2026-11-22T18:00:00.123Z");
         assert_eq!(v["decision"], "deny");
+        assert_eq!(v["outcome"], "denied");
+        assert_eq!(v["bytes_down"], 120);
         assert!(v["agent"].is_null());
         let back: AuditEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back.ts, ts - chrono::Duration::microseconds(456));
+    }
+
+    #[test]
+    fn a_line_written_before_outcome_and_byte_counts_still_reads() {
+        let old = r#"{"ts":"2026-11-22T18:00:00.123Z","request_id":"r","agent":null,"on_behalf_of":null,"session":null,"task":null,"route":null,"credential":null,"decision":"allow","reason":null,"replica":"a","method":"GET","host":"h","path":"/","status":200,"duration_ms":2.5}"#;
+        let e: AuditEvent = serde_json::from_str(old).unwrap();
+        assert_eq!(e.status, Some(200));
+        assert_eq!(e.outcome, None);
+        assert_eq!(e.bytes_down, None);
     }
 
     #[test]

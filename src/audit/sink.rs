@@ -1,6 +1,8 @@
 //! The audit writer: one task owns the log file and the hash chain.
 //!
-//! Request handlers only push an [`AuditEvent`] into a bounded queue ([`AuditSink::record`]);
+//! Request handlers only push an [`AuditEvent`] into a bounded queue ([`AuditSink::record`],
+//! or [`AuditSink::record_now`] where no `.await` is possible: a record completing on drop or
+//! at the end of a response body);
 //! the writer drains whatever is queued, encodes and chains every line into one buffer and
 //! hands the batch to the OS in one write (group commit). It fsyncs on shutdown only: a
 //! crash may lose the last batch, but never reorders or silently breaks the chain.
@@ -109,6 +111,10 @@ pub enum AuditError {
 #[derive(Clone, Debug)]
 pub struct AuditSink {
     tx: mpsc::Sender<AuditEvent>,
+    /// Where [`AuditSink::record_now`] puts an event when the bounded queue is full: it
+    /// cannot wait, and it must not drop. Its size is bounded by the requests in flight
+    /// (each completes once), and [`AuditSink::ready`] keeps new requests from piling on.
+    overflow: mpsc::UnboundedSender<AuditEvent>,
 }
 
 /// Owns the writer task; [`AuditWriter::shutdown`] drains and closes the log.
@@ -160,6 +166,7 @@ impl AuditSink {
             .await
             .map_err(|_| AuditError::WriterGone)??;
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (overflow, overflow_rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = oneshot::channel();
         let task = tokio::spawn(run_writer(
             LogFile {
@@ -170,11 +177,11 @@ impl AuditSink {
                 rotate_after: None,
             },
             chain,
-            rx,
+            Queues { rx, overflow_rx },
             close_rx,
         ));
         Ok((
-            AuditSink { tx },
+            AuditSink { tx, overflow },
             AuditWriter {
                 close: close_tx,
                 task,
@@ -188,10 +195,96 @@ impl AuditSink {
     /// at `error` with its request id, since the audit trail then has a hole.
     pub async fn record(&self, event: AuditEvent) {
         if let Err(mpsc::error::SendError(event)) = self.tx.send(event).await {
-            tracing::error!(
-                request_id = %event.request_id,
-                "audit event recorded after the audit writer shut down; it is not in the log"
-            );
+            lost(&event);
+        }
+    }
+
+    /// Queue one event without waiting: for code that cannot `.await` (a `Drop`, a body's
+    /// `poll_frame`). Never drops an event while the writer runs: a full queue spills into
+    /// the overflow queue, which the writer drains too.
+    pub fn record_now(&self, event: AuditEvent) {
+        let event = match self.tx.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(mpsc::error::TrySendError::Closed(event)) => return lost(&event),
+        };
+        if let Err(mpsc::error::SendError(event)) = self.overflow.send(event) {
+            lost(&event);
+        }
+    }
+
+    /// Wait until the queue has room: backpressure for a new request while the writer is
+    /// behind (a slow disk), so the overflow queue stays small.
+    pub async fn ready(&self) {
+        if self.tx.capacity() == 0 {
+            // The permit is only a wait for room; dropping it gives the slot back.
+            let _ = self.tx.reserve().await;
+        }
+    }
+}
+
+/// An event that arrived after the writer shut down: the audit trail has a hole, say so.
+fn lost(event: &AuditEvent) {
+    tracing::error!(
+        request_id = %event.request_id,
+        "audit event recorded after the audit writer shut down; it is not in the log"
+    );
+}
+
+/// The writer's two inputs: the bounded queue, and the overflow of `record_now`.
+struct Queues {
+    rx: mpsc::Receiver<AuditEvent>,
+    overflow_rx: mpsc::UnboundedReceiver<AuditEvent>,
+}
+
+impl Queues {
+    /// Stop accepting events; those already queued are still received.
+    fn close(&mut self) {
+        self.rx.close();
+        self.overflow_rx.close();
+    }
+
+    /// Move queued events into `batch` without waiting (the overflow first: it is older).
+    fn try_take(&mut self, batch: &mut Vec<AuditEvent>) -> usize {
+        let before = batch.len();
+        while batch.len() < MAX_BATCH {
+            match self.overflow_rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        batch.len() - before
+    }
+
+    /// Wait for at least one event; 0 once both queues are closed (or every sink dropped)
+    /// and empty.
+    async fn take(&mut self, batch: &mut Vec<AuditEvent>) -> usize {
+        let n = self.try_take(batch);
+        if n > 0 {
+            return n;
+        }
+        let first = tokio::select! {
+            e = self.rx.recv() => match e {
+                Some(e) => Some(e),
+                None => self.overflow_rx.recv().await,
+            },
+            e = self.overflow_rx.recv() => match e {
+                Some(e) => Some(e),
+                None => self.rx.recv().await,
+            },
+        };
+        match first {
+            Some(e) => {
+                batch.push(e);
+                1 + self.try_take(batch)
+            }
+            None => 0,
         }
     }
 }
@@ -376,7 +469,7 @@ impl LogFile {
 async fn run_writer(
     mut log: LogFile,
     mut chain: Chain,
-    mut rx: mpsc::Receiver<AuditEvent>,
+    mut queues: Queues,
     mut close: oneshot::Receiver<()>,
 ) -> Result<u64, AuditError> {
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(MAX_BATCH);
@@ -385,7 +478,7 @@ async fn run_writer(
     let mut closing = false;
     loop {
         let received = if closing {
-            rx.recv_many(&mut batch, MAX_BATCH).await
+            queues.take(&mut batch).await
         } else {
             tokio::select! {
                 // Close first: under steady traffic the queue is never empty, and shutdown
@@ -393,11 +486,11 @@ async fn run_writer(
                 biased;
                 _ = &mut close => {
                     // Refuse new events; everything already queued is still received.
-                    rx.close();
+                    queues.close();
                     closing = true;
                     continue;
                 }
-                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                n = queues.take(&mut batch) => n,
             }
         };
         if received == 0 {

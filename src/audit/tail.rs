@@ -81,16 +81,32 @@ pub fn format_line(e: &AuditEvent, colour: bool) -> String {
     }
     let _ = write!(
         s,
-        " {} {}{} {} route={} cred={} reason={} {:.1}ms",
+        " {} {}{} ",
         clean(&e.method),
         clean(&e.host),
         clean(&e.path),
-        e.status,
+    );
+    match e.status {
+        Some(status) => {
+            let _ = write!(s, "{status}");
+        }
+        None => s.push('-'),
+    }
+    let _ = write!(
+        s,
+        " route={} cred={} reason={}",
         clean(e.route.as_deref().unwrap_or("-")),
         clean(e.credential.as_deref().unwrap_or("-")),
         clean(e.reason.as_deref().unwrap_or("-")),
-        e.duration_ms,
     );
+    // Lines written before these fields existed simply lack them.
+    if let Some(outcome) = e.outcome {
+        let _ = write!(s, " outcome={}", outcome.as_str());
+    }
+    if let (Some(up), Some(down)) = (e.bytes_up, e.bytes_down) {
+        let _ = write!(s, " up={up}B down={down}B");
+    }
+    let _ = write!(s, " {:.1}ms", e.duration_ms);
     s
 }
 

@@ -42,8 +42,16 @@ fn event(i: u64) -> AuditEvent {
         method: "GET".into(),
         host: "api.github.com".into(),
         path: format!("/repos/{i}"),
-        status: if i.is_multiple_of(3) { 403 } else { 200 },
+        status: Some(if i.is_multiple_of(3) { 403 } else { 200 }),
         duration_ms: 1.0 / (i as f64 + 3.0),
+        outcome: Some(if i.is_multiple_of(3) {
+            Outcome::Denied
+        } else {
+            Outcome::Ok
+        }),
+        ttfb_ms: Some(0.5),
+        bytes_up: Some(i),
+        bytes_down: Some(2 * i),
     }
 }
 
@@ -191,7 +199,7 @@ async fn verify_reports_a_missing_field() {
     let mut lines = read_lines(&path);
     let mut v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&lines[1]).unwrap();
-    v.remove("status");
+    v.remove("method");
     lines[1] = serde_json::to_string(&v).unwrap();
     write_lines(&path, &lines);
     let err = verify(&path).unwrap_err();
@@ -199,7 +207,7 @@ async fn verify_reports_a_missing_field() {
         matches!(err, VerifyError::BadRecord { line: 2, .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("status"), "{err}");
+    assert!(err.to_string().contains("method"), "{err}");
 }
 
 #[tokio::test]
@@ -308,6 +316,7 @@ fn format_line_shows_the_decision_without_ansi_when_colour_is_off() {
         "github",
         "gh_token",
         "no_matching_rule",
+        "outcome=denied",
         "DENY",
         "GET api.github.com/a",
     ] {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use super::decision::Deny;
+use crate::deny::Deny;
 use crate::authority::Authority;
 
 /// The scheme the request will be sent upstream with.
@@ -484,33 +484,40 @@ impl AgentPolicy {
             indexes.iter().filter_map(|&i| self.route_at(i)).collect();
         let full = |r: &&Arc<Route>| r.methods.contains(method) && r.matches_path(path);
         if let Some(r) = host_routes.iter().find(|r| full(r) && !grant.allows(&r.id)) {
-            return Deny::NoRoute(format!(
-                "route {} matches {method} {path} on {authority} but is not granted to this token",
-                r.id
-            ));
+            return Deny::RouteNotGranted {
+                route: r.id.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+            };
         }
         if let Some(r) = host_routes
             .iter()
             .find(|r| full(r) && r.refuses_plain_http(scheme))
         {
-            return Deny::NoRoute(format!(
-                "route {} injects a credential and insecure_http is not set, so {method} {path} \
-                 over plain http to {authority} is refused",
-                r.id
-            ));
+            return Deny::InsecureHttpRefused {
+                route: r.id.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+            };
         }
         if let Some(r) = host_routes.iter().find(|r| r.matches_path(path)) {
             let allowed: Vec<&str> = r.methods.iter().map(Method::as_str).collect();
-            return Deny::NoRoute(format!(
-                "{method} is not allowed for {path} on {authority}: route {} allows only {}",
-                r.id,
-                allowed.join(", ")
-            ));
+            return Deny::MethodNotAllowed {
+                route: r.id.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+                allowed: allowed.join(", "),
+            };
         }
-        Deny::NoRoute(format!(
-            "{method} {path} matches no route of agent {} for {authority}",
-            self.agent
-        ))
+        Deny::NoRoute {
+            agent: self.agent.to_string(),
+            method: method.clone(),
+            path: path.to_owned(),
+            authority: authority.to_string(),
+        }
     }
 }
 

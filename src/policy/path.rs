@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 
-use super::decision::BadPath;
+use crate::deny::BadPath;
 
 /// Normalise a request path (without its query string).
 ///

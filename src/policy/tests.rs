@@ -6,6 +6,7 @@ use http::Method;
 
 use super::*;
 use crate::authority::Authority;
+use crate::deny::Deny;
 
 const FILE: &str = "policies/t.toml";
 
@@ -863,18 +864,11 @@ fn unknown_host_is_host_not_allowed() {
 #[test]
 fn deny_details_explain_why() {
     let p = load(MATCHING);
-    let detail = |scheme, a: &str, port, m: Method, path: &str, grant| match allowed_route(
-        &p,
-        scheme,
-        &auth_port(a, port),
-        m,
-        path,
-        grant,
-    ) {
-        Err(Deny::NoRoute(d)) => d,
-        other => panic!("expected no_route, got {other:?}"),
+    // Each refusal is a typed reason with its own code, and its detail names the route.
+    let deny = |scheme, a: &str, port, m: Method, path: &str, grant| {
+        allowed_route(&p, scheme, &auth_port(a, port), m, path, grant).expect_err("denied")
     };
-    let d = detail(
+    let d = deny(
         Scheme::Https,
         "slash.test",
         443,
@@ -882,8 +876,12 @@ fn deny_details_explain_why() {
         "/x",
         Grant::ALL,
     );
-    assert_eq!(d, "GET /x matches no route of agent m for slash.test:443");
-    let d = detail(
+    assert_eq!(d.code(), "no_route");
+    assert_eq!(
+        d.to_string(),
+        "GET /x matches no route of agent m for slash.test:443"
+    );
+    let d = deny(
         Scheme::Https,
         "slash.test",
         443,
@@ -891,12 +889,14 @@ fn deny_details_explain_why() {
         "/dir/",
         Grant::ALL,
     );
+    assert_eq!(d.code(), "method_not_allowed");
+    let text = d.to_string();
     assert!(
-        d.contains("POST is not allowed for /dir/") && d.contains("route slash allows only GET"),
-        "{d}"
+        text.contains("POST is not allowed for /dir/") && text.contains("route slash allows only GET"),
+        "{text}"
     );
     let only = vec!["exact".to_string()];
-    let d = detail(
+    let d = deny(
         Scheme::Https,
         "x.example.org",
         443,
@@ -904,11 +904,13 @@ fn deny_details_explain_why() {
         "/",
         Grant(Some(&only)),
     );
+    assert_eq!(d.code(), "route_not_granted");
     assert!(
-        d.contains("route wild matches GET / on x.example.org:443 but is not granted"),
+        d.to_string()
+            .contains("route wild matches GET / on x.example.org:443 but is not granted"),
         "{d}"
     );
-    let d = detail(
+    let d = deny(
         Scheme::Http,
         "secure.test",
         80,
@@ -916,8 +918,10 @@ fn deny_details_explain_why() {
         "/x",
         Grant::ALL,
     );
+    assert_eq!(d.code(), "insecure_http_refused");
     assert!(
-        d.contains("route cred injects a credential and insecure_http is not set"),
+        d.to_string()
+            .contains("route cred injects a credential and insecure_http is not set"),
         "{d}"
     );
 }

@@ -13,29 +13,26 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use super::server::Drain;
+use super::server::{accept_loop, serve_until_drained, Drain};
 use super::Shared;
 
 /// Serve the admin endpoints until `drain` says stop.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut drain: Drain) {
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            _ = drain.stopped() => return,
-        };
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: Drain) {
+    accept_loop(listener, drain, move |stream, _peer, drain| {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &shared)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+                .serve_connection(TokioIo::new(stream), svc);
+            serve_until_drained(conn, drain, "admin connection").await;
+        }
+    })
+    .await;
 }
 
 fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {

@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::netguard;
-use crate::policy::decision::Deny;
+use crate::deny::Deny;
 
 /// Errors a request body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -233,13 +233,32 @@ impl Upstream {
     }
 
     /// Send one request and wait for the response head. Bodies stream both ways.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Deny> {
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(Deny::UpstreamTimeout),
+            // The wait covers connecting too, so the request may or may not have gone out:
+            // count it as sent (the audit line must never understate what went upstream).
+            Err(_) => Err(Failed {
+                deny: Deny::UpstreamTimeout,
+                sent: true,
+            }),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(Failed {
+                deny: classify(&e),
+                // Only a failure to connect (DNS, TCP, TLS, a private address) proves that no
+                // byte of the request, and so no credential, reached the upstream.
+                sent: !e.is_connect(),
+            }),
         }
     }
+}
+
+/// An upstream exchange that failed before its response head.
+#[derive(Debug)]
+pub struct Failed {
+    /// What the agent is told.
+    pub deny: Deny,
+    /// Whether the request may have reached the upstream (`false` only for connect failures).
+    pub sent: bool,
 }
 
 fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), ForwardError> {

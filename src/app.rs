@@ -1,0 +1,413 @@
+//! The application: a validated [`ServeConfig`] in, a [`Running`] proxy out.
+//!
+//! `app::run` opens every component (CA, token keys, revocations, shared state, secret
+//! backend, policies, upstream client, audit log), binds the listeners, and starts the
+//! background tasks (hot reload, revocation sync, admin). [`Running::shutdown`] stops
+//! accepting, lets in-flight requests finish (bounded), and flushes the audit log. The CLI's
+//! `serve` and the tests start the proxy the same way, so what the tests run is what ships.
+//!
+//! This module wires components together; it holds no request logic and never prints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::audit::{AuditSink, AuditWriter, Recorder, Rotation};
+use crate::auth::{Revocations, TokenKeys};
+use crate::fsutil;
+use crate::metrics::Metrics;
+use crate::policy::reload::{keep_last_good, DirStamp};
+use crate::policy::{Policies, Severity};
+use crate::proxy::server::{self, Drain};
+use crate::proxy::{admin, Limits, ResolvePin, Shared, Upstream};
+use crate::secrets::BackendConfig;
+use crate::shared_state::SharedState;
+use crate::tls::{CertificateAuthority, LeafCache};
+
+/// How often revocations, signing keys and policy files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_millis(250);
+
+/// Leaf certificates kept in memory (one per upstream host).
+const LEAF_CACHE_SIZE: u64 = 10_000;
+
+/// Everything `serve` needs, validated. [`ServeConfig::new`] gives the embedded defaults.
+#[derive(Debug)]
+pub struct ServeConfig {
+    /// Directory of per-agent policy files.
+    pub policies: PathBuf,
+    /// Directory of the CA (`ca.crt`, `ca.key`).
+    pub certs: PathBuf,
+    /// Keys, secrets, revocations and (by default) the audit log.
+    pub state_dir: PathBuf,
+    /// The agent-facing listener (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The admin listener (`/healthz`, `/metrics`); `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Extra PEM files of roots trusted for upstream TLS.
+    pub upstream_ca: Vec<PathBuf>,
+    /// `--resolve` pins.
+    pub resolve: Vec<ResolvePin>,
+    /// Audit log file (default `<state_dir>/audit.jsonl`; `-` is standard output).
+    pub audit_log: Option<PathBuf>,
+    /// When the audit log rotates.
+    pub audit_rotation: Rotation,
+    /// This replica's name in every audit line.
+    pub replica_id: String,
+    /// Timeouts and sizes.
+    pub limits: Limits,
+    /// Verify tokens with these public keys (JWKS or PEM) instead of the state dir's own.
+    pub verify_keys: Option<PathBuf>,
+    /// Allow upstreams on private addresses without a pin.
+    pub allow_private_upstreams: bool,
+    /// Where credential values live.
+    pub secrets: BackendConfig,
+    /// Shared session state across replicas.
+    pub redis: Option<RedisConfig>,
+}
+
+/// `--redis` and its grace period.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port`.
+    pub url: String,
+    /// How long tokens newer than the last sync are still accepted while Redis is down.
+    pub grace: Duration,
+}
+
+impl ServeConfig {
+    /// The embedded defaults around three directories: proxy on 127.0.0.1:8080, admin on
+    /// 127.0.0.1:8081, file secret store, no Redis, the host name as replica id.
+    pub fn new(policies: PathBuf, certs: PathBuf, state_dir: PathBuf) -> ServeConfig {
+        ServeConfig {
+            policies,
+            certs,
+            state_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            upstream_ca: Vec::new(),
+            resolve: Vec::new(),
+            audit_log: None,
+            audit_rotation: Rotation::default(),
+            replica_id: default_replica_id(),
+            limits: Limits::default(),
+            verify_keys: None,
+            allow_private_upstreams: false,
+            secrets: BackendConfig::File,
+            redis: None,
+        }
+    }
+
+    /// Where audit lines go.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
+    }
+}
+
+/// The host name, or `latchkey` when it cannot be read.
+pub fn default_replica_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "latchkey".to_owned())
+}
+
+/// Why the proxy could not start: what was being done, and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct StartError {
+    what: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StartError {
+    fn new(what: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StartError {
+        StartError {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// Attach "what we were doing" to a component's error.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, StartError>;
+}
+
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> Doing<T> for Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, StartError> {
+        self.map_err(|e| StartError::new(what(), e))
+    }
+}
+
+/// A proxy that is serving. Drop it without [`Running::shutdown`] and the listeners stop
+/// with the runtime, but the audit log's last batch may not be flushed.
+pub struct Running {
+    /// The agent-facing address actually bound.
+    pub addr: SocketAddr,
+    /// The admin address actually bound, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Whether audit lines go to standard output (`--audit-log -`).
+    pub audit_to_stdout: bool,
+    /// The CA certificate, when this start created the CA (give it to agents).
+    pub created_ca: Option<PathBuf>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    alive: mpsc::Receiver<()>,
+    tasks: Vec<JoinHandle<()>>,
+    audit_writer: AuditWriter,
+    addr_file: PathBuf,
+}
+
+/// What a clean shutdown did.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopped {
+    /// Audit lines written during this run.
+    pub audit_lines: u64,
+    /// Whether every connection finished within the drain timeout.
+    pub drained: bool,
+}
+
+/// Open every component, bind the listeners and start serving.
+pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
+    let audit_path = cfg.audit_path();
+    let (ca, created) = CertificateAuthority::load_or_create(&cfg.certs)
+        .doing(|| format!("cannot open the CA in {}", cfg.certs.display()))?;
+    let keys = match &cfg.verify_keys {
+        Some(file) => TokenKeys::verify_only(file)
+            .doing(|| format!("cannot read the verify keys {}", file.display()))?,
+        None => TokenKeys::load_or_create(&cfg.state_dir)
+            .doing(|| "cannot open the token signing keys".to_owned())?,
+    };
+    let revocations =
+        Revocations::open(&cfg.state_dir).doing(|| "cannot open the revocation list".to_owned())?;
+    let metrics = Arc::new(Metrics::default());
+    let shared_state = match &cfg.redis {
+        Some(redis) => {
+            let st = Arc::new(
+                SharedState::open(&redis.url)
+                    .doing(|| "cannot use the --redis address".to_owned())?,
+            );
+            revocations.require_sync(redis.grace);
+            // Start with the full set when Redis answers; when it does not, start anyway with
+            // what the state dir holds: the sync task keeps trying, and the grace period applies.
+            match st.resync(&revocations).await {
+                Ok(n) => tracing::info!(revocations = n, "shared state (Redis) synced"),
+                Err(e) => {
+                    tracing::error!(error = %e, "shared state (Redis) unreachable at start; will keep trying")
+                }
+            }
+            Some(st)
+        }
+        None => None,
+    };
+    let rate_limits = match &shared_state {
+        Some(st) => crate::ratelimit::RateLimits::shared(st.clone()),
+        None => crate::ratelimit::RateLimits::local(),
+    };
+    let secrets = Arc::new(
+        cfg.secrets
+            .open(&cfg.state_dir)
+            .doing(|| "cannot open the secret backend".to_owned())?,
+    );
+    secrets.start_refresh();
+    // Taken before the load: a file that changes between the two is then seen as a change by
+    // the reloader instead of being missed until its next edit.
+    let policy_stamp = DirStamp::of(&cfg.policies);
+    let policies = load_policies(&cfg.policies)?;
+    let upstream = Upstream::try_new(
+        &cfg.upstream_ca,
+        &cfg.resolve,
+        cfg.limits.upstream_timeout,
+        cfg.allow_private_upstreams,
+    )
+    .doing(|| "cannot build the upstream client".to_owned())?;
+    let leaves = LeafCache::try_new(Arc::new(ca), LEAF_CACHE_SIZE)
+        .doing(|| "cannot build the leaf certificate cache".to_owned())?;
+    let audit_to_stdout = audit_path.as_os_str() == crate::audit::sink::STDOUT_PATH;
+    let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
+        .await
+        .doing(|| format!("cannot open the audit log {}", audit_path.display()))?;
+    let shared = Arc::new(Shared {
+        policies: ArcSwap::from_pointee(policies),
+        keys,
+        revocations,
+        secrets,
+        leaves,
+        upstream,
+        recorder: Arc::new(Recorder::new(audit, metrics.clone(), cfg.replica_id.clone())),
+        limits: cfg.limits.clone(),
+        policies_dir: cfg.policies.clone(),
+        metrics,
+        limits_state: Default::default(),
+        prepared: Default::default(),
+        rate_limits,
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .doing(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener
+        .local_addr()
+        .doing(|| "cannot read the listening address".to_owned())?;
+    let admin_listener = match cfg.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .doing(|| format!("cannot listen on {a} for the admin endpoints"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // `latchkey run` finds the proxy through this file.
+    let addr_file = cfg.state_dir.join("proxy.addr");
+    fsutil::ensure_private_dir(&cfg.state_dir)
+        .doing(|| format!("cannot create the state dir {}", cfg.state_dir.display()))?;
+    fsutil::write_atomic(&addr_file, format!("{addr}\n").as_bytes(), 0o600)
+        .doing(|| format!("cannot write {}", addr_file.display()))?;
+
+    let (drain, stop, alive) = Drain::new();
+    let mut tasks = vec![tokio::spawn(reload_loop(
+        shared.clone(),
+        drain.clone(),
+        policy_stamp,
+    ))];
+    if let (Some(st), Some(redis)) = (shared_state, &cfg.redis) {
+        let shared = shared.clone();
+        let mut drain = drain.clone();
+        let grace = redis.grace;
+        tasks.push(tokio::spawn(async move {
+            crate::shared_state::sync_revocations(
+                &st,
+                &shared.revocations,
+                &shared.metrics,
+                grace,
+                drain.stopped(),
+            )
+            .await
+        }));
+    }
+    if let Some(l) = admin_listener {
+        tasks.push(tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
+    }
+    tasks.push(tokio::spawn(server::serve(listener, shared.clone(), drain)));
+    Ok(Running {
+        addr,
+        admin_addr,
+        audit_to_stdout,
+        created_ca: created.then(|| cfg.certs.join("ca.crt")),
+        shared,
+        stop,
+        alive,
+        tasks,
+        audit_writer,
+        addr_file,
+    })
+}
+
+impl Running {
+    /// Stop accepting, let in-flight requests finish (up to the drain timeout), then flush
+    /// and fsync the audit log: every request that completed has its line on disk.
+    pub async fn shutdown(self) -> Result<Stopped, StartError> {
+        let Running {
+            shared,
+            stop,
+            mut alive,
+            tasks,
+            audit_writer,
+            addr_file,
+            ..
+        } = self;
+        let _ = stop.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        let drain_timeout = shared.limits.drain_timeout;
+        drop(shared);
+        // Every connection holds a Drain; recv returns None once the last one is gone.
+        let drained = tokio::time::timeout(drain_timeout, alive.recv())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!("some connections did not finish in time");
+        }
+        let audit_lines = audit_writer
+            .shutdown()
+            .await
+            .doing(|| "cannot flush the audit log".to_owned())?;
+        let _ = std::fs::remove_file(addr_file);
+        Ok(Stopped {
+            audit_lines,
+            drained,
+        })
+    }
+}
+
+/// Load the policy directory at start; any error in any file stops the start (unlike a
+/// reload, there is no last good version to keep).
+pub fn load_policies(dir: &std::path::Path) -> Result<Policies, StartError> {
+    let report = Policies::load_dir(dir)
+        .doing(|| format!("cannot read policies from {}", dir.display()))?;
+    let mut errors = Vec::new();
+    for d in &report.diagnostics {
+        if d.severity == Severity::Error {
+            errors.push(d.to_string());
+        } else {
+            tracing::warn!("{d}");
+        }
+    }
+    if !errors.is_empty() {
+        return Err(StartError {
+            what: format!(
+                "{} error(s) in policy files under {}; run `latchkey policy check`:\n{}",
+                errors.len(),
+                dir.display(),
+                errors.join("\n")
+            ),
+            source: None,
+        });
+    }
+    Ok(report.policies)
+}
+
+/// Pick up revocations, signing keys and policy edits while serving.
+async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: DirStamp) {
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    let mut last_policy_stamp = policy_stamp;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = drain.stopped() => return,
+        }
+        if let Err(e) = shared.revocations.reload_if_changed() {
+            tracing::error!(error = %e, "cannot reload revocations; keeping the last list");
+        }
+        match shared.keys.reload_if_changed() {
+            Ok(true) => tracing::info!("token verification keys reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the token keys; keeping the last set")
+            }
+        }
+        let stamp = DirStamp::of(&shared.policies_dir);
+        if stamp != last_policy_stamp {
+            last_policy_stamp = stamp;
+            match Policies::load_dir(&shared.policies_dir) {
+                Ok(report) => {
+                    let current = shared.policies.load_full();
+                    shared
+                        .policies
+                        .store(Arc::new(keep_last_good(&current, report)));
+                    shared.prepared.clear();
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
+            }
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Why latchkey refused a request or could not complete it: a typed [`Deny`], and who is at
+//! fault ([`Fault`]). This is the only place that maps a refusal to what the agent sees (status,
+//! the body's `error` word, `Proxy-Authenticate`, `Retry-After`) and to the operator log level.
+//!
+//! A low-level module: it knows HTTP status codes and nothing of the proxy, policy or audit.
+//! A `Deny`'s `Display` text is sent to the agent as `detail`, so it never holds a secret or a
+//! token (a credential *name* at most).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+
+/// Where a token check ran: at the CONNECT / plain-proxy level (407) or inside a tunnel (403).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStage {
+    /// The proxy request itself (CONNECT or absolute-form HTTP): the client may retry with
+    /// credentials, so the answer is 407.
+    Proxy,
+    /// A request inside an established tunnel: the tunnel cannot re-authenticate, so 403.
+    Tunnel,
+}
+
+/// Why a path cannot be normalised safely (`bad_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadPath {
+    /// The request target is not an absolute path (e.g. `*` or empty).
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+    /// `%2F` would let `a%2Fb` match as one segment upstream may split.
+    #[error("the path contains an encoded '/' (%2F)")]
+    EncodedSlash,
+    /// `%5C` / `\` are path separators for some upstreams.
+    #[error("the path contains a backslash or an encoded backslash (%5C)")]
+    Backslash,
+    /// NUL truncates paths in some upstreams.
+    #[error("the path contains a NUL byte")]
+    Nul,
+    /// A `%` not followed by two hex digits.
+    #[error("the path contains an invalid percent-escape")]
+    InvalidEscape,
+    /// `..` that would climb above `/`.
+    #[error("the path climbs above the root with '..'")]
+    AboveRoot,
+    /// A segment such as `..;` that servlet containers treat as `..`.
+    #[error("the path contains a '..;' segment")]
+    DotDotSemicolon,
+    /// A byte that is not allowed in a path at all (control characters, spaces, non-ASCII).
+    #[error("the path contains a character that is not allowed")]
+    InvalidChar,
+}
+
+/// A refusal. Each variant says when it fires; `status` and `code` are the only mapping to
+/// what the agent sees and what the audit log records.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Deny {
+    /// No `Proxy-Authorization` header (or an empty one).
+    #[error(
+        "no token: send the latchkey token as the proxy password or as Proxy-Authorization: Bearer"
+    )]
+    TokenMissing,
+    /// The token is malformed, wrongly signed, or has the wrong issuer/audience/claims.
+    #[error("the token is not valid: {0}")]
+    TokenInvalid(&'static str),
+    /// The token's `exp` has passed.
+    #[error("the token has expired")]
+    TokenExpired(AuthStage),
+    /// The token (its session or its agent) was revoked.
+    #[error("the token has been revoked")]
+    TokenRevoked(AuthStage),
+    /// CONNECT (or absolute-form HTTP) to a host that none of the agent's granted routes names.
+    #[error("host {host} is not in any route granted to agent {agent}")]
+    HostNotAllowed { agent: String, host: String },
+    /// The inner `Host` / `:authority` / absolute URI differs from the CONNECT authority.
+    #[error("the request names host {got} but the tunnel was opened to {expected}")]
+    HostMismatch { expected: String, got: String },
+    /// No route of the agent matches the method and path on this host (or the agent has no
+    /// policy loaded at all, e.g. its file was removed while a tunnel was open).
+    #[error("{method} {path} matches no route of agent {agent} for {authority}")]
+    NoRoute {
+        agent: String,
+        method: Method,
+        path: String,
+        authority: String,
+    },
+    /// A route matches, but the token was issued with `--route` narrowing that leaves it out.
+    #[error("route {route} matches {method} {path} on {authority} but is not granted to this token")]
+    RouteNotGranted {
+        route: String,
+        method: Method,
+        path: String,
+        authority: String,
+    },
+    /// A route matches, but it injects a credential over plain `http://` without
+    /// `insecure_http = true`.
+    #[error(
+        "route {route} injects a credential and insecure_http is not set, so {method} {path} \
+         over plain http to {authority} is refused"
+    )]
+    InsecureHttpRefused {
+        route: String,
+        method: Method,
+        path: String,
+        authority: String,
+    },
+    /// A route matches the path, but not the method.
+    #[error("{method} is not allowed for {path} on {authority}: route {route} allows only {allowed}")]
+    MethodNotAllowed {
+        route: String,
+        method: Method,
+        path: String,
+        authority: String,
+        /// The route's methods, comma-separated.
+        allowed: String,
+    },
+    /// The path cannot be normalised safely.
+    #[error("unsafe path: {0}")]
+    BadPath(BadPath),
+    /// The request to the proxy itself is malformed (not CONNECT, not absolute-form, bad authority).
+    #[error("bad proxy request: {0}")]
+    BadRequest(String),
+    /// The route's credential is not in the secret store (or the store cannot be read).
+    #[error("credential {0} is not available in the secret store")]
+    SecretUnavailable(String),
+    /// Connecting to the upstream failed (refused, DNS, unreachable).
+    #[error("the upstream could not be reached: {0}")]
+    UpstreamUnreachable(String),
+    /// The upstream's TLS certificate or handshake failed verification.
+    #[error("TLS to the upstream failed: {0}")]
+    UpstreamTls(String),
+    /// The upstream did not answer in time.
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream answered with something that is not valid HTTP, or reset mid-response.
+    #[error("the upstream broke the exchange: {0}")]
+    UpstreamProtocol(String),
+    /// The upstream name resolved to a loopback, private, link-local, CGNAT, multicast or
+    /// unspecified address and was not pinned by `--resolve` (SSRF guard).
+    #[error(
+        "the upstream address {0} is private; pin it with --resolve or allow private upstreams"
+    )]
+    UpstreamPrivate(std::net::IpAddr),
+    /// The request body is larger than the route's (or the proxy's) limit.
+    #[error("the request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    /// The request head is larger than latchkey accepts (hyper's buffer limit is soft, so the
+    /// size is checked again on the parsed headers).
+    #[error("the request headers exceed {0} bytes")]
+    HeadersTooLarge(usize),
+    /// The agent's request body broke off or was malformed (e.g. bad chunked framing).
+    #[error("the request body was malformed or cut off by the client")]
+    BadBody,
+    /// Too many open connections overall or for this agent.
+    #[error("too many open connections for {0}; retry later")]
+    TooManyConnections(&'static str),
+    /// The agent exceeded the route's `rate` (per agent and route, GCRA).
+    #[error("rate limit of this route exceeded; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds until a request would pass (sent as `Retry-After`).
+        retry_after_secs: u64,
+    },
+    /// The shared session state (Redis) has been unreachable for longer than the grace
+    /// period and the token was issued after the last sync, so whether it was revoked in the
+    /// meantime cannot be known.
+    #[error(
+        "the shared session state is unreachable and this token is newer than the last sync; \
+         retry later"
+    )]
+    StateUnavailable,
+}
+
+impl Deny {
+    /// The HTTP status the agent receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Deny::TokenMissing | Deny::TokenInvalid(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Deny::TokenExpired(AuthStage::Proxy) | Deny::TokenRevoked(AuthStage::Proxy) => {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            }
+            Deny::TokenExpired(AuthStage::Tunnel) | Deny::TokenRevoked(AuthStage::Tunnel) => {
+                StatusCode::FORBIDDEN
+            }
+            Deny::HostNotAllowed { .. }
+            | Deny::HostMismatch { .. }
+            | Deny::NoRoute { .. }
+            | Deny::RouteNotGranted { .. }
+            | Deny::InsecureHttpRefused { .. }
+            | Deny::MethodNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Deny::BadPath(_) | Deny::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Deny::SecretUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Deny::UpstreamUnreachable(_) | Deny::UpstreamTls(_) | Deny::UpstreamProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Deny::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Deny::UpstreamPrivate(_) => StatusCode::FORBIDDEN,
+            Deny::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Deny::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Deny::BadBody => StatusCode::BAD_REQUEST,
+            Deny::TooManyConnections(_) | Deny::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Deny::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Stable snake_case reason for the JSON body and the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Deny::TokenMissing => "token_missing",
+            Deny::TokenInvalid(_) => "token_invalid",
+            Deny::TokenExpired(_) => "token_expired",
+            Deny::TokenRevoked(_) => "token_revoked",
+            Deny::HostNotAllowed { .. } => "host_not_allowed",
+            Deny::HostMismatch { .. } => "host_mismatch",
+            Deny::NoRoute { .. } => "no_route",
+            Deny::RouteNotGranted { .. } => "route_not_granted",
+            Deny::InsecureHttpRefused { .. } => "insecure_http_refused",
+            Deny::MethodNotAllowed { .. } => "method_not_allowed",
+            Deny::BadPath(_) => "bad_path",
+            Deny::BadRequest(_) => "bad_request",
+            Deny::SecretUnavailable(_) => "secret_unavailable",
+            Deny::UpstreamUnreachable(_) => "upstream_unreachable",
+            Deny::UpstreamTls(_) => "upstream_tls",
+            Deny::UpstreamTimeout => "upstream_timeout",
+            Deny::UpstreamProtocol(_) => "upstream_protocol",
+            Deny::UpstreamPrivate(_) => "upstream_private",
+            Deny::BodyTooLarge(_) => "body_too_large",
+            Deny::HeadersTooLarge(_) => "headers_too_large",
+            Deny::BadBody => "bad_body",
+            Deny::TooManyConnections(_) => "too_many_connections",
+            Deny::RateLimited { .. } => "rate_limited",
+            Deny::StateUnavailable => "state_unavailable",
+        }
+    }
+
+    /// The `Retry-After` seconds to send with this refusal, if it is worth retrying soon.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Deny::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Deny::TooManyConnections(_) | Deny::StateUnavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Who is at fault. The one classification the body word, the log level and
+    /// `Proxy-Authenticate` derive from (`status` agrees with it: a test checks every variant).
+    pub fn fault(&self) -> Fault {
+        match self {
+            Deny::UpstreamUnreachable(_)
+            | Deny::UpstreamTls(_)
+            | Deny::UpstreamTimeout
+            | Deny::UpstreamProtocol(_) => Fault::Upstream,
+            Deny::SecretUnavailable(_) | Deny::StateUnavailable => Fault::Us,
+            _ => Fault::Agent,
+        }
+    }
+
+    /// The `error` word of the JSON body: what kind of failure the agent is looking at.
+    pub fn error_word(&self) -> &'static str {
+        match self.fault() {
+            Fault::Agent => "denied",
+            Fault::Upstream => "upstream_failed",
+            Fault::Us => "unavailable",
+        }
+    }
+
+    /// Whether the answer asks the client to authenticate to the proxy (407 with
+    /// `Proxy-Authenticate`): only for token problems at the proxy level, never inside a
+    /// tunnel, where the client cannot re-authenticate.
+    pub fn asks_for_proxy_auth(&self) -> bool {
+        match self {
+            Deny::TokenMissing | Deny::TokenInvalid(_) => true,
+            Deny::TokenExpired(stage) | Deny::TokenRevoked(stage) => *stage == AuthStage::Proxy,
+            _ => false,
+        }
+    }
+
+    /// Log this refusal once, at the level its fault calls for: the agent's mistakes at
+    /// `debug` (the audit log records them), the upstream's at `warn`, ours at `error`.
+    pub fn log(&self, request_id: &str, agent: Option<&str>, host: &str) {
+        let agent = agent.unwrap_or("-");
+        let reason = self.code();
+        match self.fault() {
+            Fault::Agent => {
+                tracing::debug!(%request_id, agent, host, reason, detail = %self, "denied")
+            }
+            Fault::Upstream => {
+                tracing::warn!(%request_id, agent, host, reason, detail = %self, "upstream failed")
+            }
+            Fault::Us => {
+                tracing::error!(%request_id, agent, host, reason, detail = %self, "cannot serve the request")
+            }
+        }
+    }
+
+    /// The answer the agent receives: `{"error","reason","detail","request_id"}` as JSON with
+    /// the status, `Retry-After` and `Proxy-Authenticate` this refusal calls for. The detail
+    /// names what was refused and why, never a secret or a token.
+    pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
+        let body = serde_json::json!({
+            "error": self.error_word(),
+            "reason": self.code(),
+            "detail": self.to_string(),
+            "request_id": request_id,
+        });
+        let mut bytes = serde_json::to_vec(&body).expect("a JSON value serialises");
+        bytes.push(b'\n');
+        let mut resp = Response::new(Bytes::from(bytes));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = self.retry_after_secs() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.asks_for_proxy_auth() {
+            h.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"latchkey\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Who caused a refusal or failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The agent sent something the policy or the protocol does not allow (4xx, `denied`,
+    /// logged at `debug`).
+    Agent,
+    /// The upstream could not be reached or broke the exchange (502/504, `upstream_failed`,
+    /// logged at `warn`).
+    Upstream,
+    /// latchkey itself cannot serve the request now: its secret backend or shared state is
+    /// unavailable (503, `unavailable`, logged at `error`).
+    Us,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of every variant (and both stages of the token ones).
+    fn every_variant() -> Vec<Deny> {
+        let m = || Method::POST;
+        vec![
+            Deny::TokenMissing,
+            Deny::TokenInvalid("bad signature"),
+            Deny::TokenExpired(AuthStage::Proxy),
+            Deny::TokenExpired(AuthStage::Tunnel),
+            Deny::TokenRevoked(AuthStage::Proxy),
+            Deny::TokenRevoked(AuthStage::Tunnel),
+            Deny::HostNotAllowed {
+                agent: "a".into(),
+                host: "h:443".into(),
+            },
+            Deny::HostMismatch {
+                expected: "h:443".into(),
+                got: "o:443".into(),
+            },
+            Deny::NoRoute {
+                agent: "a".into(),
+                method: m(),
+                path: "/x".into(),
+                authority: "h:443".into(),
+            },
+            Deny::RouteNotGranted {
+                route: "r".into(),
+                method: m(),
+                path: "/x".into(),
+                authority: "h:443".into(),
+            },
+            Deny::InsecureHttpRefused {
+                route: "r".into(),
+                method: m(),
+                path: "/x".into(),
+                authority: "h:80".into(),
+            },
+            Deny::MethodNotAllowed {
+                route: "r".into(),
+                method: m(),
+                path: "/x".into(),
+                authority: "h:443".into(),
+                allowed: "GET".into(),
+            },
+            Deny::BadPath(BadPath::AboveRoot),
+            Deny::BadRequest("x".into()),
+            Deny::SecretUnavailable("gh".into()),
+            Deny::UpstreamUnreachable("refused".into()),
+            Deny::UpstreamTls("bad cert".into()),
+            Deny::UpstreamTimeout,
+            Deny::UpstreamProtocol("reset".into()),
+            Deny::UpstreamPrivate(std::net::Ipv4Addr::LOCALHOST.into()),
+            Deny::BodyTooLarge(10),
+            Deny::HeadersTooLarge(64),
+            Deny::BadBody,
+            Deny::TooManyConnections("this agent"),
+            Deny::RateLimited {
+                retry_after_secs: 6,
+            },
+            Deny::StateUnavailable,
+        ]
+    }
+
+    #[test]
+    fn fault_agrees_with_status_for_every_variant() {
+        for d in every_variant() {
+            let s = d.status().as_u16();
+            match d.fault() {
+                Fault::Agent => assert!((400..500).contains(&s), "{d:?} is {s}"),
+                Fault::Upstream => assert!(s == 502 || s == 504, "{d:?} is {s}"),
+                Fault::Us => assert!(s == 503, "{d:?} is {s}"),
+            }
+        }
+    }
+
+    #[test]
+    fn only_proxy_level_token_problems_ask_for_proxy_auth() {
+        for d in every_variant() {
+            let resp = d.to_response("req-1");
+            let challenged = resp.headers().contains_key(header::PROXY_AUTHENTICATE);
+            assert_eq!(challenged, d.status() == 407, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn the_old_no_route_is_four_reasons() {
+        let codes: Vec<&str> = every_variant()
+            .iter()
+            .map(Deny::code)
+            .filter(|c| {
+                [
+                    "no_route",
+                    "route_not_granted",
+                    "insecure_http_refused",
+                    "method_not_allowed",
+                ]
+                .contains(c)
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "no_route",
+                "route_not_granted",
+                "insecure_http_refused",
+                "method_not_allowed"
+            ]
+        );
+    }
+
+    #[test]
+    fn response_body_says_error_reason_detail_and_request_id() {
+        let d = Deny::UpstreamTimeout;
+        let resp = d.to_response("req-9");
+        assert_eq!(resp.status(), 504);
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(v["error"], "upstream_failed");
+        assert_eq!(v["reason"], "upstream_timeout");
+        assert_eq!(v["request_id"], "req-9");
+        assert_eq!(
+            Deny::SecretUnavailable("gh".into()).to_response("r").headers()[header::CACHE_CONTROL],
+            "no-store"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(Deny::StateUnavailable.to_response("r").body()).unwrap();
+        assert_eq!(v["error"], "unavailable");
+        let v: serde_json::Value =
+            serde_json::from_slice(Deny::BadBody.to_response("r").body()).unwrap();
+        assert_eq!(v["error"], "denied");
+    }
+
+    #[test]
+    fn expired_token_is_407_at_connect_and_403_in_tunnel() {
+        assert_eq!(Deny::TokenExpired(AuthStage::Proxy).status(), 407);
+        assert_eq!(Deny::TokenExpired(AuthStage::Tunnel).status(), 403);
+        assert_eq!(
+            Deny::TokenRevoked(AuthStage::Tunnel).code(),
+            "token_revoked"
+        );
+    }
+
+    #[test]
+    fn rate_limited_is_429_with_its_retry_after() {
+        let d = Deny::RateLimited {
+            retry_after_secs: 6,
+        };
+        assert_eq!(d.status(), 429);
+        assert_eq!(d.code(), "rate_limited");
+        assert_eq!(d.retry_after_secs(), Some(6));
+        assert_eq!(
+            d.to_response("r").headers()[header::RETRY_AFTER],
+            "6"
+        );
+    }
+
+    #[test]
+    fn state_unavailable_is_503_and_our_fault() {
+        assert_eq!(Deny::StateUnavailable.status(), 503);
+        assert_eq!(Deny::StateUnavailable.code(), "state_unavailable");
+        assert_eq!(Deny::StateUnavailable.fault(), Fault::Us);
+    }
+
+    #[test]
+    fn upstream_faults_map_to_502_and_504() {
+        assert_eq!(Deny::UpstreamUnreachable("x".into()).status(), 502);
+        assert_eq!(Deny::UpstreamTls("x".into()).status(), 502);
+        assert_eq!(Deny::UpstreamTimeout.status(), 504);
+        assert_eq!(Deny::UpstreamTimeout.fault(), Fault::Upstream);
+        assert_eq!(Deny::BadBody.fault(), Fault::Agent);
+    }
+}

@@ -1,0 +1,533 @@
+//! The stages of one request, in the order it meets them:
+//!
+//! ```text
+//! open record -> (proxy level: head size, target, token) | (tunnel: token still live, bound authority)
+//!   -> decide (normalised path, policy) -> admit (rate, announced size) -> credential -> inject
+//!   -> upstream -> respond (the one place a request is refused or answered)
+//! ```
+//!
+//! The facts of the request travel in one [`Ctx`]: its audit record (which completes on every
+//! path, see `audit::record`), the scheme, the checked authority and the token's claims. Each
+//! stage takes the context and what the previous stage produced, and may stop with a [`Deny`];
+//! [`respond`] turns the result into what the agent receives.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tracing::{warn, Instrument};
+
+use super::body::{AuditedBody, LimitedBody, ProxyBody, UpState};
+use super::forward::UpstreamBody;
+use super::Shared;
+use crate::audit::record::Who;
+use crate::audit::{Outcome, Record};
+use crate::auth::{self, Claims};
+use crate::authority::Authority;
+use crate::deny::{AuthStage, Deny, Fault};
+use crate::inject::{self, Rewrite};
+use crate::policy::{path, Allowed, Grant, Scheme};
+use crate::ratelimit::Verdict;
+use crate::redact::RedactBody;
+
+/// Header carrying the request id on every response to the agent.
+pub const REQUEST_ID: &str = "x-latchkey-request-id";
+
+/// One authenticated request on its way through the stages.
+pub struct Ctx {
+    /// The audit record, completed when the request's life ends.
+    pub rec: Record,
+    /// `https` inside a tunnel, `http` for absolute-form requests.
+    pub scheme: Scheme,
+    /// The authority the request is bound to (CONNECT target or absolute-form host).
+    pub authority: Arc<Authority>,
+    /// The token's claims.
+    pub claims: Arc<Claims>,
+}
+
+/// The audit line's idea of who asked.
+pub fn who(claims: &Claims) -> Who {
+    Who {
+        agent: Some(claims.sub.clone()),
+        obo: claims.obo.clone(),
+        session: Some(claims.jti.clone()),
+        task: claims.task.clone(),
+    }
+}
+
+/// Authenticate a proxy-level request (CONNECT or absolute form; 407 on failure). The claims
+/// are known before the revocation check so that a refused revoked token is still attributed,
+/// and an expired token we signed still names who tried.
+pub fn authenticate(
+    shared: &Shared,
+    headers: &http::HeaderMap,
+    rec: &mut Record,
+) -> Result<Arc<Claims>, Deny> {
+    let token = auth::token_from_header(headers.get(header::PROXY_AUTHORIZATION))?;
+    let claims = match shared.keys.verify(&token, AuthStage::Proxy) {
+        Ok(c) => c,
+        Err(deny) => {
+            if matches!(deny, Deny::TokenExpired(_)) {
+                if let Some(c) = shared.keys.claims_of_expired(&token) {
+                    rec.who = who(&c);
+                }
+            }
+            return Err(deny);
+        }
+    };
+    rec.who = who(&claims);
+    shared.revocations.check(&claims, AuthStage::Proxy)?;
+    Ok(claims)
+}
+
+/// Inside a tunnel, before anything else: the head's size, then the token the tunnel was
+/// opened with must still be live (revocation, expiry and key retirement bite on every
+/// request, not only at CONNECT), and the request must name the tunnel's authority.
+pub fn check_live(shared: &Shared, ctx: &Ctx, parts: &Parts) -> Result<(), Deny> {
+    check_head_size(parts)?;
+    if ctx.claims.is_expired_at(auth::unix_now()) {
+        return Err(Deny::TokenExpired(AuthStage::Tunnel));
+    }
+    shared.revocations.check(&ctx.claims, AuthStage::Tunnel)?;
+    if !shared.keys.still_trusted(&ctx.claims) {
+        // The signing key was retired since the tunnel opened: the issuer withdrew it.
+        return Err(Deny::TokenRevoked(AuthStage::Tunnel));
+    }
+    check_bound_authority(parts, &ctx.authority, ctx.scheme.default_port())
+}
+
+/// Largest request head (target plus header names and values) accepted, and most headers.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header fields in one request head.
+pub const MAX_HEADERS: usize = 100;
+
+/// SECURITY: hyper's read-buffer limit is soft (one large read can pass it), so the parsed
+/// head is measured again; an oversized head never reaches the shared upstream connection,
+/// where the upstream's own limit would tear it down for every agent.
+pub fn check_head_size(parts: &Parts) -> Result<(), Deny> {
+    if parts.headers.len() > MAX_HEADERS {
+        return Err(Deny::HeadersTooLarge(MAX_HEAD_BYTES));
+    }
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+    let size = target
+        + parts
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size > MAX_HEAD_BYTES {
+        return Err(Deny::HeadersTooLarge(MAX_HEAD_BYTES));
+    }
+    Ok(())
+}
+
+/// SECURITY: the request must address the host the tunnel was opened (and authorised) for:
+/// absolute-form URI / `:authority` and every `Host` header. Stops the Host-header bypass
+/// (coder/httpjail#57) and h2 `:authority` switching.
+pub fn check_bound_authority(
+    req: &Parts,
+    bound: &Authority,
+    default_port: u16,
+) -> Result<(), Deny> {
+    let mismatch = |got: String| Deny::HostMismatch {
+        expected: bound.to_string(),
+        got,
+    };
+    let check = |text: &str| {
+        let parsed =
+            Authority::parse(text, Some(default_port)).map_err(|_| mismatch(text.to_owned()))?;
+        if parsed != *bound {
+            return Err(mismatch(parsed.to_string()));
+        }
+        Ok(())
+    };
+    if let Some(a) = req.uri.authority() {
+        check(a.as_str())?;
+    }
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(mismatch("several Host headers".into())),
+        (Some(h), None) => check(
+            h.to_str()
+                .map_err(|_| mismatch("a non-ASCII Host".into()))?,
+        ),
+        (None, _) if req.uri.authority().is_none() => Err(mismatch("no Host header".into())),
+        (None, _) => Ok(()),
+    }
+}
+
+/// Normalise the path and ask policy; the record learns the normalised path and the route.
+pub fn decide(shared: &Shared, ctx: &mut Ctx, parts: &Parts) -> Result<(Allowed, String), Deny> {
+    let normalized = path::normalize(parts.uri.path())
+        .map_err(Deny::BadPath)?
+        .into_owned();
+    ctx.rec.path.clone_from(&normalized);
+    let policies = shared.policies.load();
+    let policy = policies.get(&ctx.claims.sub).ok_or_else(|| Deny::NoRoute {
+        agent: ctx.claims.sub.clone(),
+        method: parts.method.clone(),
+        path: normalized.clone(),
+        authority: ctx.authority.to_string(),
+    })?;
+    let allowed = policy.decide(
+        ctx.scheme,
+        &ctx.authority,
+        &parts.method,
+        &normalized,
+        Grant(ctx.claims.routes.as_deref()),
+    )?;
+    ctx.rec
+        .matched(allowed.route().id(), allowed.route().credential());
+    Ok((allowed, normalized))
+}
+
+/// After policy (only allowed requests count against a limit) and before any credential is
+/// touched or a byte goes upstream: the route's rate, and a body announced larger than the
+/// route's limit. Returns that limit.
+pub async fn admit(
+    shared: &Shared,
+    ctx: &Ctx,
+    allowed: &Allowed,
+    parts: &Parts,
+) -> Result<u64, Deny> {
+    let route = allowed.route();
+    if let Some(rate) = route.rate() {
+        if let Verdict::Deny { retry_after_secs } = shared
+            .rate_limits
+            .check(&ctx.claims.sub, route.id(), rate, &shared.metrics)
+            .await
+        {
+            return Err(Deny::RateLimited { retry_after_secs });
+        }
+    }
+    let limit = route.max_body().unwrap_or(shared.limits.max_body);
+    // SECURITY: a body announced larger than the limit never reaches the upstream.
+    if content_length(&parts.headers).is_some_and(|len| len > limit) {
+        return Err(Deny::BodyTooLarge(limit));
+    }
+    Ok(limit)
+}
+
+/// The shared tail of both paths: decide, admit, resolve and inject the credential, send
+/// upstream, and stream the answer back (redacted where a credential went out). Takes the
+/// agent's body out of `body` only once the request goes upstream; until then a refusal can
+/// still read the rest of it.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    ctx: &mut Ctx,
+    mut parts: Parts,
+    body: &mut Option<Incoming>,
+) -> Result<Response<ProxyBody>, Deny> {
+    let (allowed, normalized) = decide(shared, ctx, &parts)?;
+    let limit = admit(shared, ctx, &allowed, &parts).await?;
+    let secret = inject::credential(&allowed, &shared.secrets).await?;
+    let query = parts.uri.query().map(str::to_owned);
+    let rewrite = Rewrite {
+        scheme: ctx.scheme,
+        authority: &ctx.authority,
+        path: &normalized,
+        query: query.as_deref(),
+        allowed: &allowed,
+    };
+    let injected = inject::apply(&mut parts, &rewrite, secret, &shared.prepared)?;
+    let agent_body = body.take().expect("the agent's body is taken once, here");
+    let (limited, up_state) = LimitedBody::new(agent_body, limit, ctx.rec.count_up());
+    let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
+    // From here the credential may be on the wire: a cancelled or failed exchange is still
+    // `decision: allow`.
+    ctx.rec.set_sent(true);
+    let sent_at = Instant::now();
+    let resp = shared
+        .upstream
+        .send(upstream_req)
+        .instrument(tracing::debug_span!("upstream"))
+        .await;
+    shared.metrics.observe_upstream(sent_at.elapsed());
+    let resp = match resp {
+        Ok(r) => r,
+        Err(failed) => {
+            ctx.rec.set_sent(failed.sent);
+            return Err(match up_state.get() {
+                UpState::OverLimit => Deny::BodyTooLarge(limit),
+                // The agent's body broke, not the upstream: say so, to the agent and the log.
+                UpState::Broken => Deny::BadBody,
+                UpState::Ok => failed.deny,
+            });
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    inject::strip_response_headers(&mut parts.headers);
+    let Some(needles) = injected.needles else {
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    };
+    // SECURITY: an upstream that echoes the credential (debug endpoints, error pages) must
+    // not hand it to the agent.
+    let credential = allowed.route().credential().unwrap_or("?").to_owned();
+    let request_id = ctx.rec.request_id().to_owned();
+    if needles.redact_headers(&mut parts.headers) {
+        warn!(%credential, %request_id, "upstream echoed the injected credential in a header; redacted");
+        shared.metrics.record_redaction();
+    }
+    // The length may change; let the framing layer re-frame.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let metrics = Arc::clone(&shared.metrics);
+    let on_redact = Box::new(move || {
+        warn!(%credential, %request_id, "upstream echoed the injected credential in the body; redacted");
+        metrics.record_redaction();
+    });
+    let body = RedactBody::new(body, needles, on_redact);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// The single exit of every request: stamp the request id, and either hand the answer over
+/// with the record riding in its body (completed at the end of the stream), or refuse: read a
+/// little of the agent's unread body, log at the level the fault calls for, complete the
+/// record, and send the JSON denial.
+pub async fn respond(
+    rec: Record,
+    outcome: Result<Response<ProxyBody>, Deny>,
+    body: Option<Incoming>,
+) -> Response<AuditedBody> {
+    let request_id = HeaderValue::from_str(rec.request_id()).ok();
+    let mut resp = match outcome {
+        Ok(resp) => answer(rec, resp),
+        Err(deny) => {
+            if let Some(body) = body {
+                drain(body).await;
+            }
+            refuse(rec, &deny)
+        }
+    };
+    if let Some(v) = request_id {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// An answered request: the record completes when the response body does.
+fn answer(mut rec: Record, resp: Response<ProxyBody>) -> Response<AuditedBody> {
+    rec.responded(resp.status().as_u16());
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, AuditedBody::new(body, rec))
+}
+
+/// A refused (or failed) request: complete the record now and build the JSON answer.
+pub fn refuse(mut rec: Record, deny: &Deny) -> Response<AuditedBody> {
+    deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
+    let outcome = match deny.fault() {
+        Fault::Upstream => Outcome::UpstreamFailed,
+        // Refused after the request had started going upstream (its body broke or grew past
+        // the limit mid-stream): the credential went out, the body did not complete.
+        _ if rec.is_sent() => Outcome::BodyError,
+        _ => Outcome::Denied,
+    };
+    let resp = deny.to_response(rec.request_id());
+    rec.responded(resp.status().as_u16());
+    rec.delivered(resp.body().len() as u64);
+    rec.finish(outcome, Some(deny.code()));
+    let (parts, json) = resp.into_parts();
+    Response::from_parts(parts, AuditedBody::done(full(json)))
+}
+
+/// A complete body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Read (and discard) a little of a refused request's body before answering. Answering while
+/// the agent is still sending makes HTTP/2 reset the stream, and some clients (curl 7.88)
+/// then lose the answer. Bounded in bytes and time: a refusal never waits on a slow agent.
+async fn drain(mut body: Incoming) {
+    const DRAIN_BYTES: usize = 256 * 1024;
+    const DRAIN_TIME: Duration = Duration::from_millis(500);
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0;
+        while read < DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One request inside an established tunnel.
+pub async fn in_tunnel(
+    shared: Arc<Shared>,
+    authority: Arc<Authority>,
+    claims: Arc<Claims>,
+    req: Request<Incoming>,
+) -> Response<AuditedBody> {
+    let (parts, body) = req.into_parts();
+    let mut rec = shared.recorder.open(
+        &parts.method,
+        authority.to_string(),
+        parts.uri.path().to_owned(),
+    );
+    rec.who = who(&claims);
+    let mut ctx = Ctx {
+        rec,
+        scheme: Scheme::Https,
+        authority,
+        claims,
+    };
+    shared.recorder.sink().ready().await;
+    let mut body = Some(body);
+    let outcome = match check_live(&shared, &ctx, &parts) {
+        Ok(()) => forward(&shared, &mut ctx, parts, &mut body).await,
+        Err(deny) => Err(deny),
+    };
+    respond(ctx.rec, outcome, body).await
+}
+
+/// An absolute-form `http://host/path` request on the proxy connection itself.
+pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<AuditedBody> {
+    let (parts, body) = req.into_parts();
+    let host_text = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    let mut rec = shared
+        .recorder
+        .open(&parts.method, host_text, parts.uri.path().to_owned());
+    shared.recorder.sink().ready().await;
+    let mut body = Some(body);
+    let checked = (|| {
+        check_head_size(&parts)?;
+        if parts.uri.scheme_str() != Some("http") {
+            return Err(Deny::BadRequest(
+                "only http:// is proxied in absolute form; use CONNECT for https".into(),
+            ));
+        }
+        let authority = Authority::parse(&rec.host, Some(80))
+            .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
+        rec.host = authority.to_string();
+        let claims = authenticate(&shared, &parts.headers, &mut rec)?;
+        check_bound_authority(&parts, &authority, 80)?;
+        let slot = shared
+            .limits_state
+            .try_agent(&claims.sub, shared.limits.max_connections_per_agent)
+            .ok_or(Deny::TooManyConnections("this agent"))?;
+        Ok((Arc::new(authority), claims, slot))
+    })();
+    match checked {
+        Ok((authority, claims, _slot)) => {
+            let mut ctx = Ctx {
+                rec,
+                scheme: Scheme::Http,
+                authority,
+                claims,
+            };
+            let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
+            respond(ctx.rec, outcome, body).await
+        }
+        Err(deny) => respond(rec, Err(deny), body).await,
+    }
+}
+
+/// A request refused before it could be parsed into anything else (not a proxy request, or
+/// over the connection cap).
+pub async fn refuse_early(
+    shared: &Shared,
+    method: &Method,
+    body: Incoming,
+    deny: Deny,
+) -> Response<AuditedBody> {
+    let rec = shared
+        .recorder
+        .open(method, String::new(), String::new());
+    respond(rec, Err(deny), Some(body)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(target: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = Request::builder().uri(target);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn bound() -> Authority {
+        Authority::parse("api.example.test", Some(443)).unwrap()
+    }
+
+    #[test]
+    fn bound_authority_accepts_the_tunnel_host_in_any_spelling() {
+        for host in ["api.example.test", "API.example.test:443", "api.example.test."] {
+            let p = parts("/x", &[("host", host)]);
+            assert!(check_bound_authority(&p, &bound(), 443).is_ok(), "{host}");
+        }
+        let p = parts("https://api.example.test/x", &[]);
+        assert!(check_bound_authority(&p, &bound(), 443).is_ok());
+    }
+
+    #[test]
+    fn bound_authority_refuses_another_host_port_or_a_second_host_header() {
+        let cases: &[(&str, &[(&str, &str)])] = &[
+            ("/x", &[("host", "other.example.test")]),
+            ("/x", &[("host", "api.example.test:8443")]),
+            ("/x", &[("host", "api.example.test"), ("host", "other")]),
+            ("/x", &[]),
+            ("https://other.example.test/x", &[("host", "api.example.test")]),
+            ("https://api.example.test/x", &[("host", "other.example.test")]),
+            ("/x", &[("host", "api.example.test@evil")]),
+        ];
+        for (target, headers) in cases {
+            let p = parts(target, headers);
+            let err = check_bound_authority(&p, &bound(), 443).expect_err("refused");
+            assert_eq!(err.code(), "host_mismatch", "{target} {headers:?}");
+        }
+    }
+
+    #[test]
+    fn head_size_counts_headers_and_target() {
+        assert!(check_head_size(&parts("/x", &[("a", "b")])).is_ok());
+        let many: Vec<(String, String)> = (0..=MAX_HEADERS)
+            .map(|i| (format!("x-h{i}"), "v".to_owned()))
+            .collect();
+        let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let err = check_head_size(&parts("/x", &refs)).unwrap_err();
+        assert_eq!(err.code(), "headers_too_large");
+        let big = "v".repeat(MAX_HEAD_BYTES);
+        let err = check_head_size(&parts("/x", &[("x-big", &big)])).unwrap_err();
+        assert_eq!(err.code(), "headers_too_large");
+        // The target counts too: neither part is too large alone, together they are.
+        let long_target = format!("/{}", "a".repeat(40_000));
+        let half = "v".repeat(30_000);
+        assert!(check_head_size(&parts(&long_target, &[])).is_ok());
+        assert!(check_head_size(&parts("/x", &[("x-half", &half)])).is_ok());
+        let err = check_head_size(&parts(&long_target, &[("x-half", &half)])).unwrap_err();
+        assert_eq!(err.code(), "headers_too_large");
+        let just_under = "v".repeat(MAX_HEAD_BYTES - 100);
+        assert!(check_head_size(&parts("/x", &[("x-big", &just_under)])).is_ok());
+    }
+
+    #[test]
+    fn content_length_reads_only_a_clean_number() {
+        let h = |v: &str| parts("/", &[("content-length", v)]).headers;
+        assert_eq!(content_length(&h("42")), Some(42));
+        assert_eq!(content_length(&h("4 2")), None);
+        assert_eq!(content_length(&h("-1")), None);
+        assert_eq!(content_length(&parts("/", &[]).headers), None);
+    }
+}
