@@ -128,7 +128,10 @@ pub struct StartError {
 }
 
 impl StartError {
-    fn new(what: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StartError {
+    fn new(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StartError {
         StartError {
             what: what.into(),
             source: Some(source.into()),
@@ -242,7 +245,11 @@ pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
         secrets,
         leaves,
         upstream,
-        recorder: Arc::new(Recorder::new(audit, metrics.clone(), cfg.replica_id.clone())),
+        recorder: Arc::new(Recorder::new(
+            audit,
+            metrics.clone(),
+            cfg.replica_id.clone(),
+        )),
         limits: cfg.limits.clone(),
         policies_dir: cfg.policies.clone(),
         metrics,
@@ -352,8 +359,8 @@ impl Running {
 /// Load the policy directory at start; any error in any file stops the start (unlike a
 /// reload, there is no last good version to keep).
 pub fn load_policies(dir: &std::path::Path) -> Result<Policies, StartError> {
-    let report = Policies::load_dir(dir)
-        .doing(|| format!("cannot read policies from {}", dir.display()))?;
+    let report =
+        Policies::load_dir(dir).doing(|| format!("cannot read policies from {}", dir.display()))?;
     let mut errors = Vec::new();
     for d in &report.diagnostics {
         if d.severity == Severity::Error {

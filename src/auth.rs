@@ -16,8 +16,8 @@ use http::HeaderValue;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
 use crate::deny::{AuthStage, Deny};
+use crate::fsutil;
 
 /// Issuer claim of every latchkey token.
 pub const ISSUER: &str = "latchkey";

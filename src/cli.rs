@@ -581,7 +581,52 @@ async fn shutdown_signal() {
     }
 }
 
+/// The config `latchkey ARGS...` would serve with, when ARGS is a `serve` command line (the
+/// program name first). Tests start their in-process proxies through this, so the flags they
+/// pass go through exactly the parsing and validation `serve` uses.
+pub fn serve_config_from_args<I, T>(args: I) -> Result<ServeConfig>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    match cli.command {
+        Command::Serve(args) => serve_config(&cli.dirs, &cli.state, args),
+        _ => bail!("not a `serve` command line"),
+    }
+}
+
 async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCode> {
+    let running = app::run(serve_config(dirs, state, args)?).await?;
+    if let Some(ca) = &running.created_ca {
+        eprintln!(
+            "latchkey: created a new CA at {} (give this file to agents)",
+            ca.display()
+        );
+    }
+    // With `--audit-log -`, standard output carries only audit lines.
+    let announce = |line: String| {
+        if running.audit_to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    announce(format!("latchkey listening on {}", running.addr));
+    if let Some(a) = running.admin_addr {
+        announce(format!("latchkey admin on {a}"));
+    }
+    let _ = std::io::stdout().flush();
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let stopped = running.shutdown().await?;
+    tracing::info!(lines = stopped.audit_lines, "audit log flushed");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Turn `serve`'s flags (and the global ones) into a validated config.
+fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ServeConfig> {
     let admin_listen = if args.admin_listen.eq_ignore_ascii_case("off") {
         None
     } else {
@@ -623,32 +668,7 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
         url,
         grace: state.redis_grace,
     });
-    let running = app::run(cfg).await?;
-    if let Some(ca) = &running.created_ca {
-        eprintln!(
-            "latchkey: created a new CA at {} (give this file to agents)",
-            ca.display()
-        );
-    }
-    // With `--audit-log -`, standard output carries only audit lines.
-    let announce = |line: String| {
-        if running.audit_to_stdout {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
-    announce(format!("latchkey listening on {}", running.addr));
-    if let Some(a) = running.admin_addr {
-        announce(format!("latchkey admin on {a}"));
-    }
-    let _ = std::io::stdout().flush();
-
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    let stopped = running.shutdown().await?;
-    tracing::info!(lines = stopped.audit_lines, "audit log flushed");
-    Ok(ExitCode::SUCCESS)
+    Ok(cfg)
 }
 
 async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {

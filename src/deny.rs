@@ -82,7 +82,9 @@ pub enum Deny {
         authority: String,
     },
     /// A route matches, but the token was issued with `--route` narrowing that leaves it out.
-    #[error("route {route} matches {method} {path} on {authority} but is not granted to this token")]
+    #[error(
+        "route {route} matches {method} {path} on {authority} but is not granted to this token"
+    )]
     RouteNotGranted {
         route: String,
         method: Method,
@@ -102,7 +104,9 @@ pub enum Deny {
         authority: String,
     },
     /// A route matches the path, but not the method.
-    #[error("{method} is not allowed for {path} on {authority}: route {route} allows only {allowed}")]
+    #[error(
+        "{method} is not allowed for {path} on {authority}: route {route} allows only {allowed}"
+    )]
     MethodNotAllowed {
         route: String,
         method: Method,
@@ -459,7 +463,9 @@ mod tests {
         assert_eq!(v["reason"], "upstream_timeout");
         assert_eq!(v["request_id"], "req-9");
         assert_eq!(
-            Deny::SecretUnavailable("gh".into()).to_response("r").headers()[header::CACHE_CONTROL],
+            Deny::SecretUnavailable("gh".into())
+                .to_response("r")
+                .headers()[header::CACHE_CONTROL],
             "no-store"
         );
         let v: serde_json::Value =
@@ -488,10 +494,7 @@ mod tests {
         assert_eq!(d.status(), 429);
         assert_eq!(d.code(), "rate_limited");
         assert_eq!(d.retry_after_secs(), Some(6));
-        assert_eq!(
-            d.to_response("r").headers()[header::RETRY_AFTER],
-            "6"
-        );
+        assert_eq!(d.to_response("r").headers()[header::RETRY_AFTER], "6");
     }
 
     #[test]

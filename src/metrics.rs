@@ -137,13 +137,20 @@ impl Metrics {
             .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
             .collect();
         rows.sort_by(|a, b| {
-            (&a.0.agent, &a.0.route, a.0.decision, a.0.outcome, a.0.reason).cmp(&(
-                &b.0.agent,
-                &b.0.route,
-                b.0.decision,
-                b.0.outcome,
-                b.0.reason,
-            ))
+            (
+                &a.0.agent,
+                &a.0.route,
+                a.0.decision,
+                a.0.outcome,
+                a.0.reason,
+            )
+                .cmp(&(
+                    &b.0.agent,
+                    &b.0.route,
+                    b.0.decision,
+                    b.0.outcome,
+                    b.0.reason,
+                ))
         });
         for (k, v) in rows {
             let _ = writeln!(

@@ -16,8 +16,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::audit::Recorder;
-use crate::metrics::Metrics;
 use crate::auth::{Revocations, TokenKeys};
+use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::secrets::Secrets;
 use crate::tls::LeafCache;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use crate::deny::Deny;
 use crate::authority::Authority;
+use crate::deny::Deny;
 
 /// The scheme the request will be sent upstream with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

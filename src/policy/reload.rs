@@ -85,15 +85,25 @@ paths = ["/**"]
 
     #[test]
     fn a_broken_file_keeps_its_last_good_agents() {
-        let d = dir_with(&[("a.toml", GOOD), ("b.toml", &GOOD.replace("\"a\"", "\"b\""))]);
+        let d = dir_with(&[
+            ("a.toml", GOOD),
+            ("b.toml", &GOOD.replace("\"a\"", "\"b\"")),
+        ]);
         let first = Policies::load_dir(d.path()).unwrap();
         assert!(!first.has_errors());
         let current = first.policies;
-        std::fs::write(d.path().join("a.toml"), "agent = \"a\"\n[[routes]]\nid = 3\n").unwrap();
+        std::fs::write(
+            d.path().join("a.toml"),
+            "agent = \"a\"\n[[routes]]\nid = 3\n",
+        )
+        .unwrap();
         let report = Policies::load_dir(d.path()).unwrap();
         assert!(report.has_errors());
         let next = keep_last_good(&current, report);
-        assert!(next.get("a").is_some(), "the broken file's agent stays in force");
+        assert!(
+            next.get("a").is_some(),
+            "the broken file's agent stays in force"
+        );
         assert!(next.get("b").is_some());
     }
 
@@ -116,7 +126,11 @@ paths = ["/**"]
         std::fs::write(d.path().join("b.toml"), GOOD).unwrap();
         let s1 = DirStamp::of(d.path());
         assert_ne!(s0, s1);
-        std::fs::write(d.path().join("b.toml"), format!("{GOOD}\n# edited, longer\n")).unwrap();
+        std::fs::write(
+            d.path().join("b.toml"),
+            format!("{GOOD}\n# edited, longer\n"),
+        )
+        .unwrap();
         let s2 = DirStamp::of(d.path());
         assert_ne!(s1, s2);
         std::fs::remove_file(d.path().join("b.toml")).unwrap();

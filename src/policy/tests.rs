@@ -892,7 +892,8 @@ fn deny_details_explain_why() {
     assert_eq!(d.code(), "method_not_allowed");
     let text = d.to_string();
     assert!(
-        text.contains("POST is not allowed for /dir/") && text.contains("route slash allows only GET"),
+        text.contains("POST is not allowed for /dir/")
+            && text.contains("route slash allows only GET"),
         "{text}"
     );
     let only = vec!["exact".to_string()];

@@ -23,8 +23,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::netguard;
 use crate::deny::Deny;
+use crate::netguard;
 
 /// Errors a request body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -449,9 +449,7 @@ pub async fn refuse_early(
     body: Incoming,
     deny: Deny,
 ) -> Response<AuditedBody> {
-    let rec = shared
-        .recorder
-        .open(method, String::new(), String::new());
+    let rec = shared.recorder.open(method, String::new(), String::new());
     respond(rec, Err(deny), Some(body)).await
 }
 
@@ -473,7 +471,11 @@ mod tests {
 
     #[test]
     fn bound_authority_accepts_the_tunnel_host_in_any_spelling() {
-        for host in ["api.example.test", "API.example.test:443", "api.example.test."] {
+        for host in [
+            "api.example.test",
+            "API.example.test:443",
+            "api.example.test.",
+        ] {
             let p = parts("/x", &[("host", host)]);
             assert!(check_bound_authority(&p, &bound(), 443).is_ok(), "{host}");
         }
@@ -488,8 +490,14 @@ mod tests {
             ("/x", &[("host", "api.example.test:8443")]),
             ("/x", &[("host", "api.example.test"), ("host", "other")]),
             ("/x", &[]),
-            ("https://other.example.test/x", &[("host", "api.example.test")]),
-            ("https://api.example.test/x", &[("host", "other.example.test")]),
+            (
+                "https://other.example.test/x",
+                &[("host", "api.example.test")],
+            ),
+            (
+                "https://api.example.test/x",
+                &[("host", "other.example.test")],
+            ),
             ("/x", &[("host", "api.example.test@evil")]),
         ];
         for (target, headers) in cases {

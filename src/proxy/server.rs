@@ -363,9 +363,7 @@ impl Tunnel {
                 claims,
                 shared,
             } = self.clone();
-            async move {
-                Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req).await)
-            }
+            async move { Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req).await) }
         });
         if is_h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -1,12 +1,10 @@
 //! Signing keys for many replicas: key ids, rotation while serving, and verify-only replicas
 //! fed a JWKS or PEM public-key file.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 
 fn kid_of_token(token: &str) -> String {
     let header = token.split('.').next().unwrap();

@@ -1,7 +1,9 @@
 //! Shared setup for integration tests: a throwaway upstream PKI, a real HTTPS (and plain HTTP)
-//! echo upstream on 127.0.0.1:0 that reports exactly what it received, and a harness that runs
-//! the real `latchkey` binary in a temp dir. Nothing here contacts anything outside loopback.
-#![allow(dead_code)]
+//! echo upstream on 127.0.0.1:0 that reports exactly what it received, and a harness that
+//! starts latchkey in a temp dir: in-process through `latchkey::app::run` (its own runtime and
+//! its own log, on port 0) by default, or the real binary where a test is about the process
+//! (signals, environment, standard output, memory). Nothing here contacts anything outside
+//! loopback.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -243,6 +245,15 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         );
         return resp;
     }
+    if let Some(rest) = req.uri().path().strip_prefix("/delay/") {
+        // `/delay/<ms>/<anything>`: seen at once, answered after <ms> (cancellation tests).
+        let ms: u64 = rest
+            .split('/')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if req.uri().path() == "/slow" {
         // Answers only after a long pause: for "a slow upstream blocks nobody else".
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -380,7 +391,6 @@ fn stream_bytes(n: u64) -> Response<EchoBody> {
 /// A latchkey home: policies/, certs/, state/ in a temp dir, and the upstream it talks to.
 pub struct Home {
     pub dir: tempfile::TempDir,
-    pub pki: UpstreamPki,
     pub upstream: Upstream,
     pub upstream_ca: PathBuf,
 }
@@ -395,7 +405,6 @@ impl Home {
         let upstream = Upstream::start(&pki);
         Home {
             dir,
-            pki,
             upstream,
             upstream_ca,
         }
@@ -476,7 +485,7 @@ max_ttl = "1h"
 id = "issues-read"
 host = "{API_HOST}:{port}"
 methods = ["GET"]
-paths = ["/repos/acme/backend/issues", "/repos/acme/backend/issues/**", "/big", "/redirect", "/slow"]
+paths = ["/repos/acme/backend/issues", "/repos/acme/backend/issues/**", "/big", "/redirect", "/slow", "/delay/**"]
 credential = "github"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 
@@ -484,7 +493,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 id = "issues-write"
 host = "{API_HOST}:{port}"
 methods = ["POST"]
-paths = ["/repos/acme/backend/issues"]
+paths = ["/repos/acme/backend/issues", "/delay/**"]
 credential = "github"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 
@@ -563,53 +572,87 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         self.run_ok(&args).trim().to_string()
     }
 
-    /// Start `latchkey serve` on 127.0.0.1:0 with the upstream pinned and trusted.
+    /// Start latchkey in-process on 127.0.0.1:0 with the upstream pinned and trusted; `extra`
+    /// are `serve` flags, parsed exactly as the binary parses them.
     pub fn serve(&self, extra: &[&str]) -> Proxy {
-        self.serve_full(&self.state(), extra, &[])
+        self.serve_in(&self.state(), extra)
     }
 
-    /// `serve` with extra environment variables (e.g. an OpenBao token, never on argv).
+    /// `serve` with extra environment variables (e.g. an OpenBao token, never on argv): the
+    /// real binary, since the environment is per process.
     pub fn serve_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
         self.serve_full(&self.state(), extra, envs)
     }
 
-    /// `serve`, with its state (keys, secrets, revocations, audit log) in `state`.
+    /// In-process `serve`, with its state (keys, secrets, revocations, audit log) in `state`.
     pub fn serve_in(&self, state: &Path, extra: &[&str]) -> Proxy {
-        self.serve_full(state, extra, &[])
+        let mut args: Vec<std::ffi::OsString> = vec!["latchkey".into()];
+        args.extend(self.global_args(state));
+        args.extend(self.serve_args(extra));
+        Proxy::in_process(
+            latchkey::cli::serve_config_from_args(args)
+                .unwrap_or_else(|e| panic!("serve flags {extra:?}: {e:#}")),
+        )
     }
 
-    /// `serve` with its own state dir and extra environment variables.
+    /// In-process, with exactly these `serve` arguments (no pins, no upstream CA added).
+    pub fn serve_exactly(&self, serve_args: &[&str]) -> Proxy {
+        let mut args: Vec<std::ffi::OsString> = vec!["latchkey".into()];
+        args.extend(self.global_args(&self.state()));
+        args.extend(serve_args.iter().map(Into::into));
+        let cfg = latchkey::cli::serve_config_from_args(args)
+            .unwrap_or_else(|e| panic!("serve flags {serve_args:?}: {e:#}"));
+        Proxy::in_process(cfg)
+    }
+
+    /// The real `latchkey serve` binary on 127.0.0.1:0 (for signals, memory, stdout).
+    pub fn serve_binary(&self, extra: &[&str]) -> Proxy {
+        self.serve_full(&self.state(), extra, &[])
+    }
+
+    /// The three global directory flags.
+    fn global_args(&self, state: &Path) -> Vec<std::ffi::OsString> {
+        vec![
+            "--policies".into(),
+            self.path().join("policies").into(),
+            "--certs".into(),
+            self.path().join("certs").into(),
+            "--state-dir".into(),
+            state.into(),
+        ]
+    }
+
+    /// `serve` on port 0, the upstream CA trusted, the test hosts pinned, then `extra`.
+    fn serve_args(&self, extra: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--upstream-ca".into(),
+            self.upstream_ca.clone().into(),
+        ];
+        for (host, port) in [
+            (API_HOST, self.https_port()),
+            (OTHER_HOST, self.https_port()),
+            ("plain.example.test", self.http_port()),
+            ("nocreds.example.test", self.http_port()),
+        ] {
+            v.push("--resolve".into());
+            v.push(format!("{host}:{port}:127.0.0.1").into());
+        }
+        v.extend(extra.iter().map(Into::into));
+        v
+    }
+
+    /// The real binary with its own state dir and extra environment variables.
     pub fn serve_full(&self, state: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Proxy {
         let mut cmd = self.cmd_in(state);
         cmd.envs(envs.iter().copied());
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream-ca",
-        ])
-        .arg(&self.upstream_ca)
-        .args([
-            "--resolve",
-            &format!("{API_HOST}:{}:127.0.0.1", self.https_port()),
-        ])
-        .args([
-            "--resolve",
-            &format!("{OTHER_HOST}:{}:127.0.0.1", self.https_port()),
-        ])
-        .args([
-            "--resolve",
-            &format!("plain.example.test:{}:127.0.0.1", self.http_port()),
-        ])
-        .args([
-            "--resolve",
-            &format!("nocreds.example.test:{}:127.0.0.1", self.http_port()),
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(self.serve_args(extra))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
@@ -645,11 +688,13 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
             }
         });
         Proxy {
-            child,
+            run: Run::Process {
+                child,
+                _stdout: reader,
+            },
             addr,
             admin_addr,
             log,
-            _stdout: reader,
         }
     }
 
@@ -727,40 +772,224 @@ impl Curl {
     }
 }
 
-/// A running `latchkey serve`, killed on drop.
+/// A running proxy: in-process (stopped and drained on drop) or the real binary (killed on
+/// drop).
 pub struct Proxy {
-    pub child: Child,
+    run: Run,
     pub addr: SocketAddr,
     /// The admin listener (/healthz, /metrics), when enabled.
     pub admin_addr: Option<SocketAddr>,
-    pub log: Arc<Mutex<String>>,
-    pub _stdout: BufReader<std::process::ChildStdout>,
+    log: Arc<Mutex<String>>,
+}
+
+enum Run {
+    /// `latchkey::app::run` on a runtime of its own, in a thread of its own.
+    InProcess {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+    },
+    /// The binary.
+    Process {
+        child: Child,
+        _stdout: BufReader<std::process::ChildStdout>,
+    },
+}
+
+/// Collects one in-process proxy's tracing output.
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<String>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Proxy {
+    /// Start `cfg` in-process. Its runtime's threads log (at info, like the binary) into this
+    /// proxy's own log, so tests running side by side never see each other's lines.
+    pub fn in_process(cfg: latchkey::app::ServeConfig) -> Proxy {
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = LogSink(log.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let dispatch = tracing::Dispatch::new(subscriber);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let for_workers = dispatch.clone();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .on_thread_start(move || {
+                    // Kept for the thread's whole life: the guard is never dropped.
+                    std::mem::forget(tracing::dispatcher::set_default(&for_workers));
+                })
+                .build()
+                .expect("a test runtime starts");
+            let _default = tracing::dispatcher::set_default(&dispatch);
+            rt.block_on(async move {
+                let running = match latchkey::app::run(cfg).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let msg = error_chain(&e);
+                        let _ = ready_tx.send(Err(msg.clone()));
+                        return Err(msg);
+                    }
+                };
+                let _ = ready_tx.send(Ok((running.addr, running.admin_addr)));
+                let _ = stop_rx.await;
+                running
+                    .shutdown()
+                    .await
+                    .map(|s| s.audit_lines)
+                    .map_err(|e| error_chain(&e))
+            })
+        });
+        let (addr, admin_addr) = ready_rx
+            .recv()
+            .expect("the proxy thread reports its start")
+            .unwrap_or_else(|e| panic!("latchkey did not start: {e}"));
+        Proxy {
+            run: Run::InProcess {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
+            addr,
+            admin_addr,
+            log,
+        }
+    }
+
     pub fn url_with(&self, token: &str) -> String {
         format!("http://agent:{token}@{}", self.addr)
     }
+    /// Everything the proxy logged so far (tracing output; stderr of the binary).
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+    /// The binary's process id (only for a proxy started with `serve_binary`).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Run::Process { child, .. } => child.id(),
+            Run::InProcess { .. } => panic!("pid() needs a proxy started with serve_binary"),
+        }
     }
-    /// SIGTERM and wait for exit.
+    /// SIGTERM the binary and wait for it to exit; an in-process proxy is shut down the
+    /// same way (drain, flush) and reports success or failure as an exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().unwrap()
+        use std::os::unix::process::ExitStatusExt;
+        match &mut self.run {
+            Run::Process { child, .. } => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                child.wait().unwrap()
+            }
+            Run::InProcess { .. } => self.stop_in_process().map_or_else(
+                |_| ExitStatusExt::from_raw(1 << 8),
+                |_| ExitStatusExt::from_raw(0),
+            ),
+        }
+    }
+    /// Stop an in-process proxy the way SIGTERM stops the binary (drain, flush the audit
+    /// log) and return the number of audit lines it wrote.
+    pub fn shutdown(mut self) -> u64 {
+        self.stop_in_process()
+            .unwrap_or_else(|e| panic!("shutdown failed: {e}"))
+    }
+
+    /// Stop and join an in-process proxy (once; later calls return `Ok(0)`).
+    fn stop_in_process(&mut self) -> Result<u64, String> {
+        let Run::InProcess { stop, thread } = &mut self.run else {
+            panic!("shutdown() is for in-process proxies; use terminate()");
+        };
+        if let Some(stop) = stop.take() {
+            let _ = stop.send(());
+        }
+        match thread.take() {
+            Some(t) => t.join().expect("the proxy thread does not panic"),
+            None => Ok(0),
+        }
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process { child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess { .. } => {
+                // Wait for the drain and the audit flush: the next proxy a test starts on the
+                // same state dir must find the log complete.
+                if let Err(e) = self.stop_in_process() {
+                    if !std::thread::panicking() {
+                        panic!("shutdown failed: {e}");
+                    }
+                }
+            }
+        }
     }
+}
+
+/// An error and its causes, one sentence each (like `{:#}` of anyhow).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A home with the standard policy, the `github` secret, a token for `bot` (issued with
+/// `issue_args`) and an in-process proxy.
+pub fn ready_with(issue_args: &[&str]) -> (Home, Proxy, String) {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", issue_args);
+    let proxy = home.serve(&[]);
+    (home, proxy, token)
+}
+
+/// Poll `f` until it returns `Some` (every 25 ms), failing the test after `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A command's standard error as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A command's standard output as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A loopback port with nothing listening (bound, then released).
@@ -990,24 +1219,6 @@ impl RawTunnel {
     /// Read one more response (e.g. the answer to a pipelined second request).
     pub fn read(&mut self) -> std::io::Result<RawResponse> {
         read_response(&mut self.tls)
-    }
-
-    /// True when the proxy closed the tunnel (EOF or a TLS close) within the socket timeout.
-    pub fn is_closed(&mut self) -> bool {
-        let mut buf = [0u8; 1024];
-        loop {
-            match self.tls.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    return false
-                }
-                Err(_) => return true,
-            }
-        }
     }
 }
 

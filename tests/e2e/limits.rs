@@ -1,14 +1,12 @@
 //! Resource limits and shutdown under load: connection caps answer 429, body limits answer
 //! 413 (announced or streamed), and SIGTERM with requests in flight loses no audit line.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn connect_raw(proxy: &Proxy, token: &str, host: &str) -> (TcpStream, String) {
@@ -130,7 +128,8 @@ fn sigterm_under_load_loses_no_acknowledged_audit_line() {
     home.standard_policy();
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);
-    let proxy = home.serve(&[]);
+    // SIGTERM is about the process: the real binary.
+    let proxy = home.serve_binary(&[]);
     // Eight threads, each on its own keep-alive tunnel, record the request id of every
     // response they receive, until the proxy goes away.
     let script = r#"

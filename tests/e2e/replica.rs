@@ -1,12 +1,10 @@
 //! Audit per replica: every line names its replica, and `--audit-log -` streams a verifiable
 //! chain to standard output for log shippers.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn every_audit_line_names_its_replica() {

@@ -1,16 +1,10 @@
 //! The command line as a user meets it: every command on real files in a temp dir, every bad
 //! input answered with one clear sentence and a non-zero exit, never a panic or a secret.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Output, Stdio};
 
-use common::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::common::*;
 
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);

@@ -2,20 +2,13 @@
 //! requests, reqwest). Each test asserts what the agent saw, what the upstream received and
 //! what the audit log says.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn ready() -> (Home, Proxy, String) {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &["--on-behalf-of", "alice", "--task", "triage"]);
-    let proxy = home.serve(&[]);
-    (home, proxy, token)
+    ready_with(&["--on-behalf-of", "alice", "--task", "triage"])
 }
 
 fn sign_claims(home: &Home, claims: &Value) -> String {
@@ -452,17 +445,15 @@ fn upstream_with_an_untrusted_certificate_is_502_upstream_tls() {
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);
     // Started without --upstream-ca: the upstream's test CA is not trusted.
-    let mut cmd = home.cmd();
-    cmd.args([
+    let proxy = home.serve_exactly(&[
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--admin-listen",
         "off",
         "--resolve",
-    ])
-    .arg(format!("{API_HOST}:{}:127.0.0.1", home.https_port()));
-    let proxy = spawn_custom(cmd);
+        &format!("{API_HOST}:{}:127.0.0.1", home.https_port()),
+    ]);
     let r = home.curl(
         &proxy,
         &token,
@@ -471,31 +462,11 @@ fn upstream_with_an_untrusted_certificate_is_502_upstream_tls() {
     );
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.json()["reason"], "upstream_tls");
-    // The secret was never sent: TLS failed before any request bytes.
+    // The secret was never sent: TLS failed before any request bytes, and the line says so.
     assert!(home.upstream.seen().is_empty());
-}
-
-fn spawn_custom(mut cmd: Command) -> Proxy {
-    use std::io::BufRead;
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("latchkey listening on ")
-        .expect("serve started")
-        .parse()
-        .unwrap();
-    Proxy {
-        child,
-        addr,
-        admin_addr: None,
-        log: Default::default(),
-        _stdout: reader,
-    }
+    let line = home.wait_audit(2).pop().unwrap();
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["outcome"], "upstream_failed");
 }
 
 #[test]
@@ -530,7 +501,12 @@ fn plain_http_absolute_form_injects_only_with_insecure_http_opt_in() {
 
 #[test]
 fn a_100_mib_download_streams_with_bounded_memory() {
-    let (home, proxy, token) = ready();
+    // Peak memory is a property of the process: the real binary.
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve_binary(&[]);
     let size = 100 * 1024 * 1024u64;
     let out = Command::new("curl")
         .args([
@@ -603,7 +579,12 @@ fn upstream_connections_are_pooled_across_agent_connections() {
 
 #[test]
 fn a_100_mib_upload_streams_with_bounded_memory() {
-    let (home, proxy, token) = ready();
+    // Peak memory is a property of the process: the real binary.
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve_binary(&[]);
     let size = 100 * 1024 * 1024u64;
     let script = format!(
         "head -c {size} /dev/zero | curl -sS --proxy '{}' --cacert '{}' -X POST -H 'content-type: application/octet-stream' --data-binary @- '{}'",

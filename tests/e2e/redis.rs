@@ -3,14 +3,12 @@
 //! its own state dir (a copy: same signing key and secrets), so what one learns from the
 //! other can only have come through Redis. Every wait is a bounded poll.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A `redis-server` on a free loopback port, with no persistence, killed on drop.
 struct RedisServer {
@@ -35,7 +33,7 @@ impl RedisServer {
             child: Some(child),
             port,
         };
-        within(Duration::from_secs(10), "redis-server answers PING", || {
+        eventually(Duration::from_secs(10), "redis-server answers PING", || {
             server.ping().then_some(())
         });
         server
@@ -76,25 +74,6 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Poll every 25 ms until `f` returns Some, at most `limit`.
-fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A copy of `home`'s state dir (signing key, secrets) for a second replica.
@@ -257,7 +236,7 @@ fn an_agent_wide_revoke_reaches_every_replica() {
     let (token, _) = issue(&home, &[]);
     assert_eq!(get(&home, &b, &token).status, 200);
     home.run_ok(&["token", "revoke", "--agent", "bot", "--redis", &redis.url()]);
-    within(
+    eventually(
         Duration::from_secs(1),
         "B refuses the agent's token",
         || (get(&home, &b, &token).connect_status == 407).then_some(()),
@@ -275,7 +254,7 @@ fn redis_stopped_and_restarted_is_survived() {
     let (good, _) = issue(&home, &["--redis", &redis.url()]);
     let (revoked, revoked_jti) = issue(&home, &["--redis", &redis.url()]);
     home.run_ok(&["token", "revoke", &revoked_jti, "--redis", &redis.url()]);
-    within(
+    eventually(
         Duration::from_secs(1),
         "B refuses the revoked token",
         || (get(&home, &b, &revoked).connect_status == 407).then_some(()),
@@ -292,7 +271,7 @@ fn redis_stopped_and_restarted_is_survived() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unreachable"), "{}", stderr(&out));
     // And the outage shows in the metrics.
-    within(Duration::from_secs(5), "B reports Redis down", || {
+    eventually(Duration::from_secs(5), "B reports Redis down", || {
         metrics(&b)
             .contains("latchkey_shared_state_up 0")
             .then_some(())
@@ -300,14 +279,14 @@ fn redis_stopped_and_restarted_is_survived() {
 
     // Redis comes back empty (no persistence).
     let redis = RedisServer::start_on(port);
-    within(Duration::from_secs(5), "B reports Redis up", || {
+    eventually(Duration::from_secs(5), "B reports Redis up", || {
         metrics(&b)
             .contains("latchkey_shared_state_up 1")
             .then_some(())
     });
     // What the replicas knew was written back, and still bites.
     let key = format!("latchkey:revoked:session:{revoked_jti}");
-    within(
+    eventually(
         Duration::from_secs(5),
         "the revocation is back in Redis",
         || {
@@ -322,7 +301,7 @@ fn redis_stopped_and_restarted_is_survived() {
     let (later, later_jti) = issue(&home, &["--redis", &redis.url()]);
     assert_eq!(get(&home, &b, &later).status, 200);
     home.run_ok(&["token", "revoke", &later_jti, "--redis", &redis.url()]);
-    within(Duration::from_secs(1), "B refuses the later revoke", || {
+    eventually(Duration::from_secs(1), "B refuses the later revoke", || {
         (get(&home, &b, &later).connect_status == 407).then_some(())
     });
     assert_eq!(get(&home, &a, &good).status, 200);
@@ -336,7 +315,7 @@ fn past_the_grace_period_tokens_newer_than_the_last_sync_get_503_state_unavailab
     // The replicas' first sync must be in a later second than `old`'s iat: a token issued in
     // the very second of the last sync counts as newer than it.
     let issued = latchkey::auth::unix_now();
-    within(Duration::from_secs(2), "the clock moves on", || {
+    eventually(Duration::from_secs(2), "the clock moves on", || {
         (latchkey::auth::unix_now() > issued).then_some(())
     });
     let (_a, b) = replicas(&home, &state_b, &redis, &["--redis-grace", "1s"]);
@@ -345,23 +324,23 @@ fn past_the_grace_period_tokens_newer_than_the_last_sync_get_503_state_unavailab
     // Minted without --redis (the CLI would refuse with it), so no replica could know of a
     // revocation of it: once the grace period is over, B refuses it.
     let clock = latchkey::auth::unix_now();
-    within(Duration::from_secs(3), "the clock moves on", || {
+    eventually(Duration::from_secs(3), "the clock moves on", || {
         (latchkey::auth::unix_now() > clock).then_some(())
     });
     let (fresh, _) = issue(&home, &[]);
-    let refused = within(Duration::from_secs(10), "B refuses the fresh token", || {
+    let refused = eventually(Duration::from_secs(10), "B refuses the fresh token", || {
         let r = get(&home, &b, &fresh);
         (r.connect_status == 503).then_some(r)
     });
     assert!(refused.headers.contains("503"), "{refused:?}");
-    within(Duration::from_secs(5), "the refusal is audited", || {
+    eventually(Duration::from_secs(5), "the refusal is audited", || {
         let audit = std::fs::read_to_string(state_b.join("audit.jsonl")).unwrap_or_default();
         audit.contains("state_unavailable").then_some(())
     });
     // A token issued before the last sync still works.
     assert_eq!(get(&home, &b, &old).status, 200);
     // The operator is told, in the log and in the metrics.
-    within(Duration::from_secs(5), "B logs the refusal mode", || {
+    eventually(Duration::from_secs(5), "B logs the refusal mode", || {
         b.log()
             .contains("longer than the grace period")
             .then_some(())

@@ -7,14 +7,12 @@
 //! The classes and their references are in SECURITY-NOTES.md; raw bytes go through
 //! `RawTunnel` / `raw_proxy` (tests/common) because no well-behaved client can emit them.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use serde_json::{json, Value};
 
 /// One agent (`bot`), its standard routes plus a few adversarial ones, the secret stored, a

@@ -3,14 +3,12 @@
 //! replicas sharing a credential, a rotation reaching both within the cache TTL, and an
 //! OpenBao outage answered from the cache and then with a quick 503 `secret_unavailable`.
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A `bao server -dev` on 127.0.0.1 with a random root token, killed on drop.

@@ -1,20 +1,13 @@
 //! Operating a running proxy: hot policy reload (good and broken edits) and the admin
 //! listener's health and metrics.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn ready() -> (Home, Proxy, String) {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&[]);
-    (home, proxy, token)
+    ready_with(&[])
 }
 
 fn get(url: &str) -> (u16, String) {

@@ -3,13 +3,11 @@
 //! operator's view of it all (`logs tail`, `audit verify`). Real processes, real sockets,
 //! loopback only; every wait is a bounded poll.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn ready() -> (Home, Proxy) {
@@ -18,14 +16,6 @@ fn ready() -> (Home, Proxy) {
     home.set_secret("github", SECRET);
     let proxy = home.serve(&[]);
     (home, proxy)
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `latchkey run --agent bot [run_args] -- cmd...`, output captured.
@@ -59,21 +49,6 @@ fn issue_with_jti(home: &Home, extra: &[&str]) -> (String, String) {
     (token, jti)
 }
 
-/// Poll every 25 ms until `f` returns Some, at most `limit`.
-fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// The JWT inside a proxy URL `http://agent:<JWT>@host:port`.
 fn token_in_proxy_url(url: &str) -> String {
     let rest = url
@@ -94,7 +69,7 @@ fn argv_json(cmd: &Command) -> String {
 }
 
 fn wait_for_audit(home: &Home, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    within(Duration::from_secs(5), what, || {
+    eventually(Duration::from_secs(5), what, || {
         home.audit().into_iter().find(|l| pred(l))
     })
 }
@@ -252,7 +227,7 @@ fn run_revokes_the_childs_token_when_the_child_exits() {
     let token = token_in_proxy_url(&std::fs::read_to_string(&saved).unwrap());
     // The proxy re-reads revocations every 250 ms: within one second the token is dead.
     let url = home.api_url("/repos/acme/backend/issues");
-    let r = within(Duration::from_secs(1), "CONNECT refused after exit", || {
+    let r = eventually(Duration::from_secs(1), "CONNECT refused after exit", || {
         let r = home.curl(&proxy, &token, &[], &url);
         (r.connect_status != 200).then_some(r)
     });
@@ -482,7 +457,7 @@ fn revoke_cmd(home: &Home, args: &[&str]) -> String {
 
 /// The audit lines of one session, once the last one (a deny with `reason`) is written.
 fn session_lines(home: &Home, jti: &str, reason: &str) -> Vec<Value> {
-    within(
+    eventually(
         Duration::from_secs(5),
         "the deny reaches the audit log",
         || {
@@ -548,7 +523,7 @@ fn revoking_an_agent_bites_inside_an_open_tunnel() {
     // A token issued after the agent-wide revocation works. Its iat must be later than the
     // cutoff second, so wait (bounded) for the clock to move past it.
     let cutoff = latchkey::auth::unix_now();
-    within(Duration::from_secs(2), "the clock moves on", || {
+    eventually(Duration::from_secs(2), "the clock moves on", || {
         (latchkey::auth::unix_now() > cutoff).then_some(())
     });
     let fresh = home.issue("bot", &[]);
