@@ -135,7 +135,12 @@ fn policy_explain_prints_the_decision_and_the_route() {
     );
     let deny = home.run(&["policy", "explain", "--agent", "bot", "DELETE", &url]);
     assert!(!deny.status.success());
-    assert!(String::from_utf8_lossy(&deny.stdout).contains("no_route"));
+    // DELETE on a path a GET route covers: the typed reason, not a generic one.
+    assert!(
+        String::from_utf8_lossy(&deny.stdout).contains("method_not_allowed"),
+        "{}",
+        String::from_utf8_lossy(&deny.stdout)
+    );
     let bad = format!("https://{API_HOST}:{port}/a/%2e%2e/%2e%2e/x");
     let out = home.run(&["policy", "explain", "--agent", "bot", "GET", &bad]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("bad_path"));

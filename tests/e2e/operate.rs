@@ -132,12 +132,12 @@ fn healthz_and_metrics_report_requests_latency_certs_and_tunnels() {
     assert_eq!(code, 200);
     assert!(
         text.contains(
-            "latchkey_requests_total{agent=\"bot\",route=\"issues-read\",decision=\"allow\",reason=\"\"} 3"
+            "latchkey_requests_total{agent=\"bot\",route=\"issues-read\",decision=\"allow\",outcome=\"ok\",reason=\"\"} 3"
         ),
         "{text}"
     );
     assert!(
-        text.contains("decision=\"deny\",reason=\"no_route\"} 1"),
+        text.contains("decision=\"deny\",outcome=\"denied\",reason=\"no_route\"} 1"),
         "{text}"
     );
     assert!(

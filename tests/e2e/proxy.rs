@@ -183,7 +183,7 @@ fn path_outside_the_routes_is_403_no_route_with_a_json_body() {
         &home.api_url("/repos/acme/backend/issues"),
     );
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["reason"], "no_route");
+    assert_eq!(r.json()["reason"], "method_not_allowed");
     assert!(
         home.upstream.seen().is_empty(),
         "a denied request reached the upstream"
@@ -194,6 +194,8 @@ fn path_outside_the_routes_is_403_no_route_with_a_json_body() {
     assert_eq!(denies[0]["reason"], "no_route");
     assert_eq!(denies[0]["status"], 403);
     assert_eq!(denies[0]["agent"], "bot");
+    assert_eq!(denies[0]["outcome"], "denied");
+    assert_eq!(denies[1]["reason"], "method_not_allowed");
 }
 
 #[test]
@@ -491,7 +493,7 @@ fn plain_http_absolute_form_injects_only_with_insecure_http_opt_in() {
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["reason"], "no_route");
+    assert_eq!(v["reason"], "insecure_http_refused");
     assert!(
         v["detail"].as_str().unwrap().contains("insecure_http"),
         "{v}"

@@ -637,7 +637,7 @@ fn a_token_narrowed_to_one_route_cannot_use_the_agents_other_routes() {
     assert_eq!(r.status, 403, "{r:?}");
     let body = r.json();
     assert_eq!(body["error"], "denied");
-    assert_eq!(body["reason"], "no_route");
+    assert_eq!(body["reason"], "route_not_granted");
     let detail = body["detail"].as_str().unwrap();
     assert!(
         detail.contains("issues-write") && detail.contains("not granted"),
@@ -651,7 +651,7 @@ fn a_token_narrowed_to_one_route_cannot_use_the_agents_other_routes() {
     let line = wait_for_audit(&home, "the POST deny", |l| {
         l["method"] == "POST" && l["decision"] == "deny"
     });
-    assert_eq!(line["reason"], "no_route");
+    assert_eq!(line["reason"], "route_not_granted");
     assert_eq!(line["status"], 403);
     assert_eq!(line["session"], jti.as_str());
     assert_eq!(line["path"], "/repos/acme/backend/issues");
