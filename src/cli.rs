@@ -895,16 +895,9 @@ async fn wait_forwarding_signals(
 
 /// System roots plus latchkey's CA, as one PEM bundle for tools that take a single file.
 fn ca_bundle(latchkey_ca: &str) -> String {
-    use base64::Engine;
     let mut out = String::new();
     for cert in rustls_native_certs::load_native_certs().certs {
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
+        out.push_str(&crate::tls::pem::encode_certificate(&cert));
     }
     out.push_str(latchkey_ca);
     if !out.ends_with('\n') {

@@ -182,13 +182,8 @@ fn raw_from_spki_pem(pem: &[u8]) -> Option<Vec<u8>> {
     const ED25519_SPKI_PREFIX: [u8; 12] = [
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
     ];
-    let text = std::str::from_utf8(pem).ok()?;
-    let b64: String = text
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let spki = crate::tls::pem::public_key(pem).ok()?;
+    let der = spki.as_ref();
     (der.len() == 44 && der[..12] == ED25519_SPKI_PREFIX).then(|| der[12..].to_vec())
 }
 

@@ -5,9 +5,13 @@
 //! print either, and it always uses the aws-lc-rs rustls provider explicitly rather than the
 //! process default. It does not decide *whether* to intercept a host: callers mint only for
 //! hosts that policy already allowed.
+//!
+//! `tls::pem` is the crate's one reader and writer of PEM text (certificates, keys), used by
+//! the CA, the upstream client's extra roots, the token key files and the CA bundle.
 
 mod ca;
 mod leaf;
+pub mod pem;
 
 pub use ca::{CaError, CertificateAuthority};
 pub use leaf::{LeafCache, LeafError, LEAF_CACHE_TTL, LEAF_VALIDITY};

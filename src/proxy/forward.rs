@@ -268,7 +268,7 @@ fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), F
     };
     let data = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let mut added = 0;
-    for cert in rustls_pemfile::certs(&mut data.as_slice()) {
+    for cert in crate::tls::pem::certificates(&data) {
         let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
         roots
             .add(cert)

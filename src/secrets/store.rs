@@ -12,17 +12,18 @@
 //! `String`: it is decoded straight from a zeroized plaintext buffer into a [`Secret`].
 //!
 //! Writers serialise on an exclusive lock of `<state_dir>/secrets.lock`, re-read the current
-//! file under the lock, and replace the file atomically (temp file, fsync, rename, fsync dir),
-//! so several processes (`latchkey secret set` while `latchkey serve` runs) never lose an
-//! update. Readers notice a changed file from one `stat` per lookup and reload it.
+//! file under the lock, and replace the file atomically (temp file, fsync, rename, fsync dir;
+//! the file helpers and stamps are `crate::fsutil`'s), so several processes (`latchkey secret
+//! set` while `latchkey serve` runs) never lose an update. Readers notice a changed file from
+//! one `stat` per lookup and reload it.
 //!
 //! This module must never put a secret value into an error, a log line or a `Debug` output.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -35,6 +36,7 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::Secret;
+use crate::fsutil::{self, FileStamp};
 
 /// First bytes of every store file; also the AEAD associated data, so a file whose header was
 /// swapped for another format version fails authentication.
@@ -159,26 +161,6 @@ pub fn parse_master_key(text: &str, origin: &str) -> Result<Zeroizing<[u8; 32]>,
     }
     key.copy_from_slice(&decoded);
     Ok(key)
-}
-
-/// What identifies one version of the store file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl FileStamp {
-    fn of(meta: &fs::Metadata) -> FileStamp {
-        FileStamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        }
-    }
 }
 
 struct Entry {
@@ -341,16 +323,10 @@ impl SecretStore {
 
     /// Reloads from disk if the file's stamp differs from the loaded one.
     fn refresh(&self) -> Result<(), StoreError> {
-        let current = match fs::metadata(&self.path) {
-            Ok(meta) => Some(FileStamp::of(&meta)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
+        let current = FileStamp::try_of(&self.path).map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         {
             let loaded = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
             // The common case: nothing changed, one stat and a read lock.
@@ -391,8 +367,8 @@ impl SecretStore {
             source,
         };
         // The stamp comes from the handle we read, so it always matches the bytes we decode.
-        let stamp = FileStamp::of(&file.metadata().map_err(io_err)?);
-        let mut raw = Vec::with_capacity(usize::try_from(stamp.size).unwrap_or(0));
+        let stamp = FileStamp::of_file(&file).map_err(io_err)?;
+        let mut raw = Vec::with_capacity(usize::try_from(stamp.size()).unwrap_or(0));
         file.read_to_end(&mut raw).map_err(io_err)?;
         let entries = self.decrypt(&raw)?;
         Ok((entries, Some(stamp)))
@@ -439,19 +415,9 @@ impl SecretStore {
     /// writes the result back when `f` reports a change.
     fn modify(&self, f: impl FnOnce(&mut Entries) -> bool) -> Result<bool, StoreError> {
         ensure_private_dir(&self.dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&self.lock_path)
-            .map_err(|source| StoreError::Io {
-                path: self.lock_path.clone(),
-                source,
-            })?;
         // Blocks until other writers (threads or processes) are done; released when `lock`
         // is dropped at the end of this function.
-        lock.lock().map_err(|source| StoreError::Io {
+        let lock = fsutil::lock_file(&self.lock_path).map_err(|source| StoreError::Io {
             path: self.lock_path.clone(),
             source,
         })?;
@@ -477,44 +443,17 @@ impl SecretStore {
             .encrypt_in_place(XNonce::from_slice(&nonce), MAGIC, &mut *buf)
             .map_err(|_| self.format_error("encryption failed"))?;
         // `buf` now holds ciphertext; it is still zeroized on drop, which costs nothing.
-
-        let mut suffix = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut suffix);
-        let tmp_path = self.dir.join(format!(
-            ".{STORE_FILE}.{}.{}.tmp",
-            std::process::id(),
-            hex::encode(suffix)
-        ));
-        let io_tmp = |source| StoreError::Io {
-            path: tmp_path.clone(),
+        let mut file = Vec::with_capacity(MAGIC.len() + NONCE_LEN + buf.len());
+        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(&nonce);
+        file.extend_from_slice(&buf);
+        // SECURITY: 0600 from creation (see fsutil), so no other user can ever open the file.
+        // The stamp is the temp file's, taken before the rename: if another process replaces
+        // the store right after, the next `refresh` sees a different stamp and reloads.
+        fsutil::write_atomic_stamped(&self.path, &file, 0o600).map_err(|source| StoreError::Io {
+            path: self.path.clone(),
             source,
-        };
-        let result = (|| {
-            // SECURITY: 0600 from creation, not chmod afterwards, so there is no window in
-            // which another user could open the file.
-            let mut tmp = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp_path)
-                .map_err(io_tmp)?;
-            tmp.write_all(MAGIC).map_err(io_tmp)?;
-            tmp.write_all(&nonce).map_err(io_tmp)?;
-            tmp.write_all(&buf).map_err(io_tmp)?;
-            tmp.sync_all().map_err(io_tmp)?;
-            let stamp_before_rename = tmp.metadata().map_err(io_tmp)?;
-            fs::rename(&tmp_path, &self.path).map_err(|source| StoreError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-            Ok(FileStamp::of(&stamp_before_rename))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-        }
-        let stamp = result?;
-        sync_dir(&self.dir)?;
-        Ok(stamp)
+        })
     }
 }
 
@@ -594,14 +533,7 @@ fn decode(mut buf: &[u8]) -> Result<Entries, &'static str> {
 
 /// Creates `dir` with mode 0700 if it does not exist (existing directories are left alone).
 fn ensure_private_dir(dir: &Path) -> Result<(), StoreError> {
-    crate::fsutil::ensure_private_dir(dir).map_err(|source| StoreError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    crate::fsutil::sync_dir(dir).map_err(|source| StoreError::Io {
+    fsutil::ensure_private_dir(dir).map_err(|source| StoreError::Io {
         path: dir.to_path_buf(),
         source,
     })
@@ -637,11 +569,10 @@ fn load_or_create_key_file(state_dir: &Path) -> Result<Zeroizing<[u8; 32]>, Stor
     let mut contents = Zeroizing::new(Vec::with_capacity(text.len() + 1));
     contents.extend_from_slice(text.as_bytes());
     contents.push(b'\n');
-    let created =
-        crate::fsutil::write_new(&path, &contents, 0o600).map_err(|source| StoreError::Io {
-            path: path.clone(),
-            source,
-        })?;
+    let created = fsutil::write_new(&path, &contents, 0o600).map_err(|source| StoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
     if created {
         return Ok(key);
     }

@@ -15,8 +15,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -165,10 +164,10 @@ impl CertificateAuthority {
             path: key_path.to_path_buf(),
             reason,
         };
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        let cert_der = super::pem::first_certificate(cert_pem.as_bytes())
             .map_err(|e| bad_cert(e.to_string()))?;
         // SECURITY: parse errors are mapped to fixed descriptions; they never echo file bytes.
-        let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        let key_der = super::pem::private_key(key_pem.as_bytes())
             .map_err(|_| bad_key("no PEM private key found".to_owned()))?;
         let provider = super::provider();
         rustls::sign::CertifiedKey::from_der(
@@ -192,7 +191,7 @@ impl CertificateAuthority {
             Issuer::from_ca_cert_der(&cert_der, key_pair).map_err(|e| bad_cert(e.to_string()))?;
         let fingerprint = fingerprint_of(&cert_der);
         // Normalise to the single certificate we parsed, so `cert_pem` and `cert_der` agree.
-        let cert_pem = pem_of(&cert_der);
+        let cert_pem = super::pem::encode_certificate(&cert_der);
         Ok(CertificateAuthority {
             cert_pem,
             cert_der,
@@ -275,19 +274,6 @@ fn fingerprint_of(der: &[u8]) -> String {
     let digest = Sha256::digest(der);
     let parts: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
     parts.join(":")
-}
-
-fn pem_of(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 enum Written {
