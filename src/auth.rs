@@ -1,5 +1,5 @@
 //! Agent tokens: latchkey's own Ed25519 signing key, issuing JWTs, verifying them, and the
-//! revocation list (`revocation`). The algorithm is pinned to EdDSA and
+//! revocation list (`revocation`, with its Redis sync). The algorithm is pinned to EdDSA and
 //! never read from the token.
 //!
 //! SECURITY: the token is the agent's only credential. It is never logged, never forwarded
@@ -20,6 +20,9 @@ use crate::fsutil;
 
 pub mod revocation;
 
+pub use revocation::sync::{
+    load_revocations, publish_revocation, resync_revocations, sync_revocations,
+};
 pub use revocation::{Revocations, Revoked};
 
 /// Issuer claim of every latchkey token.

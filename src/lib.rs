@@ -22,5 +22,4 @@ pub mod ratelimit;
 pub mod redact;
 pub mod redis;
 pub mod secrets;
-pub mod shared_state;
 pub mod tls;

@@ -1,6 +1,6 @@
 //! The revocation list: sessions and agents revoked by `token revoke`, kept in the state dir
 //! (`revocations.json`, reloaded when it changes) and, with `--redis`, a second snapshot
-//! learned from the other replicas through Redis. The per-request check reads both without locks,
+//! learned from the other replicas (`sync`). The per-request check reads both without locks,
 //! and refuses tokens it cannot judge (`state_unavailable`) once the shared state has been out
 //! of reach for longer than the grace period.
 //!
@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::{unix_now, AuthError, Claims, LEEWAY_SECS};
 use crate::deny::{AuthStage, Deny};
 use crate::fsutil;
+
+pub mod sync;
 
 const REVOCATIONS_FILE: &str = "revocations.json";
 
