@@ -25,8 +25,8 @@ use crate::policy::reload::{keep_last_good, DirStamp};
 use crate::policy::{Policies, Severity};
 use crate::proxy::server::{self, Drain};
 use crate::proxy::{admin, Limits, ResolvePin, Shared, Upstream};
+use crate::redis::Redis;
 use crate::secrets::BackendConfig;
-use crate::shared_state::SharedState;
 use crate::tls::{CertificateAuthority, LeafCache};
 
 /// How often revocations, signing keys and policy files are checked for changes.
@@ -195,13 +195,12 @@ pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
     let shared_state = match &cfg.redis {
         Some(redis) => {
             let st = Arc::new(
-                SharedState::open(&redis.url)
-                    .doing(|| "cannot use the --redis address".to_owned())?,
+                Redis::open(&redis.url).doing(|| "cannot use the --redis address".to_owned())?,
             );
             revocations.require_sync(redis.grace);
             // Start with the full set when Redis answers; when it does not, start anyway with
             // what the state dir holds: the sync task keeps trying, and the grace period applies.
-            match st.resync(&revocations).await {
+            match crate::auth::resync_revocations(&st, &revocations).await {
                 Ok(n) => tracing::info!(revocations = n, "shared state (Redis) synced"),
                 Err(e) => {
                     tracing::error!(error = %e, "shared state (Redis) unreachable at start; will keep trying")
@@ -290,7 +289,7 @@ pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
         let mut drain = drain.clone();
         let grace = redis.grace;
         tasks.push(tokio::spawn(async move {
-            crate::shared_state::sync_revocations(
+            crate::auth::sync_revocations(
                 &st,
                 &shared.revocations,
                 &shared.metrics,

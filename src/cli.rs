@@ -17,8 +17,8 @@ use crate::authority::Authority;
 use crate::fsutil;
 use crate::policy::{path, Grant, Policies, Scheme, Severity};
 use crate::proxy::{Limits, ResolvePin};
+use crate::redis::Redis;
 use crate::secrets::{BackendConfig, OpenBaoAuth, OpenBaoConfig, Secret, Secrets};
-use crate::shared_state::SharedState;
 use crate::tls::CertificateAuthority;
 
 /// latchkey: give AI agents scoped, short-lived access to real APIs without ever handing them a key.
@@ -72,10 +72,10 @@ pub struct StateArgs {
 
 impl StateArgs {
     /// The shared store, when `--redis` is given (no I/O yet).
-    fn open(&self) -> Result<Option<SharedState>> {
+    fn open(&self) -> Result<Option<Redis>> {
         self.redis
             .as_deref()
-            .map(SharedState::open)
+            .map(Redis::open)
             .transpose()
             .map_err(Into::into)
     }
@@ -935,8 +935,7 @@ async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Resu
     };
     let revs = Revocations::open(&dirs.state_dir)?;
     if let Some(st) = state.open()? {
-        let stored = st
-            .load_revocations()
+        let stored = auth::load_revocations(&st)
             .await
             .context("cannot read revocations from the shared state (--redis)")?;
         revs.learn(stored);
@@ -1018,7 +1017,7 @@ async fn revoke_everywhere(dirs: &Dirs, state: &StateArgs, what: auth::Revoked) 
         }
     };
     if let Some(st) = state.open()? {
-        st.publish_revocation(&what).await.context(
+        auth::publish_revocation(&st, &what).await.context(
             "revoked in the local state dir only: the shared state (--redis) is unreachable, \
              so other replicas were NOT told; run the revoke again once Redis is back",
         )?;

@@ -20,6 +20,6 @@ pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redact;
+pub mod redis;
 pub mod secrets;
-pub mod shared_state;
 pub mod tls;

@@ -7,14 +7,48 @@
 //! pass at once and then one per `T`. A request at `now` passes when `now >= TAT - tau`, and
 //! moves TAT to `max(TAT, now) + T`. One number per key, no timers, no sliding windows.
 //!
-//! `RateLimits` picks the store: Redis when configured (the same algorithm as one Lua script
-//! in `shared_state`, atomic, one round trip), else this process's `LocalLimiter`; when Redis
-//! fails it falls back to the local limiter rather than refusing or waving everything through.
+//! `RateLimits` picks the store: Redis when configured (`SharedLimiter`: the same algorithm as
+//! one Lua script on Redis's own clock, atomic, one round trip, so replicas neither race nor
+//! disagree), else this process's `LocalLimiter`; when Redis fails it falls back to the local
+//! limiter rather than refusing or waving everything through.
+//!
+//! Redis is reached only through `crate::redis`. This module knows agent names and route ids,
+//! never tokens or secrets; it must not import `policy` (policy imports `Rate` from here).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+
+use crate::metrics::Metrics;
+use crate::redis::{Redis, RedisError};
+
+const RATE_PREFIX: &str = "latchkey:rate:";
+
+/// GCRA in one atomic step on Redis's clock (so replicas with skewed clocks agree).
+/// KEYS[1]: the counter; ARGV[1]: period in microseconds; ARGV[2]: count.
+/// Returns {1, 0} when allowed (and counted), {0, retry_after_secs} when not.
+const GCRA_LUA: &str = r#"
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local period = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = period / count
+local tau = period - interval
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local allow_at = tat - tau
+if now < allow_at then
+  local wait = math.ceil((allow_at - now) / 1000000)
+  if wait < 1 then wait = 1 end
+  return {0, wait}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, 0}
+"#;
 
 /// A rate: `count` requests per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,11 +177,43 @@ impl LocalLimiter {
     }
 }
 
+/// GCRA state kept in Redis and shared by every replica: one key per (agent, route).
+pub struct SharedLimiter {
+    redis: Arc<Redis>,
+    gcra: ::redis::Script,
+}
+
+impl SharedLimiter {
+    /// Counters in `redis` (no I/O yet: the script is loaded on first use).
+    pub fn new(redis: Arc<Redis>) -> SharedLimiter {
+        SharedLimiter {
+            redis,
+            gcra: ::redis::Script::new(GCRA_LUA),
+        }
+    }
+
+    /// Count one request of `agent` on `route` against `rate`, on Redis's clock.
+    pub async fn check(&self, agent: &str, route: &str, rate: Rate) -> Result<Verdict, RedisError> {
+        let mut call = self.gcra.prepare_invoke();
+        call.key(format!("{RATE_PREFIX}{agent}:{route}"))
+            .arg(rate.period.as_micros() as u64)
+            .arg(rate.count);
+        let (allowed, retry): (i64, u64) = self.redis.eval(&call).await?;
+        Ok(if allowed == 1 {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                retry_after_secs: retry.max(1),
+            }
+        })
+    }
+}
+
 /// Rate limiting for the proxy: shared through Redis when configured, else local.
 #[derive(Default)]
 pub struct RateLimits {
     local: LocalLimiter,
-    shared: Option<std::sync::Arc<crate::shared_state::SharedState>>,
+    shared: Option<SharedLimiter>,
 }
 
 impl RateLimits {
@@ -156,24 +222,18 @@ impl RateLimits {
         RateLimits::default()
     }
 
-    /// Limits shared by every replica through `state`, with a local fallback.
-    pub fn shared(state: std::sync::Arc<crate::shared_state::SharedState>) -> RateLimits {
+    /// Limits shared by every replica through `redis`, with a local fallback.
+    pub fn shared(redis: Arc<Redis>) -> RateLimits {
         RateLimits {
             local: LocalLimiter::new(),
-            shared: Some(state),
+            shared: Some(SharedLimiter::new(redis)),
         }
     }
 
     /// Count one request of `agent` on `route` against `rate`.
-    pub async fn check(
-        &self,
-        agent: &str,
-        route: &str,
-        rate: Rate,
-        metrics: &crate::metrics::Metrics,
-    ) -> Verdict {
-        if let Some(state) = &self.shared {
-            match state.check_rate(agent, route, rate).await {
+    pub async fn check(&self, agent: &str, route: &str, rate: Rate, metrics: &Metrics) -> Verdict {
+        if let Some(shared) = &self.shared {
+            match shared.check(agent, route, rate).await {
                 Ok(v) => return v,
                 Err(e) => {
                     // Availability over exactness: while Redis is away each replica enforces
