@@ -391,16 +391,18 @@ pub fn new_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn keys() -> (tempfile::TempDir, TokenKeys) {
+    /// Fresh signing keys in a temp dir (kept alive by the returned guard).
+    pub(crate) fn keys() -> (tempfile::TempDir, TokenKeys) {
         let dir = tempfile::tempdir().unwrap();
         let k = TokenKeys::load_or_create(dir.path()).unwrap();
         (dir, k)
     }
 
-    fn spec(agent: &str) -> TokenSpec {
+    /// A one-minute token for `agent`, on behalf of alice, task triage.
+    pub(crate) fn spec(agent: &str) -> TokenSpec {
         TokenSpec {
             agent: agent.into(),
             ttl: Duration::from_secs(60),

@@ -277,23 +277,7 @@ fn read_revocations(path: &Path) -> Result<RevocationFile, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{TokenKeys, TokenSpec};
-
-    fn keys() -> (tempfile::TempDir, TokenKeys) {
-        let dir = tempfile::tempdir().unwrap();
-        let k = TokenKeys::load_or_create(dir.path()).unwrap();
-        (dir, k)
-    }
-
-    fn spec(agent: &str) -> TokenSpec {
-        TokenSpec {
-            agent: agent.into(),
-            ttl: Duration::from_secs(60),
-            on_behalf_of: None,
-            task: None,
-            routes: vec![],
-        }
-    }
+    use crate::auth::tests::{keys, spec};
 
     #[test]
     fn revocations_learned_from_the_shared_store_bite_and_are_never_lowered() {

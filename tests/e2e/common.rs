@@ -959,11 +959,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// A home with the standard policy, the `github` secret, a token for `bot` (issued with
 /// `issue_args`) and an in-process proxy.
 pub fn ready_with(issue_args: &[&str]) -> (Home, Proxy, String) {
+    ready_full(issue_args, &[])
+}
+
+/// [`ready_with`] for a plain token and a proxy started with `serve_flags`.
+pub fn ready_serving(serve_flags: &[&str]) -> (Home, Proxy, String) {
+    ready_full(&[], serve_flags)
+}
+
+fn ready_full(issue_args: &[&str], serve_flags: &[&str]) -> (Home, Proxy, String) {
     let home = Home::new();
     home.standard_policy();
     home.set_secret("github", SECRET);
     let token = home.issue("bot", issue_args);
-    let proxy = home.serve(&[]);
+    let proxy = home.serve(serve_flags);
     (home, proxy, token)
 }
 

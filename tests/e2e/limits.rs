@@ -30,11 +30,7 @@ fn connect_raw(proxy: &Proxy, token: &str, host: &str) -> (TcpStream, String) {
 
 #[test]
 fn per_agent_tunnel_cap_answers_429_and_frees_the_slot_on_close() {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&["--max-connections-per-agent", "2"]);
+    let (home, proxy, token) = ready_serving(&["--max-connections-per-agent", "2"]);
     let host = format!("{API_HOST}:{}", home.https_port());
     let (a, head_a) = connect_raw(&proxy, &token, &host);
     let (_b, head_b) = connect_raw(&proxy, &token, &host);
@@ -198,11 +194,7 @@ json.dump(ids, open(out, "w"))
 
 #[test]
 fn a_slow_upstream_blocks_no_other_request() {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&["--upstream-timeout", "3s"]);
+    let (home, proxy, token) = ready_serving(&["--upstream-timeout", "3s"]);
     let slow_url = home.api_url("/slow");
     let slow = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy"])
@@ -234,11 +226,7 @@ fn a_slow_upstream_blocks_no_other_request() {
 
 #[test]
 fn redirects_are_passed_to_the_agent_and_never_followed() {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&[]);
+    let (home, proxy, token) = ready_serving(&[]);
     let r = home.curl(&proxy, &token, &[], &home.api_url("/redirect"));
     assert_eq!(r.status, 302, "{r:?}");
     assert!(r.headers.contains(&format!("https://{OTHER_HOST}/collect")));
@@ -250,11 +238,7 @@ fn redirects_are_passed_to_the_agent_and_never_followed() {
 
 #[test]
 fn the_audit_log_rotates_by_size_and_still_verifies_from_the_cli() {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&["--audit-max-bytes", "4KiB", "--audit-keep", "50"]);
+    let (home, proxy, token) = ready_serving(&["--audit-max-bytes", "4KiB", "--audit-keep", "50"]);
     for _ in 0..15 {
         let r = home.curl(
             &proxy,

@@ -438,6 +438,9 @@ fn dead_upstream_is_502_upstream_unreachable() {
     let audit = home.wait_audit(2);
     assert_eq!(audit[1]["reason"], "upstream_unreachable");
     assert_eq!(audit[1]["status"], 502);
+    // Connecting failed, so nothing went out: deny, and whose fault it was.
+    assert_eq!(audit[1]["decision"], "deny");
+    assert_eq!(audit[1]["outcome"], "upstream_failed");
 }
 
 #[test]

@@ -8,11 +8,7 @@ use crate::common::*;
 
 #[test]
 fn every_audit_line_names_its_replica() {
-    let home = Home::new();
-    home.standard_policy();
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let proxy = home.serve(&["--replica-id", "replica-a"]);
+    let (home, proxy, token) = ready_serving(&["--replica-id", "replica-a"]);
     let r = home.curl(
         &proxy,
         &token,
