@@ -281,10 +281,11 @@ fn thousands_of_requests_cancelled_at_random_moments_leave_exactly_one_line_each
         let limit = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = Vec::with_capacity(N);
         for i in 0..N {
-            // Upstream latency 0-39 ms, cancellation after 2-61 ms: some finish, some are
-            // cancelled before latchkey forwards them, many while the upstream is answering.
-            let delay = (i * 7) % 40;
-            let cancel_after = Duration::from_millis(2 + ((i * 13) % 60) as u64);
+            // Upstream latency 0-99 ms, cancellation after 2-201 ms: some finish, some are
+            // cancelled before latchkey forwards them, many while the upstream is answering
+            // (the spread is wide so that a loaded machine still shows every case).
+            let delay = (i * 7) % 100;
+            let cancel_after = Duration::from_millis(2 + ((i * 13) % 200) as u64);
             let mut send = send.clone();
             let permit = limit.clone().acquire_owned().await.unwrap();
             let req = http::Request::builder()
