@@ -317,7 +317,7 @@ fn answer(mut rec: Record, resp: Response<ProxyBody>) -> Response<AuditedBody> {
 }
 
 /// A refused (or failed) request: complete the record now and build the JSON answer.
-pub fn refuse(mut rec: Record, deny: &Deny) -> Response<AuditedBody> {
+fn refuse(mut rec: Record, deny: &Deny) -> Response<AuditedBody> {
     deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
     let outcome = match deny.fault() {
         Fault::Upstream => Outcome::UpstreamFailed,
@@ -442,15 +442,16 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
 }
 
 /// A request refused before it could be parsed into anything else (not a proxy request, or
-/// over the connection cap).
+/// over the connection cap). `body` is read a little before answering when given; over the
+/// cap it is not, so a refused connection is never held open for it.
 pub async fn refuse_early(
     shared: &Shared,
     method: &Method,
-    body: Incoming,
+    body: Option<Incoming>,
     deny: Deny,
 ) -> Response<AuditedBody> {
     let rec = shared.recorder.open(method, String::new(), String::new());
-    respond(rec, Err(deny), Some(body)).await
+    respond(rec, Err(deny), body).await
 }
 
 #[cfg(test)]

@@ -181,9 +181,8 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) 
         let slot = svc_slot.clone();
         async move {
             let resp = if over_limit {
-                let (parts, body) = req.into_parts();
                 let deny = Deny::TooManyConnections("this proxy");
-                request::refuse_early(&shared, &parts.method, body, deny).await
+                request::refuse_early(&shared, req.method(), None, deny).await
             } else {
                 dispatch(req, shared, drain, slot).await
             };
@@ -218,7 +217,7 @@ async fn dispatch(
             "latchkey is a forward proxy: send CONNECT host:port or an absolute-form http:// request"
                 .into(),
         );
-        request::refuse_early(&shared, &parts.method, body, deny).await
+        request::refuse_early(&shared, &parts.method, Some(body), deny).await
     }
 }
 

@@ -366,6 +366,15 @@ fn thousands_of_requests_cancelled_at_random_moments_leave_exactly_one_line_each
         "no request was cancelled after sending"
     );
     assert!(home.run(&["audit", "verify"]).status.success());
+    // The tunnel's own line: opened, and ended well.
+    let connect = home
+        .audit()
+        .into_iter()
+        .find(|l| l["method"] == "CONNECT")
+        .unwrap();
+    assert_eq!(connect["outcome"], "ok", "{connect}");
+    assert_eq!(connect["decision"], "allow");
+    assert_eq!(connect["status"], 200);
     // The metrics count the same events as the log.
     let metrics = admin_get(proxy.admin_addr.unwrap(), "/metrics");
     let counted: u64 = metrics
