@@ -45,13 +45,19 @@ impl Recorder {
 
     /// Open the record of a request that just arrived.
     pub fn open(self: &Arc<Self>, method: &Method, host: String, path: String) -> Record {
+        self.open_raw(method.as_str(), host, path)
+    }
+
+    /// Open the record of a request whose method is not known as an `http::Method` (a head
+    /// that could not be parsed: `-`).
+    pub fn open_raw(self: &Arc<Self>, method: &str, host: String, path: String) -> Record {
         Record {
             recorder: Arc::clone(self),
             request_id: crate::auth::new_id(),
             received: chrono::Utc::now(),
             start: Instant::now(),
             who: Who::default(),
-            method: method.as_str().to_owned(),
+            method: method.to_owned(),
             host,
             path,
             route: None,

@@ -29,7 +29,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: Drain) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), svc);
-            serve_until_drained(conn, drain, "admin connection").await;
+            let _ = serve_until_drained(conn, drain, "admin connection").await;
         }
     })
     .await;

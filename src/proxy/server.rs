@@ -135,18 +135,66 @@ where
 }
 
 /// Serve one connection to its end, or, once shutdown begins, until its in-flight requests
-/// are done. `what` names the connection in the debug line of an abnormal end.
-pub async fn serve_until_drained<C: Drainable>(conn: C, mut drain: Drain, what: &'static str) {
+/// are done. `what` names the connection in the debug line of an abnormal end, which is
+/// returned for the caller to judge (see [`refused_by_hyper`]).
+pub async fn serve_until_drained<C: Drainable>(
+    conn: C,
+    mut drain: Drain,
+    what: &'static str,
+) -> Option<hyper::Error> {
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
-            if let Err(e) = res { debug!(error = %e, "{what} ended with an error"); }
+            let e = res.err()?;
+            debug!(error = %e, "{what} ended with an error");
+            Some(e)
         }
         _ = drain.stopped() => {
             conn.as_mut().start_draining();
             let _ = conn.await;
+            None
         }
     }
+}
+
+/// The answer hyper sent by itself when a request head could not be parsed, as the status it
+/// sent and the refusal it amounts to. Such a head never becomes a request for our handler,
+/// but it did reach latchkey, so it still gets its audit line. `None` when hyper sent nothing
+/// (the connection closed, timed out, or spoke HTTP/2 on an HTTP/1 connection).
+pub fn refused_by_hyper(e: &hyper::Error) -> Option<(u16, Deny)> {
+    // hyper reports the kind only through its fixed descriptions: 414 for "URI too long",
+    // 431 for an over-large head, 400 for the other head parse errors (its `on_error`).
+    let text = e.to_string();
+    if e.is_parse_too_large() {
+        let status = if text.contains("URI too long") {
+            414
+        } else {
+            431
+        };
+        return Some((status, Deny::HeadersTooLarge(request::MAX_HEAD_BYTES)));
+    }
+    if e.is_parse() && !text.contains("HTTP2 preface") && !text.contains("internal error") {
+        return Some((
+            400,
+            Deny::BadRequest(format!("the request head could not be parsed: {text}")),
+        ));
+    }
+    None
+}
+
+/// Write the line of a head hyper refused (see [`refused_by_hyper`]); inside a tunnel it is
+/// attributed to the tunnel's token.
+fn record_refused_head(shared: &Shared, e: &hyper::Error, host: String, claims: Option<&Claims>) {
+    let Some((status, deny)) = refused_by_hyper(e) else {
+        return;
+    };
+    let mut rec = shared.recorder.open_raw("-", host, String::new());
+    if let Some(c) = claims {
+        rec.who = who(c);
+    }
+    deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
+    rec.responded(status);
+    rec.finish(Outcome::Denied, Some(deny.code()));
 }
 
 /// Accept agent connections on the proxy port until `drain` says stop.
@@ -196,7 +244,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) 
         .keep_alive(!over_limit)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    serve_until_drained(conn, drain, "agent connection").await;
+    if let Some(e) = serve_until_drained(conn, drain, "agent connection").await {
+        record_refused_head(&shared, &e, String::new(), None);
+    }
     drop(slot);
 }
 
@@ -356,6 +406,7 @@ impl Tunnel {
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         let header_read_timeout = limits.header_read_timeout;
+        let (authority, claims) = (self.authority.clone(), self.claims.clone());
         let service = service_fn(move |req| {
             let Tunnel {
                 authority,
@@ -371,14 +422,17 @@ impl Tunnel {
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20)
                 .serve_connection(io, service);
-            serve_until_drained(conn, drain, "h2 tunnel").await;
+            // HTTP/2 errors end the connection, not one request: no line of their own.
+            let _ = serve_until_drained(conn, drain, "h2 tunnel").await;
         } else {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(64 * 1024)
                 .serve_connection(io, service);
-            serve_until_drained(conn, drain, "h1 tunnel").await;
+            if let Some(e) = serve_until_drained(conn, drain, "h1 tunnel").await {
+                record_refused_head(&shared, &e, authority.to_string(), Some(&claims));
+            }
         }
     }
 }

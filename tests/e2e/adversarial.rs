@@ -903,18 +903,51 @@ fn pipelined_second_request_is_checked_on_its_own() {
 }
 
 /// An over-large request head is refused one of two ways, depending on how its bytes arrive:
-/// hyper's read buffer fills first (hyper answers 414 or 431 itself, with no body, before any
-/// request exists), or the head is parsed and latchkey measures it again (431
-/// `headers_too_large` as JSON, and its audit line). Never anything else.
+/// hyper's read buffer fills first (hyper answers 414 or 431 itself, with no body), or the
+/// head is parsed and latchkey measures it again (431 `headers_too_large` as JSON). Either
+/// way the refusal has its audit line, attributed to the tunnel's token. Never anything else.
 fn assert_head_refused(env: &Env, r: &RawResponse, what: &str) {
     if r.text().is_empty() {
         assert!(matches!(r.status, 414 | 431), "{what}: {}", r.head);
     } else {
         assert_denied(r, 431, "headers_too_large", what);
-        let line = audit_line_with(&env.home, "headers_too_large");
-        assert_eq!(line["decision"], "deny", "{line}");
-        assert_eq!(line["status"], 431, "{line}");
     }
+    let line = audit_line_with(&env.home, "headers_too_large");
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["outcome"], "denied", "{line}");
+    assert_eq!(line["status"], r.status, "{line}");
+    assert_eq!(line["agent"], "bot", "{line}");
+}
+
+#[test]
+fn a_request_head_hyper_cannot_parse_still_has_its_line() {
+    let env = env();
+    // Inside a tunnel: attributed to the tunnel's token.
+    let mut t = env.tunnel();
+    let r = t
+        .exchange(b"GET /x HTTP/1.1\r\nBad Header Name: v\r\n\r\n")
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.head);
+    let line = audit_line_with(&env.home, "bad_request");
+    assert_eq!(line["agent"], "bot", "{line}");
+    assert_eq!(line["method"], "-", "{line}");
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["outcome"], "denied");
+    // On the proxy port itself: no token was read, so nobody is named.
+    let r = raw_proxy(env.proxy.addr, b"NOT A REQUEST LINE\r\n\r\n").unwrap();
+    assert_eq!(r.status, 400, "{}", r.head);
+    let lines = eventually(Duration::from_secs(10), "two bad_request lines", || {
+        let l: Vec<Value> = env
+            .home
+            .audit()
+            .into_iter()
+            .filter(|l| l["reason"] == "bad_request")
+            .collect();
+        (l.len() >= 2).then_some(l)
+    });
+    assert!(lines[1]["agent"].is_null(), "{}", lines[1]);
+    assert!(env.seen().is_empty());
+    env.still_serves();
 }
 
 #[test]
@@ -955,11 +988,11 @@ fn a_huge_number_of_headers_is_refused_and_never_forwarded() {
     }
     req.push_str("\r\n");
     // Over hyper's own limit of 100 header fields the head is not even parsed: hyper answers
-    // a bare 431 and closes, so no request (and no audit line) exists.
+    // a bare 431 and closes; the refusal still has its line.
     let responses = send_framing_full(&env, req.as_bytes());
     assert_eq!(responses.len(), 1, "500 headers");
-    assert_eq!(responses[0].status, 431, "{}", responses[0].head);
     assert_eq!(responses[0].text(), "");
+    assert_head_refused(&env, &responses[0], "500 headers");
     assert!(env.seen().is_empty());
     env.still_serves();
 }
