@@ -595,6 +595,30 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         )
     }
 
+    /// The typed config `serve` would build for this home (port 0 for both listeners, the
+    /// upstream CA trusted, the test hosts pinned), to adjust field by field and start with
+    /// [`Proxy::in_process`].
+    pub fn config(&self) -> latchkey::app::ServeConfig {
+        let mut cfg = latchkey::app::ServeConfig::new(
+            self.path().join("policies"),
+            self.path().join("certs"),
+            self.state(),
+        );
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.upstream_ca = vec![self.upstream_ca.clone()];
+        cfg.resolve = [
+            (API_HOST, self.https_port()),
+            (OTHER_HOST, self.https_port()),
+            ("plain.example.test", self.http_port()),
+            ("nocreds.example.test", self.http_port()),
+        ]
+        .iter()
+        .map(|(host, port)| format!("{host}:{port}:127.0.0.1").parse().unwrap())
+        .collect();
+        cfg
+    }
+
     /// In-process, with exactly these `serve` arguments (no pins, no upstream CA added).
     pub fn serve_exactly(&self, serve_args: &[&str]) -> Proxy {
         let mut args: Vec<std::ffi::OsString> = vec!["latchkey".into()];

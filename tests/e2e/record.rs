@@ -239,7 +239,14 @@ fn a_complete_exchange_records_ok_with_its_byte_counts() {
 
 #[test]
 fn an_upstream_that_times_out_after_the_credential_went_out_is_allow_and_upstream_failed() {
-    let (home, proxy, token) = ready_serving(&["--upstream-timeout", "1s"]);
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    // The typed config, as `serve --upstream-timeout 1s` would build it.
+    let mut cfg = home.config();
+    cfg.limits.upstream_timeout = Duration::from_secs(1);
+    let proxy = Proxy::in_process(cfg);
     let path = "/delay/4000/timeout";
     let r = home.curl(&proxy, &token, &[], &home.api_url(path));
     assert_eq!(r.status, 504, "{r:?}");
