@@ -67,6 +67,7 @@ impl Recorder {
             ttfb: None,
             bytes_up: None,
             bytes_down: 0,
+            reason: None,
             done: false,
         }
     }
@@ -111,6 +112,9 @@ pub struct Record {
     ttfb: Option<Duration>,
     bytes_up: Option<ByteCount>,
     bytes_down: u64,
+    /// Why the request is being refused, known before the refusal is sent (so a line
+    /// completed on drop while the refusal waits still says why).
+    reason: Option<&'static str>,
     done: bool,
 }
 
@@ -152,6 +156,12 @@ impl Record {
         self.ttfb = Some(self.start.elapsed());
     }
 
+    /// The request is being refused for `reason` (a stable code); the line keeps it even if
+    /// the agent goes away before the refusal is sent.
+    pub fn refusing(&mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+
     /// `n` more response body bytes went to the agent.
     pub fn delivered(&mut self, n: u64) {
         self.bytes_down += n;
@@ -167,6 +177,7 @@ impl Record {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        let reason = reason.or(self.reason);
         let duration = self.start.elapsed();
         let decision = if self.sent {
             Decision::Allow
@@ -287,6 +298,21 @@ mod tests {
         assert_eq!(l[0]["credential"], "gh");
         assert!(l[0]["status"].is_null());
         assert!(l[0]["ttfb_ms"].is_null());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_abandoned_before_it_was_sent_keeps_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rec, writer) = recorder(&dir).await;
+        let mut r = rec.open(&Method::POST, "h:443".into(), "/admin".into());
+        r.refusing("no_route");
+        drop(r);
+        drop(rec);
+        writer.shutdown().await.unwrap();
+        let l = lines(&dir);
+        assert_eq!(l[0]["outcome"], "cancelled");
+        assert_eq!(l[0]["decision"], "deny");
+        assert_eq!(l[0]["reason"], "no_route");
     }
 
     #[tokio::test]

@@ -289,7 +289,7 @@ pub async fn forward(
 /// little of the agent's unread body, log at the level the fault calls for, complete the
 /// record, and send the JSON denial.
 pub async fn respond(
-    rec: Record,
+    mut rec: Record,
     outcome: Result<Response<ProxyBody>, Deny>,
     body: Option<Incoming>,
 ) -> Response<AuditedBody> {
@@ -298,6 +298,9 @@ pub async fn respond(
         Ok(resp) => answer(rec, resp),
         Err(deny) => {
             if let Some(body) = body {
+                // Reading the rest may take a while; if the agent goes away meanwhile, the
+                // line still says why it was refused.
+                rec.refusing(deny.code());
                 drain(body).await;
             }
             refuse(rec, &deny)
