@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
@@ -306,6 +306,21 @@ pub async fn respond(
             refuse(rec, &deny)
         }
     };
+    if let Some(v) = request_id {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// The 200 that opens a CONNECT tunnel. Its line is complete once the answer is handed over
+/// (`allow` here means the tunnel was opened; each request inside gets its own line), so it is
+/// always written before the lines of the tunnel's requests.
+pub fn tunnel_opened(mut rec: Record) -> Response<AuditedBody> {
+    rec.set_sent(true);
+    rec.responded(StatusCode::OK.as_u16());
+    let request_id = HeaderValue::from_str(rec.request_id()).ok();
+    rec.finish(Outcome::Ok, None);
+    let mut resp = Response::new(AuditedBody::done(full(Bytes::new())));
     if let Some(v) = request_id {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

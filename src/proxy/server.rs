@@ -17,7 +17,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -27,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn, Instrument};
 
 use super::body::AuditedBody;
-use super::request::{self, full, who};
+use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
 use crate::auth::Claims;
@@ -334,9 +333,7 @@ async fn connect(
         }
         .instrument(span),
     );
-    // For CONNECT, `allow` means the tunnel was opened; each request inside gets its own line.
-    rec.set_sent(true);
-    request::respond(rec, Ok(Response::new(full(Bytes::new()))), None).await
+    request::tunnel_opened(rec)
 }
 
 /// An established CONNECT tunnel: the authority and token it was opened with.
