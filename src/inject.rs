@@ -56,6 +56,32 @@ pub fn strip_request_headers(headers: &mut HeaderMap, injected: Option<&HeaderNa
     remove_prefixed(headers);
 }
 
+/// Fields an agent may never send as a trailer, beyond what [`strip_request_headers`] removes:
+/// framing and the fields an upstream must know before the body (RFC 9110 section 6.5.1). An
+/// upstream that merges trailers into the head would otherwise let a trailer re-frame or
+/// re-describe a body that has already been read.
+const NOT_IN_TRAILERS: [HeaderName; 7] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::EXPECT,
+    header::MAX_FORWARDS,
+    header::TE,
+];
+
+/// Remove from the trailers of an agent's request everything [`strip_request_headers`]
+/// removes from its head, and every field in [`NOT_IN_TRAILERS`] (`te: trailers` included);
+/// what is left (checksums, `grpc-*`, application fields) goes upstream.
+pub fn strip_request_trailers(trailers: &mut HeaderMap, injected: Option<&HeaderName>) {
+    // SECURITY: the head filter alone would let a chunked HTTP/1.1 or HTTP/2 request carry
+    // `Authorization`, the latchkey token or `Host` to an HTTP/2 upstream after its body.
+    strip_request_headers(trailers, injected);
+    for name in &NOT_IN_TRAILERS {
+        trailers.remove(name);
+    }
+}
+
 /// Remove from an upstream response: hop-by-hop headers, `Proxy-*` (an upstream must not make the
 /// agent believe the proxy asked for credentials) and `x-latchkey-*` (no spoofed proxy verdicts).
 pub fn strip_response_headers(headers: &mut HeaderMap) {
@@ -118,6 +144,9 @@ pub struct Injected {
     /// The credential as it can appear in a response (raw, percent-encoded, as sent), for
     /// redaction; `None` when the route injects nothing.
     pub needles: Option<Arc<Needles>>,
+    /// The header the route injects, if it injects one: removed from the agent's trailers
+    /// too ([`strip_request_trailers`]).
+    pub header: Option<HeaderName>,
 }
 
 /// The facts an allowed request is rewritten from: where it goes (the checked scheme and
@@ -219,7 +248,10 @@ pub fn apply(
     parts.version = Version::HTTP_11;
 
     let Some(prepared) = prepared else {
-        return Ok(Injected::default());
+        return Ok(Injected {
+            needles: None,
+            header: injected_header.cloned(),
+        });
     };
     if let Some((name, value)) = &prepared.header {
         // A clone of a prebuilt value: a reference count, not a copy of the secret.
@@ -233,6 +265,7 @@ pub fn apply(
     );
     Ok(Injected {
         needles: prepared.needles.clone(),
+        header: injected_header.cloned(),
     })
 }
 
@@ -406,6 +439,33 @@ mod tests {
         strip_request_headers(&mut h, Some(&HeaderName::from_static("x-api-key")));
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn trailers_lose_what_the_head_loses_and_framing_fields_but_keep_checksums() {
+        let mut t = HeaderMap::new();
+        t.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer agent-own"),
+        );
+        t.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Bearer tok"),
+        );
+        t.insert("host", HeaderValue::from_static("evil.test"));
+        t.insert("x-api-key", HeaderValue::from_static("agent-key"));
+        t.insert("x-latchkey-verdict", HeaderValue::from_static("allow"));
+        t.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        t.insert("content-length", HeaderValue::from_static("0"));
+        t.insert("te", HeaderValue::from_static("trailers"));
+        t.insert("trailer", HeaderValue::from_static("x-checksum"));
+        t.insert("content-type", HeaderValue::from_static("text/evil"));
+        t.insert("x-checksum", HeaderValue::from_static("sha256=abc"));
+        t.insert("grpc-timeout", HeaderValue::from_static("1S"));
+        strip_request_trailers(&mut t, Some(&HeaderName::from_static("x-api-key")));
+        let mut left: Vec<&str> = t.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["grpc-timeout", "x-checksum"]);
     }
 
     #[test]

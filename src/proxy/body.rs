@@ -1,5 +1,5 @@
 //! Bodies on the way through: the agent's request body going up (cut off at the route's
-//! limit, counted), and every response going down to the agent (counted, and carrying the
+//! limit, counted, its trailers filtered like its head), and every response going down to the agent (counted, and carrying the
 //! request's audit record to the end of the stream).
 
 use std::pin::Pin;
@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderName;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::forward::BoxError;
 use crate::audit::record::ByteCount;
 use crate::audit::{Outcome, Record};
+use crate::inject;
 
 /// Body of every response latchkey sends to an agent, before [`AuditedBody`] wraps it.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
@@ -31,12 +33,15 @@ pub enum UpState {
 }
 
 /// The agent's request body, cut off with an error once it exceeds the route's limit (for
-/// bodies whose size was not announced), counting the bytes that go upstream.
+/// bodies whose size was not announced), counting the bytes that go upstream, with its
+/// trailers filtered by the same rules as its head (`inject::strip_request_trailers`).
 pub struct LimitedBody<B = Incoming> {
     inner: B,
     left: u64,
     state: Arc<AtomicU8>,
     sent: ByteCount,
+    /// The header the route injects: never accepted from the agent, in a trailer either.
+    injected: Option<HeaderName>,
 }
 
 /// Why an agent's body was cut off.
@@ -45,9 +50,15 @@ pub struct LimitedBody<B = Incoming> {
 struct BodyOverLimit;
 
 impl<B> LimitedBody<B> {
-    /// Wrap `inner`, allowing `limit` bytes and counting them into `sent`. The second value
-    /// reads the body's [`UpState`] later.
-    pub fn new(inner: B, limit: u64, sent: ByteCount) -> (LimitedBody<B>, UpStateHandle) {
+    /// Wrap `inner`, allowing `limit` bytes and counting them into `sent`; `injected` is the
+    /// header the route injects (dropped from trailers). The second value reads the body's
+    /// [`UpState`] later.
+    pub fn new(
+        inner: B,
+        limit: u64,
+        sent: ByteCount,
+        injected: Option<HeaderName>,
+    ) -> (LimitedBody<B>, UpStateHandle) {
         let state = Arc::new(AtomicU8::new(UpState::Ok as u8));
         let handle = UpStateHandle(state.clone());
         (
@@ -56,6 +67,7 @@ impl<B> LimitedBody<B> {
                 left: limit,
                 state,
                 sent,
+                injected,
             },
             handle,
         )
@@ -90,6 +102,15 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                let mut trailers = frame
+                    .into_trailers()
+                    .expect("a frame that is_trailers is trailers");
+                // SECURITY: the head was cleaned in `inject::apply`; a trailer must not bring
+                // back what was removed there (the agent's credential, the token, `Host`).
+                inject::strip_request_trailers(&mut trailers, this.injected.as_ref());
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 if len > this.left {
@@ -231,7 +252,8 @@ mod tests {
     #[tokio::test]
     async fn a_body_within_the_limit_passes_and_is_counted() {
         let count = ByteCount::default();
-        let (body, state) = LimitedBody::new(chunks(vec![Ok("abc"), Ok("defg")]), 7, count.clone());
+        let (body, state) =
+            LimitedBody::new(chunks(vec![Ok("abc"), Ok("defg")]), 7, count.clone(), None);
         assert_eq!(read(body).await.unwrap(), "abcdefg");
         assert_eq!(count.load(Ordering::Acquire), 7);
         assert_eq!(state.get(), UpState::Ok);
@@ -241,7 +263,7 @@ mod tests {
     async fn a_body_past_the_limit_ends_in_an_error_not_an_early_end() {
         let count = ByteCount::default();
         let (body, state) =
-            LimitedBody::new(chunks(vec![Ok("abc"), Ok("defgh")]), 7, count.clone());
+            LimitedBody::new(chunks(vec![Ok("abc"), Ok("defgh")]), 7, count.clone(), None);
         let err = read(body).await.unwrap_err();
         assert!(err.contains("exceeds the route's limit"), "{err}");
         assert_eq!(state.get(), UpState::OverLimit);
@@ -250,11 +272,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn trailers_going_up_are_filtered_like_the_head() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("authorization", "Bearer agent-own".parse().unwrap());
+        trailers.insert("proxy-authorization", "Bearer token".parse().unwrap());
+        trailers.insert("host", "evil.test".parse().unwrap());
+        trailers.insert("x-api-key", "agent-key".parse().unwrap());
+        trailers.insert("x-checksum", "sha256=abc".parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let (body, state) = LimitedBody::new(
+            StreamBody::new(stream::iter(frames)),
+            100,
+            ByteCount::default(),
+            Some(HeaderName::from_static("x-api-key")),
+        );
+        let collected = body.collect().await.unwrap();
+        let got = collected
+            .trailers()
+            .expect("the trailers frame still goes up");
+        let names: Vec<&str> = got.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-checksum"]);
+        assert_eq!(collected.to_bytes(), "abc");
+        assert_eq!(state.get(), UpState::Ok);
+    }
+
+    #[tokio::test]
     async fn a_broken_agent_body_is_told_apart_from_an_oversized_one() {
         let (body, state) = LimitedBody::new(
             chunks(vec![Ok("ab"), Err("bad chunk size")]),
             100,
             ByteCount::default(),
+            None,
         );
         assert!(read(body).await.is_err());
         assert_eq!(state.get(), UpState::Broken);

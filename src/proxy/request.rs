@@ -236,7 +236,12 @@ pub async fn forward(
     };
     let injected = inject::apply(&mut parts, &rewrite, secret, &shared.prepared)?;
     let agent_body = body.take().expect("the agent's body is taken once, here");
-    let (limited, up_state) = LimitedBody::new(agent_body, limit, ctx.rec.count_up());
+    let (limited, up_state) = LimitedBody::new(
+        agent_body,
+        limit,
+        ctx.rec.count_up(),
+        injected.header.clone(),
+    );
     let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
     // From here the credential may be on the wire: a cancelled or failed exchange is still
     // `decision: allow`.

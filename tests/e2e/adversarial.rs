@@ -1522,6 +1522,109 @@ fn secret_echoed_split_across_two_body_chunks_is_redacted() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Request trailers: filtered by the head's rules (SECURITY.md, "What an agent may send as a
+// trailer"). The echo upstream speaks HTTP/2, so before the filter they arrived verbatim.
+// ---------------------------------------------------------------------------------------------
+
+/// The trailer block a hostile agent sends after its body: its own credential, its latchkey
+/// token, another `Host`, a spoofed latchkey header, a framing field, and one harmless checksum.
+fn hostile_trailers(token: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("authorization", format!("Bearer {AGENT_OWN}")),
+        ("proxy-authorization", format!("Bearer {token}")),
+        ("host", "evil.example.test".into()),
+        ("x-latchkey-verdict", "allow".into()),
+        ("content-length", "999".into()),
+        ("x-checksum", "sha256=abc".into()),
+    ]
+}
+
+/// The upstream got the POST with our credential in its head and, of the agent's trailers,
+/// only the checksum; the audit line is an ordinary `ok`.
+fn assert_only_the_harmless_trailer_arrived(env: &Env, path: &str) {
+    let seen = env.seen();
+    let s = seen
+        .iter()
+        .find(|s| s.method == "POST" && s.path == path)
+        .unwrap_or_else(|| panic!("the upstream never got the POST: {seen:?}"));
+    assert_eq!(
+        s.trailers,
+        vec![("x-checksum".to_string(), "sha256=abc".to_string())],
+        "{s:?}"
+    );
+    assert_eq!(
+        s.header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert!(!s.everything().contains("evil.example.test"), "{s:?}");
+    assert!(!s.everything().contains("x-latchkey-"), "{s:?}");
+    env.assert_no_leak();
+    let line = eventually(Duration::from_secs(10), "the POST's audit line", || {
+        env.home
+            .audit()
+            .into_iter()
+            .find(|l| l["method"] == "POST" && l["path"] == path)
+    });
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["route"], "issues-write", "{line}");
+    assert_eq!(line["bytes_up"], 5, "{line}");
+}
+
+#[test]
+fn trailers_of_a_chunked_http1_request_lose_credentials_token_and_host() {
+    let env = env();
+    let path = "/repos/acme/backend/issues";
+    let trailers: String = hostile_trailers(&env.token)
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\
+         Trailer: authorization, proxy-authorization, host, x-checksum\r\n\
+         Connection: close\r\n\r\n5\r\nhello\r\n0\r\n{trailers}\r\n",
+        env.api()
+    );
+    let r = env.tunnel().exchange(req.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    assert_eq!(r.json()["body_len"], 5);
+    assert_only_the_harmless_trailer_arrived(&env, path);
+}
+
+#[test]
+fn trailers_of_an_http2_request_lose_credentials_token_and_host() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let env = env();
+    let path = "/repos/acme/backend/issues";
+    let agent = H2Agent::open(&env.home, env.proxy.addr, &env.token);
+    let mut trailers = http::HeaderMap::new();
+    for (k, v) in hostile_trailers(&env.token) {
+        trailers.append(k, v.parse().unwrap());
+    }
+    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"hello"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post(format!("https://{}{path}", agent.authority))
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let mut send = agent.send.clone();
+    let (status, body) = agent.rt.block_on(async move {
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    });
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["body_len"], 5, "{body}");
+    assert_only_the_harmless_trailer_arrived(&env, path);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Network: private destinations, upstream faults.
 // ---------------------------------------------------------------------------------------------
 

@@ -95,13 +95,16 @@ pub struct Seen {
     pub path: String,
     pub query: Option<String>,
     pub headers: Vec<(String, String)>,
+    /// The request's trailers, once the echo has read the body (empty until then, and for
+    /// the special paths that never read it).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Seen {
-    /// Every header value and the query, as one string, to search for leaked values.
+    /// Every header and trailer and the query, as one string, to search for leaked values.
     pub fn everything(&self) -> String {
         let mut s = format!("{} {} {:?}\n", self.method, self.path, self.query);
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers.iter().chain(&self.trailers) {
             s.push_str(&format!("{k}: {v}\n"));
         }
         s
@@ -112,6 +115,18 @@ impl Seen {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// A real upstream: HTTPS and plain HTTP listeners on loopback, echoing what they received as
@@ -215,18 +230,14 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         query: req.uri().query().map(str::to_string),
-        headers: req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: header_pairs(req.headers()),
+        trailers: Vec::new(),
     };
-    seen.lock().unwrap().push(record.clone());
+    let index = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(record.clone());
+        seen.len() - 1
+    };
     if req.uri().path().ends_with("/info/refs")
         && req.uri().query() == Some("service=git-upload-pack")
     {
@@ -273,6 +284,9 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     while let Some(Ok(frame)) = body.frame().await {
         if let Some(data) = frame.data_ref() {
             body_len += data.len();
+        }
+        if let Some(trailers) = frame.trailers_ref() {
+            seen.lock().unwrap()[index].trailers = header_pairs(trailers);
         }
     }
     let mut headers = BTreeMap::new();
@@ -1252,6 +1266,55 @@ impl RawTunnel {
     /// Read one more response (e.g. the answer to a pipelined second request).
     pub fn read(&mut self) -> std::io::Result<RawResponse> {
         read_response(&mut self.tls)
+    }
+}
+
+/// Body of the requests an [`H2Agent`] sends.
+pub type AgentBody = BoxBody<Bytes, Infallible>;
+
+/// An HTTP/2 client inside a CONNECT tunnel: the connection stays up while single streams are
+/// reset, which is what a cancelled `fetch` or SDK call does.
+pub struct H2Agent {
+    pub send: hyper::client::conn::http2::SendRequest<AgentBody>,
+    /// `api.example.test:PORT`.
+    pub authority: String,
+    /// The runtime the connection runs on; drive requests with `rt.block_on` / `rt.spawn`.
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl H2Agent {
+    /// CONNECT to the test API as the holder of `token`, TLS with ALPN `h2`, HTTP/2 handshake.
+    pub fn open(home: &Home, proxy: SocketAddr, token: &str) -> H2Agent {
+        let authority = format!("{API_HOST}:{}", home.https_port());
+        let (sock, resp) = raw_connect(proxy, &authority, Some(&format!("Bearer {token}")));
+        assert_eq!(resp.status, 200, "{}", resp.head);
+        sock.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls = agent_tls_config(&home.latchkey_ca(), &[b"h2"]);
+        let send = rt.block_on(async {
+            let sock = tokio::net::TcpStream::from_std(sock).unwrap();
+            let name = rustls::pki_types::ServerName::try_from(API_HOST.to_string()).unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, sock)
+                .await
+                .expect("TLS in the tunnel");
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("h2 handshake");
+            tokio::spawn(conn);
+            send
+        });
+        H2Agent {
+            send,
+            authority,
+            rt,
+        }
     }
 }
 
