@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use zeroize::Zeroizing;
 
@@ -27,6 +27,9 @@ pub struct Needles {
     /// Searchers built once per needle set, not per chunk. They hold their own copy of the
     /// needle (not zeroized on drop, like the injected `HeaderValue` itself).
     finders: Vec<memchr::memmem::Finder<'static>>,
+    /// The same needles lower-cased, for header names: hyper and h2 lower-case every name, so
+    /// `X-<Secret>` reaches us as `x-<secret>`.
+    name_finders: Vec<memchr::memmem::Finder<'static>>,
     longest: usize,
 }
 
@@ -50,9 +53,17 @@ impl Needles {
             .iter()
             .map(|n| memchr::memmem::Finder::new(n.as_slice()).into_owned())
             .collect();
+        let name_finders = needles
+            .iter()
+            .map(|n| {
+                let lower = Zeroizing::new(n.to_ascii_lowercase());
+                memchr::memmem::Finder::new(lower.as_slice()).into_owned()
+            })
+            .collect();
         Some(Arc::new(Needles {
             needles,
             finders,
+            name_finders,
             longest,
         }))
     }
@@ -100,9 +111,24 @@ impl Needles {
         Some(replace(bytes, &m))
     }
 
-    /// Redact header values in place; true if any was changed.
+    /// Redact header values in place, and remove every field whose name holds a needle (in any
+    /// case: a name cannot carry the replacement text); true if anything was changed.
     pub fn redact_headers(&self, headers: &mut HeaderMap) -> bool {
-        let mut changed = false;
+        // SECURITY: an upstream can echo the credential in a field *name* as easily as in a
+        // value.
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                self.name_finders
+                    .iter()
+                    .any(|f| f.find(name.as_str().as_bytes()).is_some())
+            })
+            .cloned()
+            .collect();
+        let mut changed = !doomed.is_empty();
+        for name in doomed {
+            headers.remove(name);
+        }
         for value in headers.values_mut() {
             if let Some(clean) = self.redact(value.as_bytes()) {
                 *value = HeaderValue::from_bytes(&clean)
@@ -205,7 +231,11 @@ where
                     }
                     Err(frame) => {
                         if let Ok(mut trailers) = frame.into_trailers() {
-                            this.needles.redact_headers(&mut trailers);
+                            if this.needles.redact_headers(&mut trailers) {
+                                if let Some(f) = this.on_redact.take() {
+                                    f();
+                                }
+                            }
                             this.trailers = Some(trailers);
                         }
                         this.done = true;
@@ -306,6 +336,45 @@ mod tests {
         assert!(needles(&["SECRETVALUE"]).redact_headers(&mut h));
         assert_eq!(h["x-debug"], "Bearer [REDACTED]");
         assert_eq!(h["x-ok"], "fine");
+    }
+
+    #[test]
+    fn a_header_whose_name_holds_the_secret_is_removed_whatever_its_case() {
+        let mut h = HeaderMap::new();
+        h.insert("x-secretvalue-echo", HeaderValue::from_static("1"));
+        h.insert("x-ok", HeaderValue::from_static("fine"));
+        assert!(needles(&["SECRETVALUE"]).redact_headers(&mut h));
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-ok"]);
+        assert!(!needles(&["SECRETVALUE"]).redact_headers(&mut h));
+    }
+
+    #[tokio::test]
+    async fn trailers_are_redacted_in_names_and_values_and_counted() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echo", HeaderValue::from_static("Bearer SECRETVALUE"));
+        trailers.insert("x-secretvalue", HeaderValue::from_static("1"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"clean"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let body = RedactBody::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            needles(&["SECRETVALUE"]),
+            Box::new(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        let collected = body.collect().await.unwrap();
+        let t = collected.trailers().expect("trailers kept").clone();
+        assert_eq!(t["x-echo"], "Bearer [REDACTED]");
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t.len(), 2);
+        assert_eq!(collected.to_bytes(), "clean");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
     #[test]

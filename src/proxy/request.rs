@@ -267,6 +267,11 @@ pub async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     inject::strip_response_headers(&mut parts.headers);
+    // SECURITY: the upstream's reason phrase (`HTTP/1.1 200 <anything>`) rides in an
+    // extension that hyper's server writes back out verbatim, past every header filter and
+    // redaction: drop it, on every route, so HTTP/1 agents get the canonical phrase. Nothing
+    // else the upstream connection attached to the response is ours to pass on either.
+    parts.extensions.clear();
     let Some(needles) = injected.needles else {
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     };

@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -1622,6 +1623,160 @@ fn trailers_of_an_http2_request_lose_credentials_token_and_host() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["body_len"], 5, "{body}");
     assert_only_the_harmless_trailer_arrived(&env, path);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The response head: every byte an agent receives on a credentialed route is redacted, the
+// status line and header names included; interim responses are never relayed.
+// ---------------------------------------------------------------------------------------------
+
+/// A plain-HTTP upstream that puts the credential it was sent (`x-api-key`, or `none`) where
+/// header-value and body redaction alone would miss it: in two interim responses (100, 103),
+/// in the reason phrase and in a header name; and in a header value and the body. Returns its
+/// port and the request heads it read.
+fn status_echo_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let echo = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("x-api-key")
+                        .then(|| v.trim().to_owned())
+                })
+                .unwrap_or_else(|| "none".into());
+            seen.lock().unwrap().push(head);
+            let body = format!("you sent {echo}");
+            let answer = format!(
+                "HTTP/1.1 100 Continue\r\nX-Echo: {echo}\r\n\r\n\
+                 HTTP/1.1 103 Early Hints\r\nLink: </{echo}>; rel=preload\r\nX-{echo}: 1\r\n\r\n\
+                 HTTP/1.1 200 {echo} says hello\r\nX-{echo}-Echo: yes\r\nX-Echo: {echo}\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    (port, heads)
+}
+
+/// Everything the agent's socket receives for one absolute-form GET, until latchkey closes it.
+fn raw_answer(env: &Env, port: u16, path: &str) -> String {
+    let req = format!(
+        "GET http://status.example.test:{port}{path} HTTP/1.1\r\nHost: status.example.test:{port}\r\n\
+         Proxy-Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        env.token
+    );
+    let mut s = proxy_socket(env.proxy.addr);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn secret_echoed_in_the_status_line_a_header_name_or_an_interim_response_never_reaches_the_agent() {
+    let (port, heads) = status_echo_upstream();
+    let routes = format!(
+        r#"
+[[routes]]
+id = "status-credentialed"
+host = "status.example.test:{port}"
+methods = ["GET"]
+paths = ["/cred/**"]
+credential = "github"
+inject = {{ header = "x-api-key", value = "{{secret}}" }}
+insecure_http = true
+
+[[routes]]
+id = "status-open"
+host = "status.example.test:{port}"
+methods = ["GET"]
+paths = ["/open/**"]
+"#
+    );
+    let pin = format!("status.example.test:{port}:127.0.0.1");
+    let env = env_with(&["--resolve", &pin], &routes);
+
+    let raw = raw_answer(&env, port, "/cred/x");
+    // The upstream got the credential (that is its job)...
+    let got = heads.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0]
+            .to_ascii_lowercase()
+            .contains(&format!("x-api-key: {SECRET}").to_ascii_lowercase()),
+        "{}",
+        got[0]
+    );
+    // ...and the agent's bytes hold it nowhere, in no case: not in the status line, a header
+    // name or value, an interim response, or the body.
+    assert!(
+        !raw.to_ascii_lowercase()
+            .contains(&SECRET.to_ascii_lowercase()),
+        "the agent received the secret: {raw}"
+    );
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    assert!(!raw.contains("says hello"), "{raw}");
+    assert!(
+        !raw.contains("HTTP/1.1 10"),
+        "an interim response was relayed: {raw}"
+    );
+    assert!(!raw.to_ascii_lowercase().contains("link:"), "{raw}");
+    assert!(raw.contains("\r\nx-echo: [REDACTED]\r\n"), "{raw}");
+    assert!(raw.contains("you sent [REDACTED]"), "{raw}");
+    let line = eventually(Duration::from_secs(10), "the audit line", || {
+        env.home
+            .audit()
+            .into_iter()
+            .find(|l| l["path"] == "/cred/x")
+    });
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["route"], "status-credentialed", "{line}");
+    assert_eq!(line["credential"], "github", "{line}");
+
+    // Without a credential there is nothing to redact, but the reason phrase is still ours.
+    let raw = raw_answer(&env, port, "/open/x");
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    assert!(!raw.contains("says hello"), "{raw}");
+    assert!(!raw.contains("HTTP/1.1 10"), "{raw}");
+    assert!(raw.contains("you sent none"), "{raw}");
+    let got = heads.lock().unwrap().clone();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        !got[1].to_ascii_lowercase().contains("x-api-key"),
+        "{}",
+        got[1]
+    );
+    let line = eventually(Duration::from_secs(10), "the audit line", || {
+        env.home
+            .audit()
+            .into_iter()
+            .find(|l| l["path"] == "/open/x")
+    });
+    assert_eq!(line["outcome"], "ok", "{line}");
+    assert_eq!(line["route"], "status-open", "{line}");
+    assert!(
+        !env.proxy.log().contains(SECRET),
+        "the secret reached the log"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
