@@ -6,6 +6,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Buf;
+use http_body_util::BodyExt;
 
 use bytes::Bytes;
 use http::HeaderName;
@@ -36,7 +40,8 @@ pub enum UpState {
 /// bodies whose size was not announced), counting the bytes that go upstream, with its
 /// trailers filtered by the same rules as its head (`inject::strip_request_trailers`).
 pub struct LimitedBody<B = Incoming> {
-    inner: B,
+    /// `None` once the body went past the limit and its rest was handed to [`discard`].
+    inner: Option<B>,
     left: u64,
     state: Arc<AtomicU8>,
     sent: ByteCount,
@@ -63,7 +68,7 @@ impl<B> LimitedBody<B> {
         let handle = UpStateHandle(state.clone());
         (
             LimitedBody {
-                inner,
+                inner: Some(inner),
                 left: limit,
                 state,
                 sent,
@@ -90,7 +95,7 @@ impl UpStateHandle {
 
 impl<B> Body for LimitedBody<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -101,7 +106,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
                 let mut trailers = frame
                     .into_trailers()
@@ -116,6 +124,14 @@ where
                 if len > this.left {
                     this.state
                         .store(UpState::OverLimit as u8, Ordering::Release);
+                    // Keep reading (and discarding) a bounded rest, so the agent is still
+                    // sending into an open stream when its 413 arrives: a client whose HTTP/2
+                    // stream is reset mid-upload may lose the answer.
+                    if let (Some(rest), Ok(rt)) =
+                        (this.inner.take(), tokio::runtime::Handle::try_current())
+                    {
+                        rt.spawn(discard(rest));
+                    }
                     // SECURITY: an error (not an early end) aborts the upstream request, so
                     // the upstream never takes a truncated body for a complete one.
                     return Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
@@ -134,12 +150,33 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// Read (and throw away) what is left of an agent's body whose request was refused, bounded
+/// in bytes and time. Answering while the agent is still sending makes HTTP/2 reset the
+/// stream, and some clients (curl 7.88) then lose the answer; a refusal never waits long on
+/// a slow agent, though.
+pub async fn discard<B: Body + Unpin>(mut body: B) {
+    const DISCARD_BYTES: usize = 256 * 1024;
+    const DISCARD_TIME: Duration = Duration::from_millis(500);
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        let mut read = 0;
+        while read < DISCARD_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.remaining()),
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
 
 /// Every response body an agent receives. For an answered request it owns the request's

@@ -12,7 +12,7 @@
 //! [`respond`] turns the result into what the agent receives.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
-use super::body::{AuditedBody, LimitedBody, ProxyBody, UpState};
+use super::body::{discard, AuditedBody, LimitedBody, ProxyBody, UpState};
 use super::forward::UpstreamBody;
 use super::Shared;
 use crate::audit::record::Who;
@@ -311,7 +311,7 @@ pub async fn respond(
                 // Reading the rest may take a while; if the agent goes away meanwhile, the
                 // line still says why it was refused.
                 rec.refusing(deny.code());
-                drain(body).await;
+                discard(body).await;
             }
             refuse(rec, &deny)
         }
@@ -367,24 +367,6 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())
         .map_err(|never: std::convert::Infallible| match never {})
         .boxed_unsync()
-}
-
-/// Read (and discard) a little of a refused request's body before answering. Answering while
-/// the agent is still sending makes HTTP/2 reset the stream, and some clients (curl 7.88)
-/// then lose the answer. Bounded in bytes and time: a refusal never waits on a slow agent.
-async fn drain(mut body: Incoming) {
-    const DRAIN_BYTES: usize = 256 * 1024;
-    const DRAIN_TIME: Duration = Duration::from_millis(500);
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
-        let mut read = 0;
-        while read < DRAIN_BYTES {
-            match body.frame().await {
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-                _ => break,
-            }
-        }
-    })
-    .await;
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
