@@ -27,7 +27,7 @@ use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
 use crate::auth::{self, Claims};
-use crate::authority::Authority;
+use crate::authority::{self, Authority};
 use crate::deny::{AuthStage, Deny, Fault};
 use crate::inject::{self, Rewrite};
 use crate::policy::{path, Allowed, Grant, Scheme};
@@ -139,8 +139,9 @@ pub fn check_bound_authority(
         got,
     };
     let check = |text: &str| {
-        let parsed =
-            Authority::parse(text, Some(default_port)).map_err(|_| mismatch(text.to_owned()))?;
+        // SECURITY: the refusal is logged; an unparsed name goes there without userinfo.
+        let parsed = Authority::parse(text, Some(default_port))
+            .map_err(|_| mismatch(authority::without_userinfo(text).to_owned()))?;
         if parsed != *bound {
             return Err(mismatch(parsed.to_string()));
         }
@@ -421,9 +422,13 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let mut rec = shared
-        .recorder
-        .open(&parts.method, host_text, parts.uri.path().to_owned());
+    // SECURITY: the line never holds userinfo (`http://agent:TOKEN@host/`); the checked form
+    // replaces this once the target parses.
+    let mut rec = shared.recorder.open(
+        &parts.method,
+        authority::without_userinfo(&host_text).to_owned(),
+        parts.uri.path().to_owned(),
+    );
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
     let checked = (|| {
@@ -433,7 +438,7 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
                 "only http:// is proxied in absolute form; use CONNECT for https".into(),
             ));
         }
-        let authority = Authority::parse(&rec.host, Some(80))
+        let authority = Authority::parse(&host_text, Some(80))
             .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
         rec.host = authority.to_string();
         let claims = authenticate(&shared, &parts.headers, &mut rec)?;

@@ -1253,6 +1253,100 @@ fn hostile_requests_to_the_proxy_port_itself_are_refused() {
     env.still_serves();
 }
 
+#[test]
+fn a_token_sent_as_url_userinfo_is_refused_and_never_logged() {
+    let env = env();
+    let (port, api) = (env.home.http_port(), env.api());
+    let token = &env.token;
+    // A client told `http://agent:TOKEN@host/` or `CONNECT agent:TOKEN@host:443`: no
+    // Proxy-Authorization, the token only in the target.
+    let absolute = format!(
+        "GET http://agent:{token}@plain.example.test:{port}/plain/x HTTP/1.1\r\nHost: plain.example.test:{port}\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_proxy(env.proxy.addr, absolute.as_bytes()).unwrap();
+    assert_denied(&r, 400, "bad_request", "absolute form with userinfo");
+    assert!(!r.text().contains(token.as_str()), "{}", r.text());
+    let (_s, r) = raw_connect(env.proxy.addr, &format!("agent:{token}@{api}"), None);
+    assert_denied(&r, 400, "bad_request", "CONNECT with userinfo");
+    assert!(!r.text().contains(token.as_str()), "{}", r.text());
+    let url_connect =
+        format!("CONNECT https://agent:{token}@{api}/ HTTP/1.1\r\nHost: {api}\r\n\r\n");
+    let r = raw_proxy(env.proxy.addr, url_connect.as_bytes()).unwrap();
+    assert_denied(&r, 400, "bad_request", "CONNECT to a URL with userinfo");
+    // Inside a tunnel, in the absolute-form target and in Host.
+    let mut t = env.tunnel();
+    let inner = format!(
+        "GET https://agent:{token}@{api}/repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\n\r\n"
+    );
+    assert_denied(
+        &t.exchange(inner.as_bytes()).unwrap(),
+        403,
+        "host_mismatch",
+        "inner URL",
+    );
+    let inner =
+        format!("GET /repos/acme/backend/issues HTTP/1.1\r\nHost: agent:{token}@{api}\r\n\r\n");
+    assert_denied(
+        &t.exchange(inner.as_bytes()).unwrap(),
+        403,
+        "host_mismatch",
+        "inner Host",
+    );
+    drop(t);
+
+    assert!(env.seen().is_empty(), "{:?}", env.seen());
+    // Three refusals at the proxy port, the tunnel's CONNECT, two refusals inside it.
+    let lines = env.home.wait_audit(6);
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["decision"] == "deny").collect();
+    assert_eq!(refused.len(), 5, "{lines:?}");
+    let hosts: Vec<&str> = refused
+        .iter()
+        .map(|l| l["host"].as_str().unwrap())
+        .collect();
+    let plain = format!("plain.example.test:{port}");
+    assert_eq!(hosts, [plain.as_str(), &api, &api, &api, &api], "{lines:?}");
+    let raw = std::fs::read_to_string(env.home.state().join("audit.jsonl")).unwrap();
+    assert!(
+        !raw.contains(token.as_str()),
+        "the token reached the audit log: {raw}"
+    );
+    let log = env.proxy.log();
+    assert!(log.contains("request"), "{log}");
+    assert!(
+        !log.contains(token.as_str()),
+        "the token reached the log: {log}"
+    );
+}
+
+#[test]
+fn connect_to_a_url_rather_than_host_port_is_400_bad_request() {
+    let env = env();
+    let api = env.api();
+    for target in [
+        format!("https://{api}/"),
+        format!("https://{api}"),
+        format!("http://{api}/x"),
+    ] {
+        let req = format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {api}\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+            env.token
+        );
+        let r = raw_proxy(env.proxy.addr, req.as_bytes()).unwrap();
+        assert_denied(&r, 400, "bad_request", &format!("CONNECT {target}"));
+    }
+    assert!(env.seen().is_empty());
+    let lines = env.home.wait_audit(3);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["method"], "CONNECT", "{l}");
+        assert_eq!(l["host"], api, "{l}");
+        assert_eq!(l["reason"], "bad_request", "{l}");
+        assert_eq!(l["decision"], "deny", "{l}");
+        assert_eq!(l["status"], 400, "{l}");
+    }
+    env.still_serves();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tokens.
 // ---------------------------------------------------------------------------------------------
