@@ -228,6 +228,7 @@ pub async fn forward(
     let limit = admit(shared, ctx, &allowed, &parts).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
     let query = parts.uri.query().map(str::to_owned);
+    let agent_version = parts.version;
     let rewrite = Rewrite {
         scheme: ctx.scheme,
         authority: &ctx.authority,
@@ -261,6 +262,13 @@ pub async fn forward(
             });
         }
     };
+    // HTTP/2 has no 101 (RFC 9113 8.6): handed to the agent's h2 connection it would be a
+    // protocol error there, so it is the upstream's broken answer, said once, as a 502.
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && agent_version == http::Version::HTTP_2 {
+        return Err(Deny::UpstreamProtocol(
+            "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry".into(),
+        ));
+    }
     let (mut parts, body) = resp.into_parts();
     inject::strip_response_headers(&mut parts.headers);
     let Some(needles) = injected.needles else {

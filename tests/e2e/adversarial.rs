@@ -1851,6 +1851,65 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
     env.still_serves();
 }
 
+#[test]
+fn an_upstream_switching_protocols_on_an_http2_agent_is_502_and_the_connection_lives_on() {
+    let home = Home::new();
+    home.standard_policy();
+    // An HTTP/1.1-only upstream (HTTP/2 has no 101) on a port of its own.
+    let port = home.upstream.https1_addr.port();
+    let policy = home.path().join("policies/bot.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        r#"
+[[routes]]
+id = "h1-only"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/switch", "/repos/acme/backend/issues"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#
+    ));
+    std::fs::write(&policy, text).unwrap();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let pin = format!("{API_HOST}:{port}:127.0.0.1");
+    let proxy = home.serve(&["--resolve", &pin]);
+
+    let agent = H2Agent::open_to(&home, proxy.addr, &token, port);
+    let (status, body) = agent
+        .get("/switch")
+        .expect("an answer, not a broken connection");
+    assert_eq!(status, 502, "{body:?}");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reason"], "upstream_protocol", "{body}");
+    assert_eq!(body["error"], "upstream_failed", "{body}");
+    // The same HTTP/2 connection still carries the next request.
+    let (status, body) = agent
+        .get("/repos/acme/backend/issues")
+        .expect("connection alive");
+    assert_eq!(status, 200, "{body:?}");
+
+    let seen = home.upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["/switch", "/repos/acme/backend/issues"]);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    let lines = home.wait_audit(3);
+    let line = lines
+        .iter()
+        .find(|l| l["path"] == "/switch")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(line["status"], 502, "{line}");
+    assert_eq!(line["reason"], "upstream_protocol", "{line}");
+    assert_eq!(line["outcome"], "upstream_failed", "{line}");
+    // The request, with its credential, did go out.
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["route"], "h1-only", "{line}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Limits.
 // ---------------------------------------------------------------------------------------------

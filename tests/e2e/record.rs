@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 use crate::common::*;
@@ -82,49 +81,6 @@ fn an_http1_agent_that_closes_its_socket_after_the_upstream_got_the_request_leav
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(lines_for(&home, path, 1).len(), 1);
     assert!(!proxy.log().contains(SECRET), "the secret reached the log");
-}
-
-/// An HTTP/2 client inside a CONNECT tunnel: the connection stays up while single streams are
-/// reset, which is what a cancelled `fetch` or SDK call does.
-struct H2Agent {
-    send: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-    authority: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl H2Agent {
-    fn open(home: &Home, proxy: SocketAddr, token: &str) -> H2Agent {
-        let authority = format!("{API_HOST}:{}", home.https_port());
-        let (sock, resp) = raw_connect(proxy, &authority, Some(&format!("Bearer {token}")));
-        assert_eq!(resp.status, 200, "{}", resp.head);
-        sock.set_nonblocking(true).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let tls = agent_tls_config(&home.latchkey_ca(), &[b"h2"]);
-        let send = rt.block_on(async {
-            let sock = tokio::net::TcpStream::from_std(sock).unwrap();
-            let name = rustls::pki_types::ServerName::try_from(API_HOST.to_string()).unwrap();
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, sock)
-                .await
-                .expect("TLS in the tunnel");
-            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            let (send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .expect("h2 handshake");
-            tokio::spawn(conn);
-            send
-        });
-        H2Agent {
-            send,
-            authority,
-            rt,
-        }
-    }
 }
 
 #[test]
