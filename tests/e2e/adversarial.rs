@@ -1154,6 +1154,33 @@ fn agent_query_credential_in_any_encoding_is_dropped_and_ours_added_once() {
 }
 
 #[test]
+fn agent_query_credential_in_another_case_or_after_a_semicolon_is_dropped() {
+    let env = env();
+    let query = format!(
+        "q=1;API_KEY={AGENT_OWN}&Api_Key={AGENT_OWN};api%5FKEY={AGENT_OWN}&x=a;b&;api_key={AGENT_OWN}"
+    );
+    let r = env.get(&format!("/search?{query}"), "");
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = env.seen();
+    assert_eq!(seen.len(), 1);
+    let q = seen[0].query.clone().unwrap();
+    assert!(!q.contains(AGENT_OWN), "{q}");
+    assert_eq!(q, format!("q=1&x=a;b&api_key={SECRET}"));
+    env.assert_no_leak();
+    // The tunnel's CONNECT line, then the request's.
+    let lines = env.home.wait_audit(2);
+    let line = lines
+        .iter()
+        .find(|l| l["path"] == "/search")
+        .expect("the line");
+    assert_eq!(line["route"], "query-key", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["path"], "/search", "{line}");
+    let raw = std::fs::read_to_string(env.home.state().join("audit.jsonl")).unwrap();
+    assert!(!raw.contains(AGENT_OWN) && !raw.contains(SECRET), "{raw}");
+}
+
+#[test]
 fn basic_user_route_replaces_the_agents_authorization() {
     let env = env();
     let r = env.get(
