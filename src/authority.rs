@@ -115,6 +115,15 @@ impl fmt::Display for Authority {
     }
 }
 
+/// `raw` with any userinfo (`user:password@`) removed: everything up to the last `@`.
+///
+/// SECURITY: agents put their latchkey token in URL userinfo (`http://agent:TOKEN@host/`,
+/// `CONNECT agent:TOKEN@host:443`). Such a target is refused, but what is logged about it must
+/// not carry the token: a raw authority goes into a log line only through this function.
+pub fn without_userinfo(raw: &str) -> &str {
+    raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+}
+
 /// Split and normalise `host[:port]`; the port is `None` when absent. Shared with the policy's
 /// host patterns so that a pattern and a request authority normalise identically.
 pub(crate) fn parse_host_port(s: &str) -> Result<(Box<str>, Option<u16>), AuthorityError> {
@@ -319,6 +328,15 @@ mod tests {
                 "{input:?}"
             );
         }
+    }
+
+    #[test]
+    fn userinfo_is_removed_up_to_the_last_at_sign() {
+        assert_eq!(without_userinfo("agent:TOKEN@host:443"), "host:443");
+        assert_eq!(without_userinfo("a@b:c@host"), "host");
+        assert_eq!(without_userinfo("TOKEN@"), "");
+        assert_eq!(without_userinfo("host:443"), "host:443");
+        assert_eq!(without_userinfo(""), "");
     }
 
     #[test]

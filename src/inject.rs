@@ -215,20 +215,8 @@ pub fn apply(
     match (inject, prepared.as_deref()) {
         (Some(Inject::Query { name }), Some(prepared)) => {
             target.push('?');
-            let mut first = true;
-            for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-                let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-                // SECURITY: drop the agent's own copy of the parameter, in any encoding.
-                if decode_component(key).as_slice() == name.as_bytes() {
-                    continue;
-                }
-                if !first {
-                    target.push('&');
-                }
-                target.push_str(pair);
-                first = false;
-            }
-            if !first {
+            let kept = push_query_without(&mut target, query.unwrap_or(""), name);
+            if kept {
                 target.push('&');
             }
             target.push_str(name);
@@ -376,6 +364,36 @@ fn sensitive_value(bytes: &[u8], credential: Option<&str>) -> Result<HeaderValue
     Ok(v)
 }
 
+/// Append the agent's `query` to `out` without any parameter named `name`; true if anything
+/// was kept. Each kept parameter keeps the separator that preceded it.
+///
+/// SECURITY: the agent's own copy of the parameter we inject is dropped in any encoding and
+/// any case (`API_KEY`, `api%5Fkey`), and whichever separator introduces it: some upstreams
+/// split on `;` as well as `&` and read the first copy, so `q=1;api_key=X` must not keep X.
+fn push_query_without(out: &mut String, query: &str, name: &str) -> bool {
+    let mut kept = false;
+    // The separator in front of the pair being looked at.
+    let mut sep = None;
+    let mut rest = query;
+    loop {
+        let (pair, tail) = rest.split_at(rest.find(['&', ';']).unwrap_or(rest.len()));
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !pair.is_empty() && !decode_component(key).eq_ignore_ascii_case(name.as_bytes()) {
+            if let (true, Some(sep)) = (kept, sep) {
+                out.push(sep);
+            }
+            out.push_str(pair);
+            kept = true;
+        }
+        let mut tail = tail.chars();
+        match tail.next() {
+            Some(c) => sep = Some(c),
+            None => return kept,
+        }
+        rest = tail.as_str();
+    }
+}
+
 /// Percent-encode every byte outside RFC 3986 unreserved characters.
 fn encode_component(bytes: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -488,6 +506,35 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("text/plain"));
         strip_response_headers(&mut h);
         assert_eq!(h.len(), 1);
+    }
+
+    fn without_api_key(query: &str) -> String {
+        let mut out = String::new();
+        push_query_without(&mut out, query, "api_key");
+        out
+    }
+
+    #[test]
+    fn the_agents_copy_of_the_injected_parameter_goes_in_any_case_and_after_any_separator() {
+        let cases = [
+            ("", ""),
+            ("q=1", "q=1"),
+            ("api_key=X", ""),
+            ("q=1&api_key=X&r=2", "q=1&r=2"),
+            ("q=1&API_KEY=X", "q=1"),
+            ("q=1;api_key=X", "q=1"),
+            ("q=1;Api_Key=X;r=2", "q=1;r=2"),
+            ("api_key=X;q=1", "q=1"),
+            ("q=1&%41PI%5fKEY=X", "q=1"),
+            ("q=1;api_key", "q=1"),
+            ("q=1&api_key=", "q=1"),
+            ("q=a;b&r=2", "q=a;b&r=2"),
+            ("q=1&&r=2&", "q=1&r=2"),
+            ("api_keys=1&x_api_key=2", "api_keys=1&x_api_key=2"),
+        ];
+        for (query, want) in cases {
+            assert_eq!(without_api_key(query), want, "{query:?}");
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// True if `ip` is not a globally routable unicast address: loopback, private (RFC 1918),
 /// CGNAT, link-local, multicast, broadcast, unspecified, reserved, benchmarking, IETF protocol
 /// assignments, IPv6 unique-local and site-local, and IPv6 forms that embed such an IPv4
-/// address (v4-mapped, v4-compatible, NAT64, 6to4). Teredo is refused whole: its embedded
-/// address is obfuscated and it tunnels to arbitrary IPv4 hosts.
+/// address (v4-mapped, v4-translated, v4-compatible, NAT64 64:ff9b::/96, 6to4). Teredo is
+/// refused whole: its embedded address is obfuscated and it tunnels to arbitrary IPv4 hosts.
+/// So is local-use NAT64 (64:ff9b:1::/48, RFC 8215): where its IPv4 address sits depends on
+/// the operator's prefix length, and it translates into the operator's own network.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_private_v4(v4),
@@ -47,15 +49,19 @@ fn is_private_v6(ip: Ipv6Addr) -> bool {
         || (first == 0x2001 && seg[1] == 0)    // Teredo 2001::/32
         || (first == 0x2001 && seg[1] == 0x0db8) // documentation
         || first == 0x0100 && seg[1..4] == [0, 0, 0] // discard-only 100::/64
+        || (first == 0x0064 && seg[1] == 0xff9b && seg[2] == 1) // local-use NAT64 64:ff9b:1::/48
 }
 
-/// The IPv4 address inside v4-mapped (::ffff:a.b.c.d), v4-compatible (::a.b.c.d), NAT64
-/// (64:ff9b::/96) and 6to4 (2002:AABB:CCDD::/48) addresses.
+/// The IPv4 address inside v4-mapped (::ffff:a.b.c.d), v4-translated (::ffff:0:a.b.c.d),
+/// v4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002:AABB:CCDD::/48) addresses.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let tail =
         |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     if s[0..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0) {
+        return Some(tail(s[6], s[7]));
+    }
+    if s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
         return Some(tail(s[6], s[7]));
     }
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
@@ -106,6 +112,17 @@ mod tests {
             "::127.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b::c0a8:101",
+            "64:ff9b:1::",
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:0:0",
+            "::ffff:192.168.0.1",
+            "::ffff:100.64.0.1",
+            "::ffff:255.255.255.255",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
             "2002:7f00:1::",
             "2002:a00:1::1",
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
@@ -128,6 +145,9 @@ mod tests {
             "2a00:1450:4001::1",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "64:ff9b::101:101",
+            "::ffff:1.1.1.1",
+            "::ffff:0:808:808",
             "2002:808:808::1",
             "2001:4860::8888",
         ];

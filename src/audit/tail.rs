@@ -110,14 +110,15 @@ pub fn format_line(e: &AuditEvent, colour: bool) -> String {
     s
 }
 
-/// SECURITY: escape control characters so a crafted path or agent name cannot send escape
-/// sequences to the operator's terminal.
+/// SECURITY: escape control and invisible characters so a crafted path or agent name cannot
+/// send escape sequences to the operator's terminal, nor make the line read differently from
+/// what it holds (bidi overrides reorder the text after them, zero-width characters hide).
 fn clean(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_control) {
+    if s.chars().any(hidden) {
         Cow::Owned(
             s.chars()
                 .flat_map(|c| {
-                    let escaped: Vec<char> = if c.is_control() {
+                    let escaped: Vec<char> = if hidden(c) {
                         c.escape_default().collect()
                     } else {
                         vec![c]
@@ -129,6 +130,58 @@ fn clean(s: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(s)
     }
+}
+
+/// A JSON line with the characters [`clean`] escapes written as `\uXXXX` escapes: the same
+/// JSON value, safe to print. (A line that parsed holds them only inside strings.)
+fn json_escaped(raw: &[u8]) -> Cow<'_, str> {
+    let text = String::from_utf8_lossy(raw);
+    if !text.chars().any(hidden) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hidden(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Control characters (C0, DEL, C1), format characters (Unicode category Cf: bidi embeddings,
+/// overrides and isolates, zero-width characters, the BOM, invisible operators, tags) and the
+/// line and paragraph separators.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{600}'..='\u{605}'
+                | '\u{61c}'
+                | '\u{6dd}'
+                | '\u{70f}'
+                | '\u{890}'..='\u{891}'
+                | '\u{8e2}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{110bd}'
+                | '\u{110cd}'
+                | '\u{13430}'..='\u{1343f}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0001}'
+                | '\u{e0020}'..='\u{e007f}'
+        )
 }
 
 /// Print matching existing lines of the log at `path` to `out` (raw JSON line if `json`,
@@ -369,7 +422,7 @@ impl Printer<'_> {
         }
         self.report.printed += 1;
         if self.json {
-            self.out.write_all(raw)?;
+            self.out.write_all(json_escaped(raw).as_bytes())?;
         } else {
             self.out
                 .write_all(format_line(&event, self.colour).as_bytes())?;

@@ -329,6 +329,56 @@ fn format_line_shows_the_decision_without_ansi_when_colour_is_off() {
 }
 
 #[test]
+fn format_line_escapes_bidi_overrides_zero_width_and_other_invisible_characters() {
+    let invisible = [
+        '\u{202a}',
+        '\u{202b}',
+        '\u{202c}',
+        '\u{202d}',
+        '\u{202e}',
+        '\u{2066}',
+        '\u{2067}',
+        '\u{2068}',
+        '\u{2069}',
+        '\u{200b}',
+        '\u{200c}',
+        '\u{200d}',
+        '\u{200e}',
+        '\u{200f}',
+        '\u{2060}',
+        '\u{feff}',
+        '\u{ad}',
+        '\u{2028}',
+        '\u{e0041}',
+        '\u{9b}',
+        '\u{7f}',
+    ];
+    for c in invisible {
+        let mut e = event(3);
+        e.path = format!("/admin{c}gpj.exe");
+        e.agent = Some(format!("bot{c}"));
+        e.host = format!("api{c}.example");
+        e.on_behalf_of = Some(format!("alice{c}"));
+        let line = format_line(&e, false);
+        assert!(
+            !line.contains(c),
+            "U+{:04X} printed raw: {line:?}",
+            c as u32
+        );
+        let escaped: String = c.escape_default().collect();
+        assert!(
+            line.contains(&format!("/admin{escaped}gpj.exe")),
+            "U+{:04X} not escaped: {line:?}",
+            c as u32
+        );
+    }
+    // Visible non-ASCII text is printed as it is.
+    let mut e = event(3);
+    e.path = "/r\u{e9}sum\u{e9}/\u{65e5}\u{672c}".into();
+    assert!(format_line(&e, false).contains("/r\u{e9}sum\u{e9}/\u{65e5}\u{672c}"));
+}
+
+#[test]
 fn filter_by_agent_decision_and_since() {
     let all = TailFilter::default();
     assert!(all.matches(&event(0)));
@@ -406,6 +456,37 @@ async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
     let text = String::from_utf8(out).unwrap();
     assert_eq!(text.lines().count(), 6);
     assert!(text.lines().all(|l| l.starts_with("2026-11-22T18:00:00.")));
+}
+
+#[tokio::test]
+async fn tail_json_escapes_invisible_characters_and_keeps_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (sink, writer) = AuditSink::open(&path).await.unwrap();
+    let mut e = event(1);
+    e.path = "/a\u{202e}b\u{200b}c\u{9b}d\u{e0041}".into();
+    sink.record(e.clone()).await;
+    writer.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tail(
+        &path,
+        &TailFilter::default(),
+        true,
+        false,
+        false,
+        &mut out,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.is_ascii(), "{text:?}");
+    assert!(
+        text.contains(r"/a\u202eb\u200bc\u009bd\udb40\udc41"),
+        "{text}"
+    );
+    let printed: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(printed["path"], e.path);
 }
 
 #[tokio::test]

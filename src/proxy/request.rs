@@ -27,7 +27,7 @@ use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
 use crate::auth::{self, Claims};
-use crate::authority::Authority;
+use crate::authority::{self, Authority};
 use crate::deny::{AuthStage, Deny, Fault};
 use crate::inject::{self, Rewrite};
 use crate::policy::{path, Allowed, Grant, Scheme};
@@ -139,8 +139,9 @@ pub fn check_bound_authority(
         got,
     };
     let check = |text: &str| {
-        let parsed =
-            Authority::parse(text, Some(default_port)).map_err(|_| mismatch(text.to_owned()))?;
+        // SECURITY: the refusal is logged; an unparsed name goes there without userinfo.
+        let parsed = Authority::parse(text, Some(default_port))
+            .map_err(|_| mismatch(authority::without_userinfo(text).to_owned()))?;
         if parsed != *bound {
             return Err(mismatch(parsed.to_string()));
         }
@@ -227,6 +228,7 @@ pub async fn forward(
     let limit = admit(shared, ctx, &allowed, &parts).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
     let query = parts.uri.query().map(str::to_owned);
+    let agent_version = parts.version;
     let rewrite = Rewrite {
         scheme: ctx.scheme,
         authority: &ctx.authority,
@@ -265,6 +267,13 @@ pub async fn forward(
             });
         }
     };
+    // HTTP/2 has no 101 (RFC 9113 8.6): handed to the agent's h2 connection it would be a
+    // protocol error there, so it is the upstream's broken answer, said once, as a 502.
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && agent_version == http::Version::HTTP_2 {
+        return Err(Deny::UpstreamProtocol(
+            "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry".into(),
+        ));
+    }
     let (mut parts, body) = resp.into_parts();
     inject::strip_response_headers(&mut parts.headers);
     // SECURITY: the upstream's reason phrase (`HTTP/1.1 200 <anything>`) rides in an
@@ -413,9 +422,13 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let mut rec = shared
-        .recorder
-        .open(&parts.method, host_text, parts.uri.path().to_owned());
+    // SECURITY: the line never holds userinfo (`http://agent:TOKEN@host/`); the checked form
+    // replaces this once the target parses.
+    let mut rec = shared.recorder.open(
+        &parts.method,
+        authority::without_userinfo(&host_text).to_owned(),
+        parts.uri.path().to_owned(),
+    );
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
     let checked = (|| {
@@ -425,7 +438,7 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
                 "only http:// is proxied in absolute form; use CONNECT for https".into(),
             ));
         }
-        let authority = Authority::parse(&rec.host, Some(80))
+        let authority = Authority::parse(&host_text, Some(80))
             .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
         rec.host = authority.to_string();
         let claims = authenticate(&shared, &parts.headers, &mut rec)?;

@@ -30,7 +30,7 @@ use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
 use crate::auth::Claims;
-use crate::authority::Authority;
+use crate::authority::{self, Authority};
 use crate::deny::Deny;
 use crate::policy::{Grant, Scheme};
 
@@ -283,10 +283,20 @@ async fn connect(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let mut rec = shared
-        .recorder
-        .open(req.method(), raw_authority.clone(), String::new());
+    // SECURITY: the line never holds userinfo, where agents put their token; the checked
+    // form replaces this once the target parses.
+    let mut rec = shared.recorder.open(
+        req.method(),
+        authority::without_userinfo(&raw_authority).to_owned(),
+        String::new(),
+    );
     let checked = (|| {
+        // A CONNECT target is `host:port` (RFC 9110 9.3.6); `https://host:443/` is not one.
+        if req.uri().scheme().is_some() || req.uri().path_and_query().is_some() {
+            return Err(Deny::BadRequest(
+                "CONNECT target: send host:port, not a URL".into(),
+            ));
+        }
         let authority = Authority::parse(&raw_authority, None)
             .map_err(|e| Deny::BadRequest(format!("CONNECT target: {e}")))?;
         rec.host = authority.to_string();

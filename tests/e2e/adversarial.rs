@@ -1155,6 +1155,33 @@ fn agent_query_credential_in_any_encoding_is_dropped_and_ours_added_once() {
 }
 
 #[test]
+fn agent_query_credential_in_another_case_or_after_a_semicolon_is_dropped() {
+    let env = env();
+    let query = format!(
+        "q=1;API_KEY={AGENT_OWN}&Api_Key={AGENT_OWN};api%5FKEY={AGENT_OWN}&x=a;b&;api_key={AGENT_OWN}"
+    );
+    let r = env.get(&format!("/search?{query}"), "");
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = env.seen();
+    assert_eq!(seen.len(), 1);
+    let q = seen[0].query.clone().unwrap();
+    assert!(!q.contains(AGENT_OWN), "{q}");
+    assert_eq!(q, format!("q=1&x=a;b&api_key={SECRET}"));
+    env.assert_no_leak();
+    // The tunnel's CONNECT line, then the request's.
+    let lines = env.home.wait_audit(2);
+    let line = lines
+        .iter()
+        .find(|l| l["path"] == "/search")
+        .expect("the line");
+    assert_eq!(line["route"], "query-key", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["path"], "/search", "{line}");
+    let raw = std::fs::read_to_string(env.home.state().join("audit.jsonl")).unwrap();
+    assert!(!raw.contains(AGENT_OWN) && !raw.contains(SECRET), "{raw}");
+}
+
+#[test]
 fn basic_user_route_replaces_the_agents_authorization() {
     let env = env();
     let r = env.get(
@@ -1251,6 +1278,100 @@ fn hostile_requests_to_the_proxy_port_itself_are_refused() {
         assert_denied(&r, *status, reason, what);
     }
     assert!(env.seen().is_empty());
+    env.still_serves();
+}
+
+#[test]
+fn a_token_sent_as_url_userinfo_is_refused_and_never_logged() {
+    let env = env();
+    let (port, api) = (env.home.http_port(), env.api());
+    let token = &env.token;
+    // A client told `http://agent:TOKEN@host/` or `CONNECT agent:TOKEN@host:443`: no
+    // Proxy-Authorization, the token only in the target.
+    let absolute = format!(
+        "GET http://agent:{token}@plain.example.test:{port}/plain/x HTTP/1.1\r\nHost: plain.example.test:{port}\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw_proxy(env.proxy.addr, absolute.as_bytes()).unwrap();
+    assert_denied(&r, 400, "bad_request", "absolute form with userinfo");
+    assert!(!r.text().contains(token.as_str()), "{}", r.text());
+    let (_s, r) = raw_connect(env.proxy.addr, &format!("agent:{token}@{api}"), None);
+    assert_denied(&r, 400, "bad_request", "CONNECT with userinfo");
+    assert!(!r.text().contains(token.as_str()), "{}", r.text());
+    let url_connect =
+        format!("CONNECT https://agent:{token}@{api}/ HTTP/1.1\r\nHost: {api}\r\n\r\n");
+    let r = raw_proxy(env.proxy.addr, url_connect.as_bytes()).unwrap();
+    assert_denied(&r, 400, "bad_request", "CONNECT to a URL with userinfo");
+    // Inside a tunnel, in the absolute-form target and in Host.
+    let mut t = env.tunnel();
+    let inner = format!(
+        "GET https://agent:{token}@{api}/repos/acme/backend/issues HTTP/1.1\r\nHost: {api}\r\n\r\n"
+    );
+    assert_denied(
+        &t.exchange(inner.as_bytes()).unwrap(),
+        403,
+        "host_mismatch",
+        "inner URL",
+    );
+    let inner =
+        format!("GET /repos/acme/backend/issues HTTP/1.1\r\nHost: agent:{token}@{api}\r\n\r\n");
+    assert_denied(
+        &t.exchange(inner.as_bytes()).unwrap(),
+        403,
+        "host_mismatch",
+        "inner Host",
+    );
+    drop(t);
+
+    assert!(env.seen().is_empty(), "{:?}", env.seen());
+    // Three refusals at the proxy port, the tunnel's CONNECT, two refusals inside it.
+    let lines = env.home.wait_audit(6);
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["decision"] == "deny").collect();
+    assert_eq!(refused.len(), 5, "{lines:?}");
+    let hosts: Vec<&str> = refused
+        .iter()
+        .map(|l| l["host"].as_str().unwrap())
+        .collect();
+    let plain = format!("plain.example.test:{port}");
+    assert_eq!(hosts, [plain.as_str(), &api, &api, &api, &api], "{lines:?}");
+    let raw = std::fs::read_to_string(env.home.state().join("audit.jsonl")).unwrap();
+    assert!(
+        !raw.contains(token.as_str()),
+        "the token reached the audit log: {raw}"
+    );
+    let log = env.proxy.log();
+    assert!(log.contains("request"), "{log}");
+    assert!(
+        !log.contains(token.as_str()),
+        "the token reached the log: {log}"
+    );
+}
+
+#[test]
+fn connect_to_a_url_rather_than_host_port_is_400_bad_request() {
+    let env = env();
+    let api = env.api();
+    for target in [
+        format!("https://{api}/"),
+        format!("https://{api}"),
+        format!("http://{api}/x"),
+    ] {
+        let req = format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {api}\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+            env.token
+        );
+        let r = raw_proxy(env.proxy.addr, req.as_bytes()).unwrap();
+        assert_denied(&r, 400, "bad_request", &format!("CONNECT {target}"));
+    }
+    assert!(env.seen().is_empty());
+    let lines = env.home.wait_audit(3);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["method"], "CONNECT", "{l}");
+        assert_eq!(l["host"], api, "{l}");
+        assert_eq!(l["reason"], "bad_request", "{l}");
+        assert_eq!(l["decision"], "deny", "{l}");
+        assert_eq!(l["status"], 400, "{l}");
+    }
     env.still_serves();
 }
 
@@ -2013,6 +2134,65 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         "a request (and the secret) went over unverified TLS"
     );
     env.still_serves();
+}
+
+#[test]
+fn an_upstream_switching_protocols_on_an_http2_agent_is_502_and_the_connection_lives_on() {
+    let home = Home::new();
+    home.standard_policy();
+    // An HTTP/1.1-only upstream (HTTP/2 has no 101) on a port of its own.
+    let port = home.upstream.https1_addr.port();
+    let policy = home.path().join("policies/bot.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        r#"
+[[routes]]
+id = "h1-only"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/switch", "/repos/acme/backend/issues"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#
+    ));
+    std::fs::write(&policy, text).unwrap();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let pin = format!("{API_HOST}:{port}:127.0.0.1");
+    let proxy = home.serve(&["--resolve", &pin]);
+
+    let agent = H2Agent::open_to(&home, proxy.addr, &token, port);
+    let (status, body) = agent
+        .get("/switch")
+        .expect("an answer, not a broken connection");
+    assert_eq!(status, 502, "{body:?}");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reason"], "upstream_protocol", "{body}");
+    assert_eq!(body["error"], "upstream_failed", "{body}");
+    // The same HTTP/2 connection still carries the next request.
+    let (status, body) = agent
+        .get("/repos/acme/backend/issues")
+        .expect("connection alive");
+    assert_eq!(status, 200, "{body:?}");
+
+    let seen = home.upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["/switch", "/repos/acme/backend/issues"]);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    let lines = home.wait_audit(3);
+    let line = lines
+        .iter()
+        .find(|l| l["path"] == "/switch")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(line["status"], 502, "{line}");
+    assert_eq!(line["reason"], "upstream_protocol", "{line}");
+    assert_eq!(line["outcome"], "upstream_failed", "{line}");
+    // The request, with its credential, did go out.
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["route"], "h1-only", "{line}");
 }
 
 // ---------------------------------------------------------------------------------------------

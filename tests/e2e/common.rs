@@ -69,7 +69,7 @@ impl UpstreamPki {
         }
     }
 
-    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let certs = rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
@@ -83,7 +83,7 @@ impl UpstreamPki {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(cfg)
     }
 }
@@ -130,10 +130,14 @@ fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
 }
 
 /// A real upstream: HTTPS and plain HTTP listeners on loopback, echoing what they received as
-/// JSON. `/big?bytes=N` streams N bytes without buffering them.
+/// JSON. `/big?bytes=N` streams N bytes without buffering them; `/switch` answers
+/// `101 Switching Protocols`.
 pub struct Upstream {
     pub https_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// HTTPS that offers only HTTP/1.1 by ALPN (latchkey speaks HTTP/2 to `https_addr`), for
+    /// answers only HTTP/1 has, such as a 101.
+    pub https1_addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TCP connections accepted by the HTTPS listener (to prove pooling).
     pub tls_connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -148,23 +152,33 @@ impl Upstream {
             .build()
             .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let cfg = pki.server_config();
+        let cfg = pki.server_config(&[b"h2", b"http/1.1"]);
+        let cfg1 = pki.server_config(&[b"http/1.1"]);
         let tls_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = tls_connections.clone();
-        let (https_addr, http_addr) = runtime.block_on(async {
+        let (https_addr, http_addr, https1_addr) = runtime.block_on(async {
             let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let tls1_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addrs = (
                 tls_listener.local_addr().unwrap(),
                 plain_listener.local_addr().unwrap(),
+                tls1_listener.local_addr().unwrap(),
             );
             tokio::spawn(accept_tls(tls_listener, cfg, seen.clone(), counter));
             tokio::spawn(accept_plain(plain_listener, seen.clone()));
+            tokio::spawn(accept_tls(
+                tls1_listener,
+                cfg1,
+                seen.clone(),
+                Arc::default(),
+            ));
             addrs
         });
         Upstream {
             https_addr,
             http_addr,
+            https1_addr,
             seen,
             tls_connections,
             _runtime: runtime,
@@ -245,6 +259,16 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     }
     if req.uri().path() == "/reflect" || req.uri().path() == "/reflect-split" {
         return reflect(&record, req.uri().path() == "/reflect-split");
+    }
+    if req.uri().path() == "/switch" {
+        // Switches protocols whether or not the request asked to (a hostile or broken upstream).
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        return resp;
     }
     if req.uri().path() == "/redirect" {
         // Points at another allowed-looking place: latchkey must pass this on, not follow it.
@@ -1285,7 +1309,12 @@ pub struct H2Agent {
 impl H2Agent {
     /// CONNECT to the test API as the holder of `token`, TLS with ALPN `h2`, HTTP/2 handshake.
     pub fn open(home: &Home, proxy: SocketAddr, token: &str) -> H2Agent {
-        let authority = format!("{API_HOST}:{}", home.https_port());
+        H2Agent::open_to(home, proxy, token, home.https_port())
+    }
+
+    /// [`H2Agent::open`] to `api.example.test:port`.
+    pub fn open_to(home: &Home, proxy: SocketAddr, token: &str, port: u16) -> H2Agent {
+        let authority = format!("{API_HOST}:{port}");
         let (sock, resp) = raw_connect(proxy, &authority, Some(&format!("Bearer {token}")));
         assert_eq!(resp.status, 200, "{}", resp.head);
         sock.set_nonblocking(true).unwrap();
@@ -1315,6 +1344,20 @@ impl H2Agent {
             authority,
             rt,
         }
+    }
+
+    /// GET `path` on the tunnel's authority: the status and the body.
+    pub fn get(&self, path: &str) -> Result<(u16, Bytes), hyper::Error> {
+        let mut send = self.send.clone();
+        let req = Request::get(format!("https://{}{path}", self.authority))
+            .body(http_body_util::Empty::new().boxed())
+            .unwrap();
+        self.rt.block_on(async move {
+            let resp = send.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok((status, body))
+        })
     }
 }
 
