@@ -178,8 +178,81 @@ pub struct Stopped {
     pub drained: bool,
 }
 
+/// Check the caps against each other and against the file descriptors the process may open,
+/// raising the soft `RLIMIT_NOFILE` to the hard limit first. A cap the fd limit cannot honour
+/// would fail at the worst moment (EMFILE under load breaks every agent, not the one over
+/// its cap), so it stops the start instead.
+fn check_caps(limits: &Limits) -> Result<(), StartError> {
+    let refuse = |what: String| StartError { what, source: None };
+    for (flag, value) in [
+        ("--max-connections", limits.max_connections),
+        (
+            "--max-unauthenticated-connections",
+            limits.max_unauthenticated_connections,
+        ),
+        (
+            "--max-connections-per-agent",
+            limits.max_connections_per_agent,
+        ),
+        (
+            "--max-requests-in-flight-per-agent",
+            limits.max_requests_in_flight_per_agent,
+        ),
+        (
+            "--max-upstream-connections",
+            limits.max_upstream_connections,
+        ),
+    ] {
+        if value == 0 {
+            return Err(refuse(format!("{flag} must be at least 1")));
+        }
+    }
+    if limits.first_request_timeout.is_zero() {
+        return Err(refuse(
+            "--first-request-timeout must be longer than 0".into(),
+        ));
+    }
+    let available = raise_fd_limit();
+    let needed = limits.fds_needed();
+    if needed > available {
+        return Err(refuse(format!(
+            "the caps need up to {needed} file descriptors (--max-connections {} + \
+             --max-unauthenticated-connections {} + --max-upstream-connections {} + {} kept \
+             aside) but this process may open only {available} (RLIMIT_NOFILE, hard limit \
+             included): lower those flags or raise the limit (ulimit -n, LimitNOFILE=)",
+            limits.max_connections,
+            limits.max_unauthenticated_connections,
+            limits.max_upstream_connections,
+            crate::proxy::FD_RESERVE,
+        )));
+    }
+    Ok(())
+}
+
+/// Raise the soft fd limit to the hard one (the default soft limit, often 1024, is far below
+/// what the default caps need) and return the limit in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return u64::MAX;
+    };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "raised the file descriptor limit");
+                return hard;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the file descriptor limit")
+            }
+        }
+    }
+    soft
+}
+
 /// Open every component, bind the listeners and start serving.
 pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
+    check_caps(&cfg.limits)?;
     let audit_path = cfg.audit_path();
     let (ca, created) = CertificateAuthority::load_or_create(&cfg.certs)
         .doing(|| format!("cannot open the CA in {}", cfg.certs.display()))?;
@@ -229,6 +302,7 @@ pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
         &cfg.resolve,
         cfg.limits.upstream_timeout,
         cfg.allow_private_upstreams,
+        cfg.limits.max_upstream_connections,
     )
     .doing(|| "cannot build the upstream client".to_owned())?;
     let leaves = LeafCache::try_new(Arc::new(ca), LEAF_CACHE_SIZE)

@@ -84,7 +84,8 @@ impl StateArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy.
-    Serve(ServeArgs),
+    // Boxed: its many flags make it far larger than the other subcommands.
+    Serve(Box<ServeArgs>),
     /// Manage credentials in the secret backend (encrypted file store or OpenBao).
     Secret(SecretArgs),
     /// Issue and revoke agent tokens.
@@ -149,12 +150,27 @@ struct ServeArgs {
     /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
     max_body: u64,
-    /// Most agent connections open at once, all agents together.
+    /// Most authenticated agent connections and tunnels open at once, all agents together.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most connections that have not authenticated yet (a pool of their own; when it is
+    /// full the oldest is closed).
+    #[arg(long, default_value_t = 1024)]
+    max_unauthenticated_connections: usize,
+    /// How long a new connection has to authenticate (CONNECT or an absolute-form request
+    /// with a valid token) before it is closed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    first_request_timeout: Duration,
     /// Most tunnels and in-flight plain requests one agent may hold at once.
     #[arg(long, default_value_t = 512)]
     max_connections_per_agent: usize,
+    /// Most requests one agent may have in flight at once, across all its tunnels and
+    /// HTTP/2 streams (the excess is answered 429 too_many_requests_in_flight).
+    #[arg(long, default_value_t = 256)]
+    max_requests_in_flight_per_agent: usize,
+    /// Most upstream connections open at once, idle pooled ones included.
+    #[arg(long, default_value_t = 4096)]
+    max_upstream_connections: usize,
     /// Address of the admin listener (/healthz, /metrics); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
@@ -440,7 +456,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let dirs = cli.dirs;
     let state = cli.state;
     match cli.command {
-        Command::Serve(args) => serve(&dirs, &state, args).await,
+        Command::Serve(args) => serve(&dirs, &state, *args).await,
         Command::Secret(args) => secret(&dirs, args).await,
         Command::Token(TokenCmd::Issue(args)) => token_issue(&dirs, &state, args).await,
         Command::Token(TokenCmd::Revoke { jti, agent }) => {
@@ -591,7 +607,7 @@ where
 {
     let cli = Cli::try_parse_from(args)?;
     match cli.command {
-        Command::Serve(args) => serve_config(&cli.dirs, &cli.state, args),
+        Command::Serve(args) => serve_config(&cli.dirs, &cli.state, *args),
         _ => bail!("not a `serve` command line"),
     }
 }
@@ -658,7 +674,11 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         upstream_timeout: args.upstream_timeout,
         max_body: args.max_body,
         max_connections: args.max_connections,
+        max_unauthenticated_connections: args.max_unauthenticated_connections,
+        first_request_timeout: args.first_request_timeout,
         max_connections_per_agent: args.max_connections_per_agent,
+        max_requests_in_flight_per_agent: args.max_requests_in_flight_per_agent,
+        max_upstream_connections: args.max_upstream_connections,
         ..Limits::default()
     };
     cfg.verify_keys = args.verify_keys;

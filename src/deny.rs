@@ -155,6 +155,15 @@ pub enum Deny {
     /// Too many open connections overall or for this agent.
     #[error("too many open connections for {0}; retry later")]
     TooManyConnections(&'static str),
+    /// The agent already has `--max-requests-in-flight-per-agent` requests in flight, across
+    /// all its tunnels and HTTP/2 streams (HTTP/2 would otherwise multiply its budget by the
+    /// streams per connection).
+    #[error("too many requests in flight for this agent (at most {0}); retry later")]
+    TooManyRequestsInFlight(usize),
+    /// Every one of latchkey's `--max-upstream-connections` is in use, so no new upstream
+    /// connection could be opened for this request.
+    #[error("latchkey has no upstream connection to spare; retry later")]
+    UpstreamConnectionsExhausted,
     /// The agent exceeded the route's `rate` (per agent and route, GCRA).
     #[error("rate limit of this route exceeded; retry in {retry_after_secs} s")]
     RateLimited {
@@ -198,8 +207,12 @@ impl Deny {
             Deny::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Deny::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Deny::BadBody => StatusCode::BAD_REQUEST,
-            Deny::TooManyConnections(_) | Deny::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Deny::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Deny::TooManyConnections(_)
+            | Deny::TooManyRequestsInFlight(_)
+            | Deny::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Deny::StateUnavailable | Deny::UpstreamConnectionsExhausted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -228,6 +241,8 @@ impl Deny {
             Deny::HeadersTooLarge(_) => "headers_too_large",
             Deny::BadBody => "bad_body",
             Deny::TooManyConnections(_) => "too_many_connections",
+            Deny::TooManyRequestsInFlight(_) => "too_many_requests_in_flight",
+            Deny::UpstreamConnectionsExhausted => "upstream_connections_exhausted",
             Deny::RateLimited { .. } => "rate_limited",
             Deny::StateUnavailable => "state_unavailable",
         }
@@ -237,7 +252,10 @@ impl Deny {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Deny::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            Deny::TooManyConnections(_) | Deny::StateUnavailable => Some(1),
+            Deny::TooManyConnections(_)
+            | Deny::TooManyRequestsInFlight(_)
+            | Deny::UpstreamConnectionsExhausted
+            | Deny::StateUnavailable => Some(1),
             _ => None,
         }
     }
@@ -250,7 +268,9 @@ impl Deny {
             | Deny::UpstreamTls(_)
             | Deny::UpstreamTimeout
             | Deny::UpstreamProtocol(_) => Fault::Upstream,
-            Deny::SecretUnavailable(_) | Deny::StateUnavailable => Fault::Us,
+            Deny::SecretUnavailable(_)
+            | Deny::StateUnavailable
+            | Deny::UpstreamConnectionsExhausted => Fault::Us,
             _ => Fault::Agent,
         }
     }
@@ -399,6 +419,8 @@ mod tests {
             Deny::HeadersTooLarge(64),
             Deny::BadBody,
             Deny::TooManyConnections("this agent"),
+            Deny::TooManyRequestsInFlight(256),
+            Deny::UpstreamConnectionsExhausted,
             Deny::RateLimited {
                 retry_after_secs: 6,
             },
@@ -495,6 +517,24 @@ mod tests {
         assert_eq!(d.code(), "rate_limited");
         assert_eq!(d.retry_after_secs(), Some(6));
         assert_eq!(d.to_response("r").headers()[header::RETRY_AFTER], "6");
+    }
+
+    #[test]
+    fn too_many_requests_in_flight_is_429_the_agents_fault_with_retry_after() {
+        let d = Deny::TooManyRequestsInFlight(4);
+        assert_eq!(d.status(), 429);
+        assert_eq!(d.code(), "too_many_requests_in_flight");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert_eq!(d.to_response("r").headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn upstream_connections_exhausted_is_503_and_our_fault() {
+        let d = Deny::UpstreamConnectionsExhausted;
+        assert_eq!(d.status(), 503);
+        assert_eq!(d.code(), "upstream_connections_exhausted");
+        assert_eq!(d.fault(), Fault::Us);
+        assert_eq!(d.to_response("r").headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -59,8 +59,13 @@ pub struct Shared {
 /// Timeouts and sizes that bound what one agent can make the proxy hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Time allowed for an agent to send a complete request head (slowloris guard).
+    /// Time allowed for an agent to send a complete request head (slowloris guard). hyper
+    /// starts it whenever it waits for a head, so it also bounds an idle keep-alive connection.
     pub header_read_timeout: Duration,
+    /// Time a new connection has to authenticate (a CONNECT or absolute-form request with a
+    /// valid token) before it is closed: shorter than `header_read_timeout`, because until
+    /// then anyone who can reach the port holds it.
+    pub first_request_timeout: Duration,
     /// Time allowed for the TLS handshake inside a tunnel.
     pub handshake_timeout: Duration,
     /// Time allowed for the upstream to send its response head.
@@ -69,22 +74,54 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Largest request body on routes that set no `max_body`.
     pub max_body: u64,
-    /// Most agent connections open at once.
+    /// Most authenticated agent connections (and tunnels) open at once.
     pub max_connections: usize,
+    /// Most connections that have not authenticated yet; a separate pool, so they can never
+    /// take what authenticated agents use (the oldest is closed to make room).
+    pub max_unauthenticated_connections: usize,
     /// Most tunnels plus in-flight plain requests per agent.
     pub max_connections_per_agent: usize,
+    /// Most requests one agent may have in flight at once, across all its tunnels and
+    /// HTTP/2 streams (each holds at most one upstream connection while in flight).
+    pub max_requests_in_flight_per_agent: usize,
+    /// Most upstream connections open at once, pooled idle ones included.
+    pub max_upstream_connections: usize,
+}
+
+/// File descriptors kept aside for everything that is not a connection: listeners, the audit
+/// log, policy and secret files, Redis, the resolver.
+pub const FD_RESERVE: u64 = 128;
+
+impl Limits {
+    /// File descriptors the caps may need at once: one per connection of every pool, plus
+    /// [`FD_RESERVE`].
+    pub fn fds_needed(&self) -> u64 {
+        [
+            self.max_connections,
+            self.max_unauthenticated_connections,
+            self.max_upstream_connections,
+        ]
+        .iter()
+        .map(|&n| n as u64)
+        .sum::<u64>()
+            + FD_RESERVE
+    }
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             header_read_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             max_body: 1 << 30,
             max_connections: 4096,
+            max_unauthenticated_connections: 1024,
             max_connections_per_agent: 512,
+            max_requests_in_flight_per_agent: 256,
+            max_upstream_connections: 4096,
         }
     }
 }

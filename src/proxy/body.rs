@@ -21,6 +21,43 @@ use crate::audit::record::ByteCount;
 use crate::audit::{Outcome, Record};
 use crate::inject;
 
+/// A body that keeps `guard` (a slot counted against a cap) alive until it ends or is
+/// dropped: a request counts as in flight while its answer is still streaming.
+pub struct Holding<B, G> {
+    inner: B,
+    _guard: G,
+}
+
+impl<B, G> Holding<B, G> {
+    /// Hold `guard` for as long as `inner` lives.
+    pub fn new(inner: B, guard: G) -> Holding<B, G> {
+        Holding {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for Holding<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Body of every response latchkey sends to an agent, before [`AuditedBody`] wraps it.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 

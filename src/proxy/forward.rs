@@ -23,6 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::limits::{GlobalSlot, Pool};
 use crate::deny::Deny;
 use crate::netguard;
 
@@ -97,6 +98,66 @@ pub enum ForwardError {
 pub struct PinnedConnector {
     pins: Arc<HashMap<(String, u16), IpAddr>>,
     allow_private: bool,
+    /// Upstream connections open (pooled idle ones included), capped at `max_open`.
+    open: Pool,
+    max_open: usize,
+}
+
+/// Connect error: `--max-upstream-connections` are already open.
+#[derive(Debug, thiserror::Error)]
+#[error("every upstream connection latchkey may open is in use")]
+pub struct UpstreamPoolFull;
+
+/// An upstream TCP connection holding its place in the upstream pool until it closes.
+pub struct CountedStream {
+    io: TokioIo<TcpStream>,
+    _slot: GlobalSlot,
+}
+
+impl hyper::rt::Read for CountedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for CountedStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
 }
 
 /// Connect error: every address the name resolved to is private (see `netguard`).
@@ -105,7 +166,7 @@ pub struct PinnedConnector {
 pub struct PrivateUpstream(pub IpAddr);
 
 impl tower_service::Service<Uri> for PinnedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = CountedStream;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -116,7 +177,14 @@ impl tower_service::Service<Uri> for PinnedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let pins = self.pins.clone();
         let allow_private = self.allow_private;
+        let open = self.open.clone();
+        let max_open = self.max_open;
         Box::pin(async move {
+            // SECURITY: every upstream connection is a file descriptor; past the cap the
+            // request fails rather than the process (EMFILE would break every agent).
+            let slot = open
+                .try_take(max_open)
+                .ok_or_else(|| std::io::Error::other(UpstreamPoolFull))?;
             let host = uri
                 .host()
                 .ok_or_else(|| io_err("the upstream URI has no host"))?
@@ -161,7 +229,10 @@ impl tower_service::Service<Uri> for PinnedConnector {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                     Ok(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);
-                        return Ok(TokioIo::new(stream));
+                        return Ok(CountedStream {
+                            io: TokioIo::new(stream),
+                            _slot: slot,
+                        });
                     }
                     Ok(Err(e)) => last = e,
                     Err(_) => {
@@ -187,12 +258,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Build the client: system roots plus `extra_roots` PEM files, `pins` for `--resolve`.
+    /// Build the client: system roots plus `extra_roots` PEM files, `pins` for `--resolve`,
+    /// at most `max_connections` upstream connections open at once.
     pub fn try_new(
         extra_roots: &[PathBuf],
         pins: &[ResolvePin],
         response_timeout: Duration,
         allow_private: bool,
+        max_connections: usize,
     ) -> Result<Upstream, ForwardError> {
         // A broken system store is not fatal when --upstream-ca gives roots.
         let mut roots = crate::tls::system_roots();
@@ -210,6 +283,8 @@ impl Upstream {
                     .collect(),
             ),
             allow_private,
+            open: Pool::default(),
+            max_open: max_connections,
         };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -290,6 +365,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
         if let Some(p) = err.downcast_ref::<PrivateUpstream>() {
             return Deny::UpstreamPrivate(p.0);
         }
+        if err.downcast_ref::<UpstreamPoolFull>().is_some() {
+            return Deny::UpstreamConnectionsExhausted;
+        }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Deny::UpstreamTls(tls.to_string());
         }
@@ -356,7 +434,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("empty.pem");
         std::fs::write(&p, "not a pem").unwrap();
-        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1), false)
+        let e = Upstream::try_new(&[p], &[], Duration::from_secs(1), false, 1)
             .err()
             .unwrap();
         assert!(e.to_string().contains("no certificate found"), "{e}");

@@ -21,8 +21,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
-use super::body::{discard, AuditedBody, LimitedBody, ProxyBody, UpState};
+use super::body::{discard, AuditedBody, Holding, LimitedBody, ProxyBody, UpState};
 use super::forward::UpstreamBody;
+use super::limits::{Admission, Slot};
 use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
@@ -188,14 +189,24 @@ pub fn decide(shared: &Shared, ctx: &mut Ctx, parts: &Parts) -> Result<(Allowed,
 }
 
 /// After policy (only allowed requests count against a limit) and before any credential is
-/// touched or a byte goes upstream: the route's rate, and a body announced larger than the
-/// route's limit. Returns that limit.
+/// touched or a byte goes upstream: the agent's requests in flight, the route's rate, and a
+/// body announced larger than the route's limit. Returns that limit and the in-flight slot,
+/// to be held until the response body ends.
 pub async fn admit(
     shared: &Shared,
     ctx: &Ctx,
     allowed: &Allowed,
     parts: &Parts,
-) -> Result<u64, Deny> {
+) -> Result<(u64, Slot), Deny> {
+    // SECURITY: counted per agent across all its tunnels and HTTP/2 streams, so neither many
+    // tunnels nor many streams per tunnel multiply what one agent holds upstream (each
+    // request in flight holds at most one upstream connection). Checked before the rate, so
+    // a refused request spends no rate.
+    let max = shared.limits.max_requests_in_flight_per_agent;
+    let in_flight = shared
+        .limits_state
+        .try_in_flight(&ctx.claims.sub, max)
+        .ok_or(Deny::TooManyRequestsInFlight(max))?;
     let route = allowed.route();
     if let Some(rate) = route.rate() {
         if let Verdict::Deny { retry_after_secs } = shared
@@ -211,7 +222,7 @@ pub async fn admit(
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(Deny::BodyTooLarge(limit));
     }
-    Ok(limit)
+    Ok((limit, in_flight))
 }
 
 /// The shared tail of both paths: decide, admit, resolve and inject the credential, send
@@ -225,7 +236,7 @@ pub async fn forward(
     body: &mut Option<Incoming>,
 ) -> Result<Response<ProxyBody>, Deny> {
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
-    let limit = admit(shared, ctx, &allowed, &parts).await?;
+    let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
     let query = parts.uri.query().map(str::to_owned);
     let agent_version = parts.version;
@@ -281,6 +292,8 @@ pub async fn forward(
     // redaction: drop it, on every route, so HTTP/1 agents get the canonical phrase. Nothing
     // else the upstream connection attached to the response is ours to pass on either.
     parts.extensions.clear();
+    // The request stays in flight until its answer has been streamed to the agent.
+    let body = Holding::new(body, in_flight);
     let Some(needles) = injected.needles else {
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     };
@@ -414,8 +427,13 @@ pub async fn in_tunnel(
     respond(ctx.rec, outcome, body).await
 }
 
-/// An absolute-form `http://host/path` request on the proxy connection itself.
-pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<AuditedBody> {
+/// An absolute-form `http://host/path` request on the proxy connection itself. The first one
+/// that authenticates moves the connection into the authenticated pool (`admission`).
+pub async fn plain(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    admission: &Admission,
+) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
     let host_text = parts
         .uri
@@ -442,6 +460,9 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
             .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
         rec.host = authority.to_string();
         let claims = authenticate(&shared, &parts.headers, &mut rec)?;
+        if !admission.admit(&shared.limits_state, shared.limits.max_connections) {
+            return Err(Deny::TooManyConnections("this proxy"));
+        }
         check_bound_authority(&parts, &authority, 80)?;
         let slot = shared
             .limits_state
@@ -464,9 +485,8 @@ pub async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Audi
     }
 }
 
-/// A request refused before it could be parsed into anything else (not a proxy request, or
-/// over the connection cap). `body` is read a little before answering when given; over the
-/// cap it is not, so a refused connection is never held open for it.
+/// A request refused before it could be parsed into anything else (not a proxy request).
+/// `body` is read a little before answering when given.
 pub async fn refuse_early(
     shared: &Shared,
     method: &Method,

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn, Instrument};
 
 use super::body::AuditedBody;
+use super::limits::Admission;
 use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
@@ -206,33 +207,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: Drain) {
     .await;
 }
 
-/// The accepted connection's global slot, handed to the tunnel on CONNECT.
-type ConnSlot = Arc<std::sync::Mutex<Option<super::limits::GlobalSlot>>>;
-
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) {
     let _open = shared.metrics.connection();
-    // Over the cap the connection is still read, so the agent gets a clear 429 (and an audit
-    // line) rather than a reset.
-    let slot = shared
+    // SECURITY: until a request on it authenticates, a connection sits in a pool of its own,
+    // bounded and separate from the authenticated one, and has a short deadline: idle
+    // sockets from anyone who can reach the port never take what agents use.
+    let pending = shared
         .limits_state
-        .try_global(shared.limits.max_connections);
-    let over_limit = slot.is_none();
-    // Shared with the request handler so a CONNECT can carry the slot into its tunnel.
-    let slot: ConnSlot = Arc::new(std::sync::Mutex::new(slot));
+        .enter_pending(shared.limits.max_unauthenticated_connections);
+    let eviction = pending.eviction();
+    let admission = Arc::new(Admission::pending(pending));
     let svc_shared = shared.clone();
     let svc_drain = drain.clone();
-    let svc_slot = slot.clone();
+    let svc_admission = admission.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
         let drain = svc_drain.clone();
-        let slot = svc_slot.clone();
+        let admission = svc_admission.clone();
         async move {
-            let resp = if over_limit {
-                let deny = Deny::TooManyConnections("this proxy");
-                request::refuse_early(&shared, req.method(), None, deny).await
-            } else {
-                dispatch(req, shared, drain, slot).await
-            };
+            let mut resp = dispatch(req, shared, drain, &admission).await;
+            // SECURITY: a connection refused at the proxy level (no or a bad token, a host
+            // not granted, over a cap) is closed after the answer rather than kept alive to
+            // try again with its slot still held.
+            if !admission.is_admitted() || resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -240,13 +240,38 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) 
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
         .max_buf_size(64 * 1024)
-        .keep_alive(!over_limit)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    if let Some(e) = serve_until_drained(conn, drain, "agent connection").await {
+    let served = serve_until_drained(conn, drain, "agent connection");
+    tokio::pin!(served);
+    let deadline = tokio::time::sleep(shared.limits.first_request_timeout);
+    tokio::pin!(deadline);
+    let (mut deadline_passed, mut evicted) = (false, false);
+    // Dropping `served` closes the socket; a request in progress still gets its audit line
+    // (its record completes on drop).
+    let ended = loop {
+        tokio::select! {
+            ended = &mut served => break ended,
+            _ = &mut deadline, if !deadline_passed => {
+                deadline_passed = true;
+                if !admission.is_admitted() {
+                    debug!("not authenticated within the first-request timeout; closing");
+                    break None;
+                }
+            }
+            _ = eviction.evicted(), if !evicted => {
+                evicted = true;
+                if !admission.is_admitted() {
+                    debug!("unauthenticated connection closed to make room for a newer one");
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(e) = ended {
         record_refused_head(&shared, &e, String::new(), None);
     }
-    drop(slot);
+    drop(admission);
 }
 
 /// Dispatch a request on the agent's proxy connection.
@@ -254,12 +279,12 @@ async fn dispatch(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     drain: Drain,
-    slot: ConnSlot,
+    admission: &Admission,
 ) -> Response<AuditedBody> {
     if req.method() == Method::CONNECT {
-        connect(req, shared, drain, slot).await
+        connect(req, shared, drain, admission).await
     } else if req.uri().scheme().is_some() {
-        request::plain(shared, req).await
+        request::plain(shared, req, admission).await
     } else {
         let (parts, body) = req.into_parts();
         let deny = Deny::BadRequest(
@@ -270,13 +295,14 @@ async fn dispatch(
     }
 }
 
-/// CONNECT: authenticate, check the host against the agent's granted routes and its
-/// connection cap, answer 200 and hand the upgraded connection to a [`Tunnel`].
+/// CONNECT: authenticate, check the host against the agent's granted routes, its connection
+/// cap and the authenticated pool, answer 200 and hand the upgraded connection to a
+/// [`Tunnel`].
 async fn connect(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     drain: Drain,
-    conn_slot: ConnSlot,
+    admission: &Admission,
 ) -> Response<AuditedBody> {
     let raw_authority = req
         .uri()
@@ -315,6 +341,9 @@ async fn connect(
             .limits_state
             .try_agent(&claims.sub, shared.limits.max_connections_per_agent)
             .ok_or(Deny::TooManyConnections("this agent"))?;
+        if !admission.admit(&shared.limits_state, shared.limits.max_connections) {
+            return Err(Deny::TooManyConnections("this proxy"));
+        }
         Ok((authority, claims, slot))
     })();
     let (authority, claims, slot) = match checked {
@@ -323,10 +352,7 @@ async fn connect(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     // The tunnel outlives the HTTP connection it came from: it keeps counting against the cap.
-    let global_slot = conn_slot
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take();
+    let global_slot = admission.take_slot();
     let span = tracing::debug_span!("tunnel", agent = %claims.sub, host = %authority);
     let tunnel = Tunnel {
         authority: Arc::new(authority),

@@ -262,3 +262,392 @@ fn the_audit_log_rotates_by_size_and_still_verifies_from_the_cli() {
     let tail = home.run_ok(&["logs", "tail", "--json"]);
     assert_eq!(tail.lines().count(), 30);
 }
+
+/// A second agent, `alice`, with the same routes as `bot`.
+fn second_agent(home: &Home) -> String {
+    let bot = std::fs::read_to_string(home.path().join("policies/bot.toml")).unwrap();
+    home.write_policy(
+        "alice.toml",
+        &bot.replace("agent = \"bot\"", "agent = \"alice\""),
+    );
+    home.issue("alice", &[])
+}
+
+/// Whether the proxy closed `s` (EOF or reset) within the socket's read timeout.
+fn closed_by_proxy(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn an_idle_unauthenticated_flood_starves_no_agent() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let _bot = home.issue("bot", &[]);
+    let alice = second_agent(&home);
+    let mut cfg = home.config();
+    cfg.limits.max_connections = 8;
+    cfg.limits.max_unauthenticated_connections = 4;
+    cfg.limits.first_request_timeout = Duration::from_secs(2);
+    let proxy = Proxy::in_process(cfg);
+    let url = home.api_url("/repos/acme/backend/issues");
+    // A tunnel opened before the attack.
+    let h2 = H2Agent::open(&home, proxy.addr, &alice);
+    // Forty idle sockets, ten times the unauthenticated budget, five times the whole
+    // authenticated pool: under the old single cap they would have filled it.
+    let mut idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    // During the attack: the open tunnel and new connections are both served.
+    let (status, _) = h2.get("/repos/acme/backend/issues").unwrap();
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        let r = home.curl(&proxy, &alice, &[], &url);
+        assert_eq!(r.status, 200, "{r:?}");
+        // The attack goes on: the sockets it lost are replaced.
+        idle.extend((0..10).map(|_| TcpStream::connect(proxy.addr).unwrap()));
+    }
+    // Every idle socket is closed by the proxy: pushed out by newer ones or past the
+    // first-request deadline (2 s; generous bound).
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(
+            closed_by_proxy(s),
+            "an idle unauthenticated socket stayed open"
+        );
+    }
+    // After the attack.
+    let r = home.curl(&proxy, &alice, &[], &url);
+    assert_eq!(r.status, 200, "{r:?}");
+    let (status, _) = h2.get("/repos/acme/backend/issues").unwrap();
+    assert_eq!(status, 200);
+    // The upstream saw the agent's six requests and nothing else; the idle sockets, which
+    // sent no request, have no line; every request has exactly one.
+    assert_eq!(home.upstream.seen().len(), 6);
+    drop(h2);
+    proxy.shutdown();
+    let audit = home.audit();
+    let connects = audit.iter().filter(|l| l["method"] == "CONNECT").count();
+    let gets: Vec<&Value> = audit.iter().filter(|l| l["method"] == "GET").collect();
+    assert_eq!(connects, 5, "{audit:?}");
+    assert_eq!(gets.len(), 6, "{audit:?}");
+    assert!(audit
+        .iter()
+        .all(|l| l["agent"] == "alice" && l["status"] == 200 && l["reason"].is_null()));
+}
+
+#[test]
+fn a_connection_refused_with_407_403_or_429_is_closed_after_the_answer() {
+    let home = Home::new();
+    home.standard_policy();
+    let token = home.issue("bot", &[]);
+    let proxy = home.serve(&["--max-connections-per-agent", "1"]);
+    let host = format!("{API_HOST}:{}", home.https_port());
+    let bearer = format!("Bearer {token}");
+    let (mut s, resp) = raw_connect(proxy.addr, &host, None);
+    assert_eq!(resp.status, 407);
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    assert!(closed_by_proxy(&mut s), "kept alive after 407");
+    let (mut s, resp) = raw_connect(proxy.addr, "elsewhere.example.test:443", Some(&bearer));
+    assert_eq!(resp.status, 403);
+    assert!(closed_by_proxy(&mut s), "kept alive after 403");
+    let (_tunnel, resp) = raw_connect(proxy.addr, &host, Some(&bearer));
+    assert_eq!(resp.status, 200);
+    let (mut s, resp) = raw_connect(proxy.addr, &host, Some(&bearer));
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.header("retry-after").as_deref(), Some("1"));
+    assert!(closed_by_proxy(&mut s), "kept alive after 429");
+    // Nothing went upstream; one line each, with its reason.
+    assert!(home.upstream.seen().is_empty());
+    let audit = home.wait_audit(4);
+    let reasons: Vec<(&str, u64)> = audit
+        .iter()
+        .map(|l| {
+            (
+                l["reason"].as_str().unwrap_or("-"),
+                l["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("token_missing", 407),
+            ("host_not_allowed", 403),
+            ("-", 200),
+            ("too_many_connections", 429)
+        ]
+    );
+    assert_eq!(audit[3]["agent"], "bot");
+}
+
+/// `n` GETs of `path` at once on `agent`: each answer's status, `Retry-After` and reason.
+fn concurrent_gets(agent: &H2Agent, path: &str, n: usize) -> Vec<(u16, Option<String>, String)> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let mut send = agent.send.clone();
+            let req = http::Request::get(format!("https://{}{path}", agent.authority))
+                .body(http_body_util::BodyExt::boxed(http_body_util::Empty::new()))
+                .unwrap();
+            agent.rt.spawn(async move {
+                let resp = send.send_request(req).await.expect("an answer");
+                let status = resp.status().as_u16();
+                let retry = resp
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let reason = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (status, retry, reason)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| agent.rt.block_on(h).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_agents_requests_in_flight_are_capped_across_its_tunnels_and_streams() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let bot = home.issue("bot", &[]);
+    let alice = second_agent(&home);
+    let mut cfg = home.config();
+    cfg.limits.max_requests_in_flight_per_agent = 4;
+    let proxy = Proxy::in_process(cfg);
+    let tunnels: Vec<H2Agent> = (0..2)
+        .map(|_| H2Agent::open(&home, proxy.addr, &bot))
+        .collect();
+    // Three slow requests on each of two tunnels: six at once, four allowed.
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let running: Vec<_> = tunnels
+            .iter()
+            .map(|t| s.spawn(|| concurrent_gets(t, "/delay/4000/held", 3)))
+            .collect();
+        // Meanwhile another agent is not affected.
+        let other = H2Agent::open(&home, proxy.addr, &alice);
+        eventually(Duration::from_secs(20), "four requests upstream", || {
+            (home.upstream.seen().len() >= 4).then_some(())
+        });
+        let (status, _) = other.get("/repos/acme/backend/issues").unwrap();
+        assert_eq!(status, 200);
+        running
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(ok, 4, "{answers:?}");
+    assert_eq!(refused.len(), 2, "{answers:?}");
+    for (_, retry, reason) in &refused {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_eq!(reason, "too_many_requests_in_flight");
+    }
+    // The slots come back once the answers are delivered.
+    let (status, _) = tunnels[0].get("/repos/acme/backend/issues").unwrap();
+    assert_eq!(status, 200);
+    let seen = home.upstream.seen();
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.path.starts_with("/delay/"))
+            .count(),
+        4
+    );
+    drop(tunnels);
+    proxy.shutdown();
+    let audit = home.audit();
+    let delayed: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["path"].as_str().unwrap_or("").starts_with("/delay/"))
+        .collect();
+    assert_eq!(delayed.len(), 6, "{audit:?}");
+    assert_eq!(
+        delayed
+            .iter()
+            .filter(|l| l["status"] == 200 && l["reason"].is_null())
+            .count(),
+        4
+    );
+    assert_eq!(
+        delayed
+            .iter()
+            .filter(|l| l["status"] == 429
+                && l["reason"] == "too_many_requests_in_flight"
+                && l["agent"] == "bot")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn caps_the_fd_limit_cannot_honour_stop_the_start_naming_the_flags() {
+    let home = Home::new();
+    home.standard_policy();
+    let serve = |flags: &str| {
+        let script = format!(
+            "ulimit -n 600 && exec \"$0\" --policies '{p}/policies' --certs '{p}/certs' --state-dir '{p}/state' serve --listen 127.0.0.1:0 --admin-listen off {flags}",
+            p = home.path().display()
+        );
+        Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_latchkey")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The defaults need about 9,300 descriptors; 600 cannot hold them.
+    let out = serve("").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for flag in [
+        "--max-connections",
+        "--max-unauthenticated-connections",
+        "--max-upstream-connections",
+        "600",
+    ] {
+        assert!(err.contains(flag), "{flag} not named: {err}");
+    }
+    // Caps that fit start.
+    let mut child = serve(
+        "--max-connections 200 --max-unauthenticated-connections 100 --max-upstream-connections 100",
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("latchkey listening on"), "{line:?}");
+}
+
+#[test]
+fn memory_and_descriptors_return_near_their_baseline_after_an_h2_flood() {
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let bot = home.issue("bot", &[]);
+    // RSS and fds are about the process: the real binary, with small caps.
+    let proxy = home.serve_binary(&[
+        "--max-connections-per-agent",
+        "20",
+        "--max-requests-in-flight-per-agent",
+        "50",
+    ]);
+    let pid = proxy.pid();
+    // Warm up (leaf certificate, upstream pool), then the baseline.
+    let warm = H2Agent::open(&home, proxy.addr, &bot);
+    assert_eq!(warm.get("/repos/acme/backend/issues").unwrap().0, 200);
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss_before, fds_before) = (rss_kib(pid), open_fds(pid));
+    let first = flood(&home, &proxy, &bot, 1);
+    let (rss_after, fds_after) = settled(pid, fds_before);
+    // A second flood: what the first left behind is reused, not added to (no leak).
+    let second = flood(&home, &proxy, &bot, 2);
+    let (rss_after_second, _) = settled(pid, fds_before);
+    eprintln!(
+        "RSS KiB: before {rss_before}, during {} (peak {}), after {rss_after}, after a second flood {rss_after_second} (during {}); fds: before {fds_before}, during {}, after {fds_after}",
+        first.0, peak_rss_kib(pid), second.0, first.1
+    );
+    // Generous margins: the allocator keeps some of what it got back.
+    assert!(
+        rss_after <= rss_before + 64 * 1024,
+        "RSS stayed high: before {rss_before} KiB, after {rss_after}"
+    );
+    assert!(
+        rss_after_second <= rss_after + 32 * 1024,
+        "RSS grew flood after flood: {rss_after} then {rss_after_second} KiB"
+    );
+}
+
+/// Wait (bounded) until the descriptors are back near `fds_before` (pooled upstream
+/// connections may stay): then the RSS and fd count.
+fn settled(pid: u32, fds_before: usize) -> (u64, usize) {
+    eventually(Duration::from_secs(30), "fds released", || {
+        let fds = open_fds(pid);
+        (fds <= fds_before + 60).then(|| (rss_kib(pid), fds))
+    })
+}
+
+/// 20 tunnels (the per-agent cap) x 100 streams each to a slow upstream, against a proxy
+/// allowing 50 requests in flight per agent: checks what the agent, the upstream and the
+/// audit log got, and returns the RSS and fds sampled while the flood was in flight.
+fn flood(home: &Home, proxy: &Proxy, token: &str, round: usize) -> (u64, usize) {
+    let pid = proxy.pid();
+    let path = format!("/delay/3000/flood{round}");
+    let tunnels: Vec<H2Agent> = (0..20)
+        .map(|_| H2Agent::open(home, proxy.addr, token))
+        .collect();
+    let hits = || {
+        home.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
+    };
+    let (answers, during) = std::thread::scope(|s| {
+        let running: Vec<_> = tunnels
+            .iter()
+            .map(|t| s.spawn(|| concurrent_gets(t, &path, 100)))
+            .collect();
+        eventually(Duration::from_secs(30), "the flood in flight", || {
+            (hits() >= 50).then_some(())
+        });
+        let during = (rss_kib(pid), open_fds(pid));
+        let answers: Vec<_> = running
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (answers, during)
+    });
+    drop(tunnels);
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|a| {
+            a.0 == 429 && a.1.as_deref() == Some("1") && a.2 == "too_many_requests_in_flight"
+        })
+        .count();
+    assert_eq!(ok + refused, 2000, "other answers: {answers:?}");
+    assert!(ok >= 50, "{ok} answered");
+    // Only the admitted requests reached the upstream.
+    assert_eq!(hits(), ok);
+    // Every request has exactly one line; the refused ones say why.
+    let lines = eventually(Duration::from_secs(20), "2000 flood lines", || {
+        let lines: Vec<Value> = home
+            .audit()
+            .into_iter()
+            .filter(|l| l["path"] == path.as_str())
+            .collect();
+        (lines.len() >= 2000).then_some(lines)
+    });
+    assert_eq!(lines.len(), 2000);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["reason"] == "too_many_requests_in_flight" && l["status"] == 429)
+            .count(),
+        refused
+    );
+    during
+}
