@@ -22,7 +22,8 @@ use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
 use super::body::{discard, AuditedBody, LimitedBody, ProxyBody, UpState};
-use super::forward::UpstreamBody;
+use super::decode;
+use super::forward::{BoxError, UpstreamBody};
 use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
@@ -282,7 +283,10 @@ pub async fn forward(
     // else the upstream connection attached to the response is ours to pass on either.
     parts.extensions.clear();
     let Some(needles) = injected.needles else {
-        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed_unsync(),
+        ));
     };
     // SECURITY: an upstream that echoes the credential (debug endpoints, error pages) must
     // not hand it to the agent.
@@ -294,6 +298,9 @@ pub async fn forward(
     }
     // The length may change; let the framing layer re-frame.
     parts.headers.remove(header::CONTENT_LENGTH);
+    // SECURITY: we asked for `identity`; an upstream that compressed anyway is decoded so
+    // the echo cannot hide in gzip, br or zstd, and one we cannot decode is refused.
+    let body = decode::decoded(&mut parts.headers, body)?;
     let metrics = Arc::clone(&shared.metrics);
     let on_redact = Box::new(move || {
         warn!(%credential, %request_id, "upstream echoed the injected credential in the body; redacted");
