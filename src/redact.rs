@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use aho_corasick::AhoCorasick;
+use aho_corasick::{AhoCorasick, Input, MatchKind};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -72,11 +72,15 @@ impl Needles {
         }
         let longest = needles.iter().map(|n| n.len()).max()?;
         let patterns = needles.iter().map(|n| n.as_slice());
-        // Standard match semantics: overlapping matches are all reported and merged, so one
-        // encoding cannot shadow another that starts inside it.
-        let searcher = AhoCorasick::new(patterns.clone())
+        // Leftmost-longest, the semantics that keep the SIMD prefilter (Teddy) on the whole
+        // pass; `matches` restarts just after each match's start so that one encoding cannot
+        // shadow another that starts inside it (overlapping search is ~40x slower).
+        let searcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(patterns.clone())
             .expect("a few hundred short literal patterns fit the automaton's limits");
         let name_searcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
             .ascii_case_insensitive(true)
             .build(patterns)
             .expect("a few hundred short literal patterns fit the automaton's limits");
@@ -95,21 +99,16 @@ impl Needles {
 
     /// Sorted, non-overlapping match ranges in `hay`.
     fn matches(&self, hay: &[u8]) -> Vec<(usize, usize)> {
-        let mut found: Vec<(usize, usize)> = self
-            .searcher
-            .find_overlapping_iter(hay)
-            .map(|m| (m.start(), m.end()))
-            .collect();
-        if found.len() > 1 {
-            found.sort_unstable();
-            let mut merged: Vec<(usize, usize)> = Vec::with_capacity(found.len());
-            for (s, e) in found {
-                match merged.last_mut() {
-                    Some(last) if s < last.1 => last.1 = last.1.max(e),
-                    _ => merged.push((s, e)),
-                }
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        let mut from = 0;
+        // Matches come in order of start; a match that starts inside the previous one (an
+        // encoding inside another) extends it.
+        while let Some(m) = self.searcher.find(Input::new(hay).range(from..)) {
+            match found.last_mut() {
+                Some(last) if m.start() < last.1 => last.1 = last.1.max(m.end()),
+                _ => found.push((m.start(), m.end())),
             }
-            found = merged;
+            from = m.start() + 1;
         }
         found
     }
