@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::authority::Authority;
 use crate::deny::Deny;
 use crate::policy::{Allowed, Inject, Route, Scheme};
-use crate::redact::Needles;
+use crate::redact::{self, Needles};
 use crate::secrets::{Secret, Secrets};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) plus the legacy `proxy-connection`.
@@ -245,8 +245,8 @@ pub fn apply(
         // A clone of a prebuilt value: a reference count, not a copy of the secret.
         parts.headers.insert(name.clone(), value.clone());
     }
-    // SECURITY: ask for an uncompressed answer on credentialed routes, so an echoed secret
-    // cannot hide from redaction inside gzip.
+    // SECURITY: ask for an uncompressed answer on credentialed routes, so redaction scans the
+    // bytes as sent; an upstream that compresses anyway is decoded first (`proxy::decode`).
     parts.headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
@@ -276,10 +276,8 @@ impl Prepared {
     fn build(route: &Route, secret: &Secret) -> Result<Prepared, Deny> {
         let mut query_value = Zeroizing::new(String::new());
         encode_component(secret.expose(), &mut query_value);
-        let mut needles = vec![
-            Zeroizing::new(secret.expose().to_vec()),
-            Zeroizing::new(query_value.as_bytes().to_vec()),
-        ];
+        let mut needles = redact::encoded_forms(secret.expose());
+        needles.push(Zeroizing::new(query_value.as_bytes().to_vec()));
         let header = match route.inject() {
             Some(Inject::Header {
                 name,

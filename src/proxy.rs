@@ -1,9 +1,11 @@
 //! The proxy: accept agent connections, authenticate, intercept TLS, decide, inject, forward,
 //! audit. `server` owns sockets, TLS and shutdown; `request` owns the stages of one request
-//! and its audit record; `body` the bodies on the way through; `forward` the upstream client.
+//! and its audit record; `body` the bodies on the way through (`decode` undoes an
+//! upstream's compression where redaction must read the body); `forward` the upstream client.
 
 pub mod admin;
 pub mod body;
+pub mod decode;
 pub mod forward;
 pub mod limits;
 pub mod request;

@@ -59,7 +59,7 @@ impl<B: Body + Unpin, G: Unpin> Body for Holding<B, G> {
 }
 
 /// Body of every response latchkey sends to an agent, before [`AuditedBody`] wraps it.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// What happened to the agent's request body, read after a failed upstream exchange to say
 /// whose fault it was.
@@ -252,7 +252,7 @@ impl AuditedBody {
 
 impl Body for AuditedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

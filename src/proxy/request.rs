@@ -22,7 +22,8 @@ use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
 use super::body::{discard, AuditedBody, Holding, LimitedBody, ProxyBody, UpState};
-use super::forward::UpstreamBody;
+use super::decode;
+use super::forward::{BoxError, UpstreamBody};
 use super::limits::{Admission, Slot};
 use super::Shared;
 use crate::audit::record::Who;
@@ -295,7 +296,10 @@ pub async fn forward(
     // The request stays in flight until its answer has been streamed to the agent.
     let body = Holding::new(body, in_flight);
     let Some(needles) = injected.needles else {
-        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed_unsync(),
+        ));
     };
     // SECURITY: an upstream that echoes the credential (debug endpoints, error pages) must
     // not hand it to the agent.
@@ -307,6 +311,9 @@ pub async fn forward(
     }
     // The length may change; let the framing layer re-frame.
     parts.headers.remove(header::CONTENT_LENGTH);
+    // SECURITY: we asked for `identity`; an upstream that compressed anyway is decoded so
+    // the echo cannot hide in gzip, br or zstd, and one we cannot decode is refused.
+    let body = decode::decoded(&mut parts.headers, body)?;
     let metrics = Arc::clone(&shared.metrics);
     let on_redact = Box::new(move || {
         warn!(%credential, %request_id, "upstream echoed the injected credential in the body; redacted");

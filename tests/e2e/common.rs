@@ -260,6 +260,22 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     if req.uri().path() == "/reflect" || req.uri().path() == "/reflect-split" {
         return reflect(&record, req.uri().path() == "/reflect-split");
     }
+    if req.uri().path() == "/reflect-encoded" {
+        return reflect_encoded(&record);
+    }
+    if req.uri().path() == "/reflect-compressed" {
+        return reflect_compressed(
+            &record,
+            req.uri()
+                .query()
+                .and_then(|q| q.strip_prefix("enc="))
+                .unwrap_or(""),
+        )
+        .await;
+    }
+    if req.uri().path() == "/drip" || req.uri().path() == "/drip-split" {
+        return drip(&record, req.uri().path() == "/drip-split");
+    }
     if req.uri().path() == "/switch" {
         // Switches protocols whether or not the request asked to (a hostile or broken upstream).
         let mut resp = Response::new(Full::new(Bytes::new()).boxed());
@@ -400,6 +416,126 @@ fn reflect(record: &Seen, split: bool) -> Response<EchoBody> {
     if let Ok(v) = auth.parse() {
         resp.headers_mut().insert("x-debug-auth", v);
     }
+    resp
+}
+
+/// The credential the request carried (`authorization: Bearer <it>`), as the upstream got it.
+fn received_secret(record: &Seen) -> String {
+    let auth = record.header("authorization").unwrap_or("");
+    auth.strip_prefix("Bearer ").unwrap_or(auth).to_string()
+}
+
+/// Echoes the received credential in the encodings debug endpoints and SDKs use, one per
+/// line as `name=value`: base64 (alone, and inside a longer URL-safe run at each alignment),
+/// hex in both cases, JSON `\u00XX` escapes and percent-encoding of every byte.
+fn reflect_encoded(record: &Seen) -> Response<EchoBody> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let secret = received_secret(record);
+    let mut lines = vec![
+        format!("b64={}", STANDARD.encode(&secret)),
+        format!("hex={}", hex::encode(&secret)),
+        format!("HEX={}", hex::encode_upper(&secret)),
+        format!(
+            "json_u={}",
+            secret
+                .bytes()
+                .map(|b| format!("\\u{b:04x}"))
+                .collect::<String>()
+        ),
+        format!(
+            "pct={}",
+            secret
+                .bytes()
+                .map(|b| format!("%{b:02X}"))
+                .collect::<String>()
+        ),
+    ];
+    for pad in ["", "x", "xy"] {
+        let run = URL_SAFE_NO_PAD.encode(format!("{{\"user\":1,\"k\":\"{pad}{secret}\",\"n\":2}}"));
+        lines.push(format!("b64url_in_run{}={run}", pad.len()));
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(lines.join("\n") + "\n")).boxed());
+    resp.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
+    resp
+}
+
+/// Echoes the request headers as JSON (like `/reflect`), compressed with the coding named by
+/// the query (`gzip`, `deflate`, `br`, `zstd`; anything else is sent as garbage under that
+/// name) whatever the request's `accept-encoding` said: an upstream that ignores `identity`.
+async fn reflect_compressed(record: &Seen, coding: &str) -> Response<EchoBody> {
+    use async_compression::tokio::bufread::{BrotliEncoder, GzipEncoder, ZlibEncoder, ZstdEncoder};
+    use tokio::io::AsyncReadExt;
+    let body = format!(
+        "{{\"you_sent\":\"{}\",\"pad\":\"{}\"}}",
+        record.header("authorization").unwrap_or(""),
+        "lorem ipsum ".repeat(200)
+    );
+    let plain = body.as_bytes();
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => GzipEncoder::new(plain).read_to_end(&mut out).await,
+        "deflate" => ZlibEncoder::new(plain).read_to_end(&mut out).await,
+        "br" => BrotliEncoder::new(plain).read_to_end(&mut out).await,
+        "zstd" => ZstdEncoder::new(plain).read_to_end(&mut out).await,
+        _ => {
+            out.extend_from_slice(b"\x1f\x9d garbage");
+            Ok(0)
+        }
+    }
+    .unwrap();
+    let mut resp = Response::new(Full::new(Bytes::from(out)).boxed());
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut()
+        .insert("content-encoding", coding.parse().unwrap());
+    resp
+}
+
+/// Microseconds since the Unix epoch: the upstream stamps each `/drip` chunk with it and the
+/// agent (same machine, same clock) measures how late the chunk reached it.
+pub fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+/// Chunks of `/drip`, 200 ms apart.
+pub const DRIP_CHUNKS: usize = 5;
+/// What every `/drip` chunk ends with: the first bytes of the credential it received.
+pub const DRIP_TAIL: usize = 3;
+
+/// A token stream whose chunks, 200 ms apart, each end with the first bytes of the received
+/// credential: `<i:sent_us>` + `secret[..DRIP_TAIL]`. With `split`, two chunks 200 ms apart
+/// that cut the whole credential in two: `token ` + its first 10 bytes, then the rest + ` end`.
+fn drip(record: &Seen, split: bool) -> Response<EchoBody> {
+    let secret = received_secret(record);
+    let chunks: Vec<String> = if split {
+        vec![
+            format!("token {}", &secret[..10]),
+            format!("{} end", &secret[10..]),
+        ]
+    } else {
+        (0..DRIP_CHUNKS)
+            .map(|i| format!("<{i}:{{us}}>{}", &secret[..DRIP_TAIL]))
+            .collect()
+    };
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let chunk = chunks.get(i).cloned();
+        async move {
+            let chunk = chunk?;
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let chunk = chunk.replace("{us}", &now_us().to_string());
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), i + 1))
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
     resp
 }
 

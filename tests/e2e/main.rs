@@ -15,6 +15,7 @@ mod openbao;
 mod operate;
 mod proxy;
 mod record;
+mod redaction;
 mod redis;
 mod replica;
 mod sessions;
