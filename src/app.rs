@@ -182,7 +182,7 @@ pub struct Stopped {
 /// raising the soft `RLIMIT_NOFILE` to the hard limit first. A cap the fd limit cannot honour
 /// would fail at the worst moment (EMFILE under load breaks every agent, not the one over
 /// its cap), so it stops the start instead.
-fn check_caps(limits: &Limits) -> Result<(), StartError> {
+fn check_caps(limits: &mut Limits) -> Result<(), StartError> {
     let refuse = |what: String| StartError { what, source: None };
     for (flag, value) in [
         ("--max-connections", limits.max_connections),
@@ -213,6 +213,19 @@ fn check_caps(limits: &Limits) -> Result<(), StartError> {
         ));
     }
     let available = raise_fd_limit();
+    if limits.fit_fd_caps && limits.fds_needed() > available {
+        let before = limits.fds_needed();
+        limits.fit_to(available);
+        tracing::warn!(
+            available,
+            needed = before,
+            max_connections = limits.max_connections,
+            max_unauthenticated_connections = limits.max_unauthenticated_connections,
+            max_upstream_connections = limits.max_upstream_connections,
+            "the file descriptor limit is below what the default connection caps need; \
+             caps lowered to fit (raise the limit or set the caps to silence this)"
+        );
+    }
     let needed = limits.fds_needed();
     if needed > available {
         return Err(refuse(format!(
@@ -251,8 +264,8 @@ fn raise_fd_limit() -> u64 {
 }
 
 /// Open every component, bind the listeners and start serving.
-pub async fn run(cfg: ServeConfig) -> Result<Running, StartError> {
-    check_caps(&cfg.limits)?;
+pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
+    check_caps(&mut cfg.limits)?;
     let audit_path = cfg.audit_path();
     let (ca, created) = CertificateAuthority::load_or_create(&cfg.certs)
         .doing(|| format!("cannot open the CA in {}", cfg.certs.display()))?;

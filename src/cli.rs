@@ -150,13 +150,15 @@ struct ServeArgs {
     /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
     max_body: u64,
-    /// Most authenticated agent connections and tunnels open at once, all agents together.
-    #[arg(long, default_value_t = 4096)]
-    max_connections: usize,
+    /// Most authenticated agent connections and tunnels open at once, all agents together
+    /// [default: 4096, lowered to fit the file descriptor limit when none of the three
+    /// connection caps is given].
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Most connections that have not authenticated yet (a pool of their own; when it is
-    /// full the oldest is closed).
-    #[arg(long, default_value_t = 1024)]
-    max_unauthenticated_connections: usize,
+    /// full the oldest is closed) [default: 1024, fitted like --max-connections].
+    #[arg(long)]
+    max_unauthenticated_connections: Option<usize>,
     /// How long a new connection has to authenticate (CONNECT or an absolute-form request
     /// with a valid token) before it is closed.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -168,9 +170,10 @@ struct ServeArgs {
     /// HTTP/2 streams (the excess is answered 429 too_many_requests_in_flight).
     #[arg(long, default_value_t = 256)]
     max_requests_in_flight_per_agent: usize,
-    /// Most upstream connections open at once, idle pooled ones included.
-    #[arg(long, default_value_t = 4096)]
-    max_upstream_connections: usize,
+    /// Most upstream connections open at once, idle pooled ones included [default: 4096,
+    /// fitted like --max-connections].
+    #[arg(long)]
+    max_upstream_connections: Option<usize>,
     /// Address of the admin listener (/healthz, /metrics); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
@@ -670,16 +673,25 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     if let Some(id) = args.replica_id {
         cfg.replica_id = id;
     }
+    let defaults = Limits::default();
     cfg.limits = Limits {
         upstream_timeout: args.upstream_timeout,
         max_body: args.max_body,
-        max_connections: args.max_connections,
-        max_unauthenticated_connections: args.max_unauthenticated_connections,
+        max_connections: args.max_connections.unwrap_or(defaults.max_connections),
+        max_unauthenticated_connections: args
+            .max_unauthenticated_connections
+            .unwrap_or(defaults.max_unauthenticated_connections),
         first_request_timeout: args.first_request_timeout,
         max_connections_per_agent: args.max_connections_per_agent,
         max_requests_in_flight_per_agent: args.max_requests_in_flight_per_agent,
-        max_upstream_connections: args.max_upstream_connections,
-        ..Limits::default()
+        max_upstream_connections: args
+            .max_upstream_connections
+            .unwrap_or(defaults.max_upstream_connections),
+        // Caps the operator did not choose may shrink to the fd limit; chosen ones may not.
+        fit_fd_caps: args.max_connections.is_none()
+            && args.max_unauthenticated_connections.is_none()
+            && args.max_upstream_connections.is_none(),
+        ..defaults
     };
     cfg.verify_keys = args.verify_keys;
     cfg.allow_private_upstreams = args.allow_private_upstreams;

@@ -88,6 +88,9 @@ pub struct Limits {
     pub max_requests_in_flight_per_agent: usize,
     /// Most upstream connections open at once, pooled idle ones included.
     pub max_upstream_connections: usize,
+    /// Whether the three connection caps are defaults that may be lowered to fit the file
+    /// descriptor limit at start (with a warning) rather than stop the start.
+    pub fit_fd_caps: bool,
 }
 
 /// File descriptors kept aside for everything that is not a connection: listeners, the audit
@@ -95,6 +98,20 @@ pub struct Limits {
 pub const FD_RESERVE: u64 = 128;
 
 impl Limits {
+    /// Lower the three connection caps in proportion so that they need at most `available`
+    /// file descriptors (each stays at least 1).
+    pub fn fit_to(&mut self, available: u64) {
+        let needed = self.fds_needed() - FD_RESERVE;
+        let room = available.saturating_sub(FD_RESERVE);
+        if needed <= room {
+            return;
+        }
+        let scale = |n: usize| ((n as u64 * room) / needed).max(1) as usize;
+        self.max_connections = scale(self.max_connections);
+        self.max_unauthenticated_connections = scale(self.max_unauthenticated_connections);
+        self.max_upstream_connections = scale(self.max_upstream_connections);
+    }
+
     /// File descriptors the caps may need at once: one per connection of every pool, plus
     /// [`FD_RESERVE`].
     pub fn fds_needed(&self) -> u64 {
@@ -113,6 +130,7 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
+            fit_fd_caps: true,
             header_read_timeout: Duration::from_secs(10),
             first_request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
@@ -125,5 +143,30 @@ impl Default for Limits {
             max_requests_in_flight_per_agent: 256,
             max_upstream_connections: 4096,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_caps_shrink_in_proportion_to_fit_the_fd_limit() {
+        let mut l = Limits::default();
+        let needed = l.fds_needed();
+        l.fit_to(needed + 10);
+        assert_eq!(l.fds_needed(), needed, "caps that fit are left alone");
+        l.fit_to(600);
+        assert!(l.fds_needed() <= 600, "{}", l.fds_needed());
+        assert!(l.max_connections > l.max_unauthenticated_connections);
+        l.fit_to(1);
+        assert_eq!(
+            (
+                l.max_connections,
+                l.max_unauthenticated_connections,
+                l.max_upstream_connections
+            ),
+            (1, 1, 1)
+        );
     }
 }
