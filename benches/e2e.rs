@@ -275,8 +275,16 @@ fn start_latchkey(home: &Path, https: u16, http: u16, hosts: &[String]) -> Latch
         .env_remove("LATCHKEY_MASTER_KEY")
         .env_remove("RUST_LOG")
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
-        .args(["--max-connections", "20000"])
+        // Enough for S5's idle tunnels and S6's distinct hosts, and no more than the fd
+        // limit scripts/bench-e2e sets (latchkey refuses caps it cannot honour).
+        .args(["--max-connections", &(env_num("BENCH_TUNNELS", 2000) + 256).to_string()])
+        .args(["--max-unauthenticated-connections", "512"])
+        .args([
+            "--max-upstream-connections",
+            &(3 * env_num("BENCH_HOSTS", 1000) + 256).to_string(),
+        ])
         .args(["--max-connections-per-agent", "20000"])
+        .args(["--max-requests-in-flight-per-agent", "20000"])
         .arg("--upstream-ca")
         .arg(home.join("upstream-ca.pem"))
         .arg("--resolve")
