@@ -18,6 +18,13 @@
 //!   `redact::HOLD` deadline, 5 ms, plus timer granularity).
 //! - `redact_gzip/1MiB_decoded_and_scanned`: a body the upstream gzip-compressed despite
 //!   `identity`, decoded (`proxy::decode`) and scanned, against the same MiB uncompressed.
+//! - `tripwire/1MiB_json_scan`: the exfiltration tripwire's body scan (`tripwire::BodyScan`,
+//!   as `LimitedBody` runs it) over 1 MiB of JSON-like text in 16 KiB chunks, with the
+//!   needles of 5 stored credentials (every encoding) plus the credential-format prefixes,
+//!   nothing found; the text is deliberately full of near misses (`disk-`, `AKIA-like`) that
+//!   make the search stop and check. Reported as throughput. Measured: 1.95 ms per MiB
+//!   (~510 MiB/s) on the 2-core dev box; budget: at most 2.5 ms per MiB, so the scan of an
+//!   agent's upload stays well below the network's cost of carrying it.
 //!
 //! Budget: `apply` stays under 5 µs (it runs once per forwarded request; the `stat` in the
 //! store lookup is most of it). Redaction of a clean chunk runs at memory-scan speed, at least
@@ -374,5 +381,59 @@ impl Body for Endless {
     }
 }
 
-criterion_group!(benches, injection);
+/// 1 MiB of JSON-like agent text (keys, prose, numbers, ids with `sk-`/`gh`-like fragments
+/// that are not credentials) scanned in 16 KiB chunks with 5 stored credentials' needles.
+fn tripwire_scan(c: &mut Criterion) {
+    use latchkey::tripwire::{BodyScan, Tripwire};
+    use zeroize::Zeroizing;
+    let stored = [
+        ("github", "s3cr3t-UPSTREAM-value-9f8e7d"),
+        (
+            "openai",
+            "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0fGh",
+        ),
+        ("billing", "billing-key-ABCDEF-123456"),
+        ("slack", "xoxb-1234567890-0987654321-AbCdEfGhIjKlMnOp"),
+        ("aws", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ];
+    let tripwire = Arc::new(Tripwire::new(
+        stored
+            .iter()
+            .map(|(n, v)| (Arc::from(*n), Zeroizing::new(v.as_bytes().to_vec())))
+            .collect(),
+    ));
+    let mut text = Vec::with_capacity(1 << 20);
+    let mut i = 0u64;
+    while text.len() < 1 << 20 {
+        text.extend_from_slice(
+            format!(
+                "{{\"id\":\"task-{i}\",\"title\":\"Fix the disk-usage report for sk-ins and ghost users\",\
+                 \"body\":\"Steps: run the job, check AKIA-like ids are masked, compare {i} rows.\",\
+                 \"score\":{}.{}}},\n",
+                i * 7 % 1000,
+                i % 97
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    text.truncate(1 << 20);
+    let chunks: Vec<Bytes> = text.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
+    let mut group = c.benchmark_group("tripwire");
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    group.bench_function("1MiB_json_scan", |b| {
+        b.iter(|| {
+            let mut scan = BodyScan::new(tripwire.clone(), None);
+            let mut out = 0;
+            for chunk in &chunks {
+                out += scan.push(chunk.clone()).expect("no credential").len();
+            }
+            out += scan.finish().expect("no credential").len();
+            black_box(out)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, injection, tripwire_scan);
 criterion_main!(benches);

@@ -28,9 +28,14 @@ use crate::proxy::{admin, Limits, ResolvePin, Shared, Upstream};
 use crate::redis::Redis;
 use crate::secrets::BackendConfig;
 use crate::tls::{CertificateAuthority, LeafCache};
+use crate::tripwire::Tripwire;
 
 /// How often revocations, signing keys and policy files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the tripwire's credential set is rebuilt from OpenBao (the file store is checked
+/// on every reload tick: a `stat`). Never per request.
+const TRIPWIRE_REMOTE_EVERY: Duration = Duration::from_secs(5);
 
 /// Leaf certificates kept in memory (one per upstream host).
 const LEAF_CACHE_SIZE: u64 = 10_000;
@@ -68,6 +73,8 @@ pub struct ServeConfig {
     pub secrets: BackendConfig,
     /// Shared session state across replicas.
     pub redis: Option<RedisConfig>,
+    /// What a request caught carrying a credential costs its session.
+    pub on_exfiltration: crate::tripwire::OnExfiltration,
 }
 
 /// `--redis` and its grace period.
@@ -99,6 +106,7 @@ impl ServeConfig {
             allow_private_upstreams: false,
             secrets: BackendConfig::File,
             redis: None,
+            on_exfiltration: Default::default(),
         }
     }
 
@@ -306,6 +314,15 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
             .doing(|| "cannot open the secret backend".to_owned())?,
     );
     secrets.start_refresh();
+    let tripwire = match Tripwire::build(&secrets).await {
+        Ok(t) => t,
+        Err(e) => {
+            // A down OpenBao must not stop the start: formats are still caught, and the
+            // reload loop keeps trying for the stored values.
+            tracing::error!(error = %e, "cannot read the stored credentials for the exfiltration tripwire; will keep trying");
+            Tripwire::formats_only()
+        }
+    };
     // Taken before the load: a file that changes between the two is then seen as a change by
     // the reloader instead of being missed until its next edit.
     let policy_stamp = DirStamp::of(&cfg.policies);
@@ -342,6 +359,9 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         limits_state: Default::default(),
         prepared: Default::default(),
         rate_limits,
+        tripwire: ArcSwap::from_pointee(tripwire),
+        on_exfiltration: cfg.on_exfiltration,
+        redis: shared_state.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -473,6 +493,10 @@ pub fn load_policies(dir: &std::path::Path) -> Result<Policies, StartError> {
 async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: DirStamp) {
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     let mut last_policy_stamp = policy_stamp;
+    // `None`: the first tick rebuilds once, catching a change between the start's build and
+    // this loop.
+    let mut secrets_seen = None;
+    let mut tripwire_built = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -486,6 +510,25 @@ async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: DirSta
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, "cannot reload the token keys; keeping the last set")
+            }
+        }
+        // The tripwire follows the secrets: the file store when its generation moves (one
+        // `stat`), OpenBao on a modest interval.
+        let generation = shared.secrets.file_generation();
+        let due = match generation {
+            Some(_) => generation != secrets_seen,
+            None => tripwire_built.elapsed() >= TRIPWIRE_REMOTE_EVERY,
+        };
+        if due {
+            tripwire_built = tokio::time::Instant::now();
+            match Tripwire::build(&shared.secrets).await {
+                Ok(t) => {
+                    shared.tripwire.store(Arc::new(t));
+                    secrets_seen = generation;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the exfiltration tripwire; keeping the last set")
+                }
             }
         }
         let stamp = DirStamp::of(&shared.policies_dir);

@@ -147,6 +147,10 @@ struct ServeArgs {
     /// How many rotated audit files to keep.
     #[arg(long, default_value_t = 10)]
     audit_keep: usize,
+    /// What a request caught carrying a credential (403 secret_in_request) costs its
+    /// session: `refuse` the request, or also `revoke` the session (its token) at once.
+    #[arg(long, value_enum, default_value_t = crate::tripwire::OnExfiltration::Refuse)]
+    on_exfiltration: crate::tripwire::OnExfiltration,
     /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
     max_body: u64,
@@ -694,6 +698,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         ..defaults
     };
     cfg.verify_keys = args.verify_keys;
+    cfg.on_exfiltration = args.on_exfiltration;
     cfg.allow_private_upstreams = args.allow_private_upstreams;
     cfg.secrets = args.backend.config()?;
     cfg.redis = state.redis.clone().map(|url| RedisConfig {

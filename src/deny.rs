@@ -48,6 +48,28 @@ pub enum BadPath {
     InvalidChar,
 }
 
+/// What the exfiltration tripwire found in a request: a stored credential (by name) or a
+/// well-known credential format (by kind). Never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leak {
+    /// An encoding of the value of the stored credential of this name.
+    Stored(String),
+    /// Something in this well-known credential format, which the route does not inject.
+    Format(&'static str),
+}
+
+impl std::fmt::Display for Leak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Leak::Stored(name) => write!(f, "the value of stored credential {name}"),
+            Leak::Format(kind) => write!(
+                f,
+                "what looks like a {kind} credential, a kind this route does not inject"
+            ),
+        }
+    }
+}
+
 /// A refusal. Each variant says when it fires; `status` and `code` are the only mapping to
 /// what the agent sees and what the audit log records.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -178,6 +200,11 @@ pub enum Deny {
          retry later"
     )]
     StateUnavailable,
+    /// The request (its target, a header value or its body) carries a stored credential's
+    /// value or a well-known credential format the route does not inject: the exfiltration
+    /// tripwire.
+    #[error("the request carries {0}; latchkey does not let a credential leave this way")]
+    SecretInRequest(Leak),
 }
 
 impl Deny {
@@ -196,7 +223,8 @@ impl Deny {
             | Deny::NoRoute { .. }
             | Deny::RouteNotGranted { .. }
             | Deny::InsecureHttpRefused { .. }
-            | Deny::MethodNotAllowed { .. } => StatusCode::FORBIDDEN,
+            | Deny::MethodNotAllowed { .. }
+            | Deny::SecretInRequest(_) => StatusCode::FORBIDDEN,
             Deny::BadPath(_) | Deny::BadRequest(_) => StatusCode::BAD_REQUEST,
             Deny::SecretUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Deny::UpstreamUnreachable(_) | Deny::UpstreamTls(_) | Deny::UpstreamProtocol(_) => {
@@ -245,6 +273,7 @@ impl Deny {
             Deny::UpstreamConnectionsExhausted => "upstream_connections_exhausted",
             Deny::RateLimited { .. } => "rate_limited",
             Deny::StateUnavailable => "state_unavailable",
+            Deny::SecretInRequest(_) => "secret_in_request",
         }
     }
 
@@ -425,7 +454,20 @@ mod tests {
                 retry_after_secs: 6,
             },
             Deny::StateUnavailable,
+            Deny::SecretInRequest(Leak::Stored("billing".into())),
+            Deny::SecretInRequest(Leak::Format("github")),
         ]
+    }
+
+    #[test]
+    fn secret_in_request_is_403_the_agents_fault_and_names_no_value() {
+        let d = Deny::SecretInRequest(Leak::Stored("billing".into()));
+        assert_eq!(d.status(), 403);
+        assert_eq!(d.code(), "secret_in_request");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert!(d.to_string().contains("stored credential billing"));
+        let d = Deny::SecretInRequest(Leak::Format("github"));
+        assert!(d.to_string().contains("github credential"));
     }
 
     #[test]

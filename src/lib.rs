@@ -23,3 +23,4 @@ pub mod redact;
 pub mod redis;
 pub mod secrets;
 pub mod tls;
+pub mod tripwire;

@@ -28,6 +28,8 @@ pub struct Metrics {
     state_last_sync: AtomicU64,
     state_errors: AtomicU64,
     rate_fallbacks: AtomicU64,
+    /// Requests the exfiltration tripwire refused, by agent and kind (`stored` or a format).
+    exfiltrations: DashMap<(String, &'static str), AtomicU64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -114,6 +116,14 @@ impl Metrics {
         if !up {
             self.state_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Count a request refused by the exfiltration tripwire.
+    pub fn record_exfiltration(&self, agent: &str, kind: &'static str) {
+        self.exfiltrations
+            .entry((agent.to_owned(), kind))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count a rate-limit decision made locally because Redis failed.
@@ -206,6 +216,21 @@ impl Metrics {
             "Upstream responses that echoed an injected credential.",
             self.redactions.load(Ordering::Relaxed),
         );
+        out.push_str("# HELP latchkey_exfiltration_attempts_total Requests refused for carrying a credential (secret_in_request), by agent and kind (stored, or a format such as github).\n");
+        out.push_str("# TYPE latchkey_exfiltration_attempts_total counter\n");
+        let mut rows: Vec<((String, &'static str), u64)> = self
+            .exfiltrations
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for ((agent, kind), v) in rows {
+            let _ = writeln!(
+                out,
+                "latchkey_exfiltration_attempts_total{{agent=\"{}\",kind=\"{kind}\"}} {v}",
+                escape(&agent)
+            );
+        }
         scalar(
             &mut out,
             "latchkey_active_tunnels",

@@ -56,6 +56,13 @@ pub struct Shared {
     pub limits_state: limits::ConnLimits,
     /// Request rate limits per (agent, route): local, or shared through Redis.
     pub rate_limits: crate::ratelimit::RateLimits,
+    /// The exfiltration tripwire: every stored credential's needles and the format prefixes,
+    /// rebuilt by the reload loop when the secrets change.
+    pub tripwire: ArcSwap<crate::tripwire::Tripwire>,
+    /// What a tripped request costs the session.
+    pub on_exfiltration: crate::tripwire::OnExfiltration,
+    /// The shared state, when `--redis` is given (to publish a revocation).
+    pub redis: Option<Arc<crate::redis::Redis>>,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.

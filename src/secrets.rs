@@ -245,6 +245,21 @@ impl Secrets {
         }
     }
 
+    /// For the file store, a counter that moves whenever its contents change (the file is
+    /// re-read first if its stamp changed: one `stat` otherwise); `None` for OpenBao, whose
+    /// changes cannot be noticed this cheaply.
+    pub fn file_generation(&self) -> Option<u64> {
+        match self {
+            Secrets::File(store) => {
+                if let Err(e) = SecretStore::list(store) {
+                    tracing::warn!(error = %e, "cannot read the secret store");
+                }
+                Some(store.generation())
+            }
+            Secrets::OpenBao(_) => None,
+        }
+    }
+
     /// Start keeping cached OpenBao values fresh in the background (a no-op for the file
     /// store). The task ends when the last handle to the cache is dropped.
     pub fn start_refresh(&self) {

@@ -216,6 +216,7 @@ pub struct Route {
     pub(crate) insecure_http: bool,
     pub(crate) max_body: Option<u64>,
     pub(crate) rate: Option<crate::ratelimit::Rate>,
+    pub(crate) scan_request: bool,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -249,6 +250,12 @@ impl Route {
     /// The request rate limit per agent on this route (its own `rate`, else the agent file's).
     pub fn rate(&self) -> Option<crate::ratelimit::Rate> {
         self.rate
+    }
+
+    /// Whether the agent's request is searched for credentials (the exfiltration tripwire;
+    /// `scan_request = false` turns it off, for bulk uploads).
+    pub fn scan_request(&self) -> bool {
+        self.scan_request
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

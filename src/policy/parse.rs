@@ -95,6 +95,7 @@ struct RawRoute {
     insecure_http: Option<Spanned<bool>>,
     max_body: Option<Spanned<RawSize>>,
     rate: Option<Spanned<String>>,
+    scan_request: Option<Spanned<bool>>,
 }
 
 /// A size: a number of bytes, or a string like "10MiB", "512KiB", "1GB".
@@ -424,6 +425,7 @@ fn compile_route(
         insecure_http: r.insecure_http.as_ref().is_some_and(|b| *b.get_ref()),
         max_body,
         rate,
+        scan_request: r.scan_request.as_ref().is_none_or(|b| *b.get_ref()),
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

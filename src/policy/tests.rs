@@ -1197,3 +1197,23 @@ fn bad_agent_default_rate_is_refused_with_its_line() {
         "{d:?}"
     );
 }
+
+#[test]
+fn scan_request_defaults_to_on_and_can_be_turned_off() {
+    assert!(load(&route_with(BASE)).routes()[0].scan_request());
+    let p = load(&route_with(&format!("{BASE}\nscan_request = false")));
+    assert!(!p.routes()[0].scan_request());
+}
+
+#[test]
+fn scan_request_that_is_not_a_boolean_is_refused() {
+    // A type error is serde's: it names the line of the field.
+    let d = errors(&route_with(&format!("{BASE}\nscan_request = \"no\"")));
+    assert!(
+        d.iter().any(|d| d.line == Some(7)
+            && d.message.contains("expected a boolean")
+            && d.severity == Severity::Error),
+        "{:#?}",
+        d.iter().map(ToString::to_string).collect::<Vec<_>>()
+    );
+}

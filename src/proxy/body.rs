@@ -12,7 +12,7 @@ use bytes::Buf;
 use http_body_util::BodyExt;
 
 use bytes::Bytes;
-use http::HeaderName;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -20,6 +20,7 @@ use super::forward::BoxError;
 use crate::audit::record::ByteCount;
 use crate::audit::{Outcome, Record};
 use crate::inject;
+use crate::tripwire::{BodyScan, Hit};
 
 /// A body that keeps `guard` (a slot counted against a cap) alive until it ends or is
 /// dropped: a request counts as in flight while its answer is still streaming.
@@ -63,7 +64,7 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
 
 /// What happened to the agent's request body, read after a failed upstream exchange to say
 /// whose fault it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpState {
     /// Nothing wrong (yet).
     Ok,
@@ -71,37 +72,57 @@ pub enum UpState {
     OverLimit,
     /// The agent's body broke (bad chunked framing, reset).
     Broken,
+    /// The body (or a trailer) carried a credential and was cut off before it went up.
+    Exfiltration(Hit),
 }
 
 /// The agent's request body, cut off with an error once it exceeds the route's limit (for
-/// bodies whose size was not announced), counting the bytes that go upstream, with its
-/// trailers filtered by the same rules as its head (`inject::strip_request_trailers`).
+/// bodies whose size was not announced) or carries a credential (the exfiltration tripwire,
+/// when the route scans), counting the bytes that go upstream, with its trailers filtered by
+/// the same rules as its head (`inject::strip_request_trailers`).
 pub struct LimitedBody<B = Incoming> {
-    /// `None` once the body went past the limit and its rest was handed to [`discard`].
+    /// `None` once the body was cut off and its rest was handed to [`discard`].
     inner: Option<B>,
     left: u64,
-    state: Arc<AtomicU8>,
+    state: Arc<StateCell>,
     sent: ByteCount,
     /// The header the route injects: never accepted from the agent, in a trailer either.
     injected: Option<HeaderName>,
+    /// The tripwire's scanner, holding back the tail of each chunk.
+    scan: Option<BodyScan>,
+    /// Trailers that arrived while bytes were held: sent after them.
+    trailers: Option<HeaderMap>,
+    /// The inner body ended (its held tail may still be going out).
+    ended: bool,
 }
 
 /// Why an agent's body was cut off.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body exceeds the route's limit")]
-struct BodyOverLimit;
+enum CutOff {
+    #[error("the request body exceeds the route's limit")]
+    OverLimit,
+    #[error("the request body carries a credential")]
+    Credential,
+}
+
+#[derive(Default)]
+struct StateCell {
+    code: AtomicU8,
+    hit: std::sync::OnceLock<Hit>,
+}
 
 impl<B> LimitedBody<B> {
     /// Wrap `inner`, allowing `limit` bytes and counting them into `sent`; `injected` is the
-    /// header the route injects (dropped from trailers). The second value reads the body's
-    /// [`UpState`] later.
+    /// header the route injects (dropped from trailers); `scan` searches the body for
+    /// credentials. The second value reads the body's [`UpState`] later.
     pub fn new(
         inner: B,
         limit: u64,
         sent: ByteCount,
         injected: Option<HeaderName>,
+        scan: Option<BodyScan>,
     ) -> (LimitedBody<B>, UpStateHandle) {
-        let state = Arc::new(AtomicU8::new(UpState::Ok as u8));
+        let state = Arc::new(StateCell::default());
         let handle = UpStateHandle(state.clone());
         (
             LimitedBody {
@@ -110,6 +131,9 @@ impl<B> LimitedBody<B> {
                 state,
                 sent,
                 injected,
+                scan,
+                trailers: None,
+                ended: false,
             },
             handle,
         )
@@ -117,16 +141,55 @@ impl<B> LimitedBody<B> {
 }
 
 /// Reads a [`LimitedBody`]'s state after the body itself moved into the upstream client.
-pub struct UpStateHandle(Arc<AtomicU8>);
+pub struct UpStateHandle(Arc<StateCell>);
 
 impl UpStateHandle {
     /// What happened to the body so far.
     pub fn get(&self) -> UpState {
-        match self.0.load(Ordering::Acquire) {
+        match self.0.code.load(Ordering::Acquire) {
             1 => UpState::OverLimit,
             2 => UpState::Broken,
+            3 => self
+                .0
+                .hit
+                .get()
+                .cloned()
+                .map_or(UpState::Ok, UpState::Exfiltration),
             _ => UpState::Ok,
         }
+    }
+}
+
+/// What [`LimitedBody::poll_frame`] returns.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+impl<B: Body + Unpin + Send + 'static> LimitedBody<B> {
+    /// Stop reading: hand the rest to [`discard`] (so the agent is still sending into an open
+    /// stream when its refusal arrives: a client whose HTTP/2 stream is reset mid-upload may
+    /// lose the answer) and end with an error. SECURITY: an error (not an early end) aborts
+    /// the upstream request, so the upstream never takes a truncated body for a complete one.
+    fn cut_off(&mut self, why: CutOff) -> Polled {
+        if let (Some(rest), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(discard(rest));
+        }
+        self.trailers = None;
+        self.scan = None;
+        Poll::Ready(Some(Err(Box::new(why))))
+    }
+
+    fn tripped(&mut self, hit: Hit) -> Polled {
+        let _ = self.state.hit.set(hit);
+        self.state.code.store(3, Ordering::Release);
+        self.cut_off(CutOff::Credential)
+    }
+
+    fn held(&self) -> usize {
+        self.scan.as_ref().map_or(0, BodyScan::held)
+    }
+
+    fn release(&mut self, data: Bytes) -> Polled {
+        self.sent.fetch_add(data.len() as u64, Ordering::Release);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 
@@ -143,57 +206,92 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
-                let mut trailers = frame
-                    .into_trailers()
-                    .expect("a frame that is_trailers is trailers");
-                // SECURITY: the head was cleaned in `inject::apply`; a trailer must not bring
-                // back what was removed there (the agent's credential, the token, `Host`).
-                inject::strip_request_trailers(&mut trailers, this.injected.as_ref());
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                if len > this.left {
-                    this.state
-                        .store(UpState::OverLimit as u8, Ordering::Release);
-                    // Keep reading (and discarding) a bounded rest, so the agent is still
-                    // sending into an open stream when its 413 arrives: a client whose HTTP/2
-                    // stream is reset mid-upload may lose the answer.
-                    if let (Some(rest), Ok(rt)) =
-                        (this.inner.take(), tokio::runtime::Handle::try_current())
-                    {
-                        rt.spawn(discard(rest));
+        loop {
+            if this.ended {
+                // The held tail goes out (once decided), then the trailers, then the end.
+                if let Some(scan) = this.scan.as_mut() {
+                    let tail = scan.finish();
+                    this.scan = None;
+                    match tail {
+                        Ok(tail) if !tail.is_empty() => return this.release(tail),
+                        Ok(_) => {}
+                        Err(hit) => return this.tripped(hit),
                     }
-                    // SECURITY: an error (not an early end) aborts the upstream request, so
-                    // the upstream never takes a truncated body for a complete one.
-                    return Poll::Ready(Some(Err(Box::new(BodyOverLimit))));
                 }
-                this.left -= len;
-                this.sent.fetch_add(len, Ordering::Release);
-                Poll::Ready(Some(Ok(frame)))
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            Poll::Ready(Some(Err(e))) => {
-                this.state.store(UpState::Broken as u8, Ordering::Release);
-                Poll::Ready(Some(Err(e.into())))
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                    let mut trailers = frame
+                        .into_trailers()
+                        .expect("a frame that is_trailers is trailers");
+                    // SECURITY: the head was cleaned in `inject::apply`; a trailer must not
+                    // bring back what was removed there (the agent's credential, the token,
+                    // `Host`).
+                    inject::strip_request_trailers(&mut trailers, this.injected.as_ref());
+                    if let Some(scan) = this.scan.as_ref() {
+                        if let Some(hit) = trailers.values().find_map(|v| scan.find(v.as_bytes())) {
+                            return this.tripped(hit);
+                        }
+                    }
+                    this.trailers = Some(trailers);
+                    this.ended = true;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let len = data.len() as u64;
+                    if len > this.left {
+                        this.state.code.store(1, Ordering::Release);
+                        return this.cut_off(CutOff::OverLimit);
+                    }
+                    this.left -= len;
+                    let data = match this.scan.as_mut() {
+                        None => data,
+                        Some(scan) => match scan.push(data) {
+                            Ok(data) => data,
+                            Err(hit) => return this.tripped(hit),
+                        },
+                    };
+                    // A chunk held back whole: read on (the inner body registered no waker).
+                    if data.is_empty() && len > 0 {
+                        continue;
+                    }
+                    return this.release(data);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.state.code.store(2, Ordering::Release);
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        let nothing_held = self.trailers.is_none() && self.held() == 0;
+        nothing_held && (self.ended || self.inner.as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        // The scan holds bytes back but never adds or drops any: what is left is the inner
+        // body's rest plus what is held.
+        let rest = match (&self.inner, self.ended) {
+            (Some(inner), false) => inner.size_hint(),
+            _ => SizeHint::with_exact(0),
+        };
+        let held = self.held() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + held);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 
@@ -326,8 +424,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_within_the_limit_passes_and_is_counted() {
         let count = ByteCount::default();
-        let (body, state) =
-            LimitedBody::new(chunks(vec![Ok("abc"), Ok("defg")]), 7, count.clone(), None);
+        let (body, state) = LimitedBody::new(
+            chunks(vec![Ok("abc"), Ok("defg")]),
+            7,
+            count.clone(),
+            None,
+            None,
+        );
         assert_eq!(read(body).await.unwrap(), "abcdefg");
         assert_eq!(count.load(Ordering::Acquire), 7);
         assert_eq!(state.get(), UpState::Ok);
@@ -336,8 +439,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_past_the_limit_ends_in_an_error_not_an_early_end() {
         let count = ByteCount::default();
-        let (body, state) =
-            LimitedBody::new(chunks(vec![Ok("abc"), Ok("defgh")]), 7, count.clone(), None);
+        let (body, state) = LimitedBody::new(
+            chunks(vec![Ok("abc"), Ok("defgh")]),
+            7,
+            count.clone(),
+            None,
+            None,
+        );
         let err = read(body).await.unwrap_err();
         assert!(err.contains("exceeds the route's limit"), "{err}");
         assert_eq!(state.get(), UpState::OverLimit);
@@ -362,6 +470,7 @@ mod tests {
             100,
             ByteCount::default(),
             Some(HeaderName::from_static("x-api-key")),
+            None,
         );
         let collected = body.collect().await.unwrap();
         let got = collected
@@ -373,12 +482,81 @@ mod tests {
         assert_eq!(state.get(), UpState::Ok);
     }
 
+    fn scanner() -> Option<BodyScan> {
+        let tw = crate::tripwire::Tripwire::new(vec![(
+            std::sync::Arc::from("billing"),
+            zeroize::Zeroizing::new(b"s3cr3t-value-0042".to_vec()),
+        )]);
+        Some(BodyScan::new(Arc::new(tw), None))
+    }
+
+    #[tokio::test]
+    async fn a_body_carrying_a_credential_split_across_chunks_ends_in_an_error() {
+        let count = ByteCount::default();
+        let (body, state) = LimitedBody::new(
+            chunks(vec![Ok("{\"k\":\"s3cr3t-va"), Ok("lue-0042\"}")]),
+            100,
+            count.clone(),
+            None,
+            scanner(),
+        );
+        let err = read(body).await.unwrap_err();
+        assert!(err.contains("carries a credential"), "{err}");
+        assert_eq!(
+            state.get(),
+            UpState::Exfiltration(Hit::Stored(std::sync::Arc::from("billing")))
+        );
+        // Not one byte of the value went upstream (what went is counted).
+        assert!(count.load(Ordering::Acquire) < 7);
+    }
+
+    #[tokio::test]
+    async fn a_scanned_clean_body_goes_up_whole_with_its_trailers() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "sha256=abc".parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"s3cr3t-va"))),
+            Ok(Frame::data(Bytes::from_static(b"lue-0041 and more"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let count = ByteCount::default();
+        let (body, state) = LimitedBody::new(
+            StreamBody::new(stream::iter(frames)),
+            100,
+            count.clone(),
+            None,
+            scanner(),
+        );
+        let collected = body.collect().await.unwrap();
+        assert!(collected.trailers().is_some());
+        assert_eq!(collected.to_bytes(), "s3cr3t-value-0041 and more");
+        assert_eq!(count.load(Ordering::Acquire), 26);
+        assert_eq!(state.get(), UpState::Ok);
+        // A credential in a trailer is caught too.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-note", "s3cr3t-value-0042".parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let (body, state) = LimitedBody::new(
+            StreamBody::new(stream::iter(frames)),
+            100,
+            ByteCount::default(),
+            None,
+            scanner(),
+        );
+        assert!(body.collect().await.is_err());
+        assert!(matches!(state.get(), UpState::Exfiltration(_)));
+    }
+
     #[tokio::test]
     async fn a_broken_agent_body_is_told_apart_from_an_oversized_one() {
         let (body, state) = LimitedBody::new(
             chunks(vec![Ok("ab"), Err("bad chunk size")]),
             100,
             ByteCount::default(),
+            None,
             None,
         );
         assert!(read(body).await.is_err());

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! open record -> (proxy level: head size, target, token) | (tunnel: token still live, bound authority)
-//!   -> decide (normalised path, policy) -> admit (rate, announced size) -> credential -> inject
+//!   -> decide (normalised path, policy) -> admit (rate, announced size) -> credential
+//!   -> tripwire (the agent's head; its body as it streams) -> inject
 //!   -> upstream -> respond (the one place a request is refused or answered)
 //! ```
 //!
@@ -35,6 +36,7 @@ use crate::inject::{self, Rewrite};
 use crate::policy::{path, Allowed, Grant, Scheme};
 use crate::ratelimit::Verdict;
 use crate::redact::RedactBody;
+use crate::tripwire::{self, BodyScan, Hit, OnExfiltration};
 
 /// Header carrying the request id on every response to the agent.
 pub const REQUEST_ID: &str = "x-latchkey-request-id";
@@ -239,6 +241,21 @@ pub async fn forward(
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
+    // SECURITY: the exfiltration tripwire, on the agent's head as it sent it (before `apply`
+    // strips or injects anything, so latchkey's own credential is never flagged). A format is
+    // allowed only where the route injects that kind (its own secret's format): the agent's
+    // `Authorization` is replaced there anyway.
+    let scan = allowed.route().scan_request().then(|| {
+        let kind = secret
+            .as_deref()
+            .and_then(|s| tripwire::kind_of(s.expose()));
+        (shared.tripwire.load_full(), kind)
+    });
+    if let Some((tw, kind)) = &scan {
+        if let Some(hit) = tw.find_in_head(&parts, *kind) {
+            return Err(tripped(shared, ctx, hit).await);
+        }
+    }
     let query = parts.uri.query().map(str::to_owned);
     let agent_version = parts.version;
     let rewrite = Rewrite {
@@ -255,6 +272,7 @@ pub async fn forward(
         limit,
         ctx.rec.count_up(),
         injected.header.clone(),
+        scan.map(|(tw, kind)| BodyScan::new(tw, kind)),
     );
     let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
     // From here the credential may be on the wire: a cancelled or failed exchange is still
@@ -273,6 +291,8 @@ pub async fn forward(
             ctx.rec.set_sent(failed.sent);
             return Err(match up_state.get() {
                 UpState::OverLimit => Deny::BodyTooLarge(limit),
+                // The body was cut off before the credential's first byte went up.
+                UpState::Exfiltration(hit) => tripped(shared, ctx, hit).await,
                 // The agent's body broke, not the upstream: say so, to the agent and the log.
                 UpState::Broken => Deny::BadBody,
                 UpState::Ok => failed.deny,
@@ -321,6 +341,45 @@ pub async fn forward(
     });
     let body = RedactBody::new(body, needles, on_redact);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// A request caught carrying a credential: count it, say so once (a name or a kind, never
+/// the value), revoke the session when `--on-exfiltration revoke`, and refuse. The audit line
+/// records the refusal (`secret_in_request`).
+async fn tripped(shared: &Shared, ctx: &Ctx, hit: Hit) -> Deny {
+    let leak = hit.to_leak();
+    let agent = ctx.claims.sub.as_str();
+    shared.metrics.record_exfiltration(agent, hit.label());
+    let revoke = shared.on_exfiltration == OnExfiltration::Revoke;
+    warn!(
+        agent,
+        session = %ctx.claims.jti,
+        request_id = %ctx.rec.request_id(),
+        found = %leak,
+        revoke,
+        "request carried a credential; refused"
+    );
+    if revoke {
+        revoke_session(shared, &ctx.claims).await;
+    }
+    Deny::SecretInRequest(leak)
+}
+
+/// Revoke the session the way `latchkey token revoke JTI` does: the state dir first (this
+/// replica enforces it from the next request), then Redis for every other replica.
+async fn revoke_session(shared: &Shared, claims: &Claims) {
+    if let Err(e) = shared.revocations.revoke_session(&claims.jti, claims.exp) {
+        tracing::error!(session = %claims.jti, error = %e, "cannot revoke the session that tried to exfiltrate a credential");
+    }
+    if let Some(st) = &shared.redis {
+        let what = auth::Revoked::Session {
+            jti: claims.jti.clone(),
+            exp: claims.exp,
+        };
+        if let Err(e) = auth::publish_revocation(st, &what).await {
+            tracing::error!(session = %claims.jti, error = %e, "revoked locally, but the shared state (--redis) was not told");
+        }
+    }
 }
 
 /// The single exit of every request: stamp the request id, and either hand the answer over

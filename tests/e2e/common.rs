@@ -98,6 +98,11 @@ pub struct Seen {
     /// The request's trailers, once the echo has read the body (empty until then, and for
     /// the special paths that never read it).
     pub trailers: Vec<(String, String)>,
+    /// The body bytes received so far (echo paths only).
+    pub body: Vec<u8>,
+    /// `Some(true)` once the body ended cleanly, `Some(false)` if it broke off (an aborted
+    /// upload), `None` while it is still being read.
+    pub body_complete: Option<bool>,
 }
 
 impl Seen {
@@ -246,6 +251,8 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         query: req.uri().query().map(str::to_string),
         headers: header_pairs(req.headers()),
         trailers: Vec::new(),
+        body: Vec::new(),
+        body_complete: None,
     };
     let index = {
         let mut seen = seen.lock().unwrap();
@@ -321,13 +328,31 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     // Count the body as it streams in; never hold it.
     let mut body = req.into_body();
     let mut body_len = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
+    let mut complete = true;
+    loop {
+        let frame = match body.frame().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(_)) => {
+                complete = false;
+                break;
+            }
+            None => break,
+        };
         if let Some(data) = frame.data_ref() {
             body_len += data.len();
+            // Kept for the tripwire tests (small bodies); large uploads are only counted.
+            let mut seen = seen.lock().unwrap();
+            if seen[index].body.len() < 1 << 20 {
+                seen[index].body.extend_from_slice(data);
+            }
         }
         if let Some(trailers) = frame.trailers_ref() {
             seen.lock().unwrap()[index].trailers = header_pairs(trailers);
         }
+    }
+    seen.lock().unwrap()[index].body_complete = Some(complete);
+    if !complete {
+        return Response::new(Full::new(Bytes::new()).boxed());
     }
     let mut headers = BTreeMap::new();
     for (k, v) in &record.headers {

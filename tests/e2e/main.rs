@@ -19,3 +19,4 @@ mod redaction;
 mod redis;
 mod replica;
 mod sessions;
+mod tripwire;
