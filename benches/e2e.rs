@@ -277,7 +277,10 @@ fn start_latchkey(home: &Path, https: u16, http: u16, hosts: &[String]) -> Latch
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
         // Enough for S5's idle tunnels and S6's distinct hosts, and no more than the fd
         // limit scripts/bench-e2e sets (latchkey refuses caps it cannot honour).
-        .args(["--max-connections", &(env_num("BENCH_TUNNELS", 2000) + 256).to_string()])
+        .args([
+            "--max-connections",
+            &(env_num("BENCH_TUNNELS", 2000) + 256).to_string(),
+        ])
         .args(["--max-unauthenticated-connections", "512"])
         .args([
             "--max-upstream-connections",
