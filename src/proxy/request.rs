@@ -299,9 +299,44 @@ pub async fn forward(
             });
         }
     };
+    downstream(
+        shared,
+        ctx,
+        resp,
+        Downstream {
+            agent_version,
+            in_flight,
+            needles: injected.needles,
+            credential: allowed.route().credential().unwrap_or("?").to_owned(),
+        },
+    )
+}
+
+/// What the response side of [`forward`] needs from the request side.
+struct Downstream {
+    /// The HTTP version the agent speaks (HTTP/2 cannot carry a 101).
+    agent_version: http::Version,
+    /// The agent's in-flight slot, held until the answer has been streamed.
+    in_flight: Slot,
+    /// The injected credential's forms, when the route has one.
+    needles: Option<Arc<crate::redact::Needles>>,
+    /// The credential's name, for the redaction warning.
+    credential: String,
+}
+
+/// The upstream's answer on its way to the agent: head cleaned, extensions dropped, and on a
+/// credentialed route decoded if it came compressed and redacted wherever the credential
+/// shows.
+fn downstream(
+    shared: &Arc<Shared>,
+    ctx: &Ctx,
+    resp: Response<Incoming>,
+    d: Downstream,
+) -> Result<Response<ProxyBody>, Deny> {
     // HTTP/2 has no 101 (RFC 9113 8.6): handed to the agent's h2 connection it would be a
     // protocol error there, so it is the upstream's broken answer, said once, as a 502.
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && agent_version == http::Version::HTTP_2 {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && d.agent_version == http::Version::HTTP_2
+    {
         return Err(Deny::UpstreamProtocol(
             "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry".into(),
         ));
@@ -314,8 +349,8 @@ pub async fn forward(
     // else the upstream connection attached to the response is ours to pass on either.
     parts.extensions.clear();
     // The request stays in flight until its answer has been streamed to the agent.
-    let body = Holding::new(body, in_flight);
-    let Some(needles) = injected.needles else {
+    let body = Holding::new(body, d.in_flight);
+    let Some(needles) = d.needles else {
         return Ok(Response::from_parts(
             parts,
             body.map_err(BoxError::from).boxed_unsync(),
@@ -323,7 +358,7 @@ pub async fn forward(
     };
     // SECURITY: an upstream that echoes the credential (debug endpoints, error pages) must
     // not hand it to the agent.
-    let credential = allowed.route().credential().unwrap_or("?").to_owned();
+    let credential = d.credential;
     let request_id = ctx.rec.request_id().to_owned();
     if needles.redact_headers(&mut parts.headers) {
         warn!(%credential, %request_id, "upstream echoed the injected credential in a header; redacted");
