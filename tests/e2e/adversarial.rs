@@ -118,12 +118,7 @@ paths = ["/repos/acme/backend/issues"]
 
 fn env_with(serve_args: &[&str], more_policy: &str) -> Env {
     let home = Home::new();
-    home.standard_policy();
-    let path = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&extra_routes(&home));
-    text.push_str(more_policy);
-    std::fs::write(&path, text).unwrap();
+    home.standard_policy_with(&(extra_routes(&home) + more_policy));
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &["--on-behalf-of", "alice"]);
     let proxy = home.serve(serve_args);
@@ -1922,11 +1917,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 fn a_name_resolving_to_loopback_without_a_pin_is_403_upstream_private() {
     let env = {
         let home = Home::new();
-        home.standard_policy();
-        let path = home.path().join("policies/bot.toml");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str(&localhost_route(home.https_port()));
-        std::fs::write(&path, text).unwrap();
+        home.standard_policy_with(&localhost_route(home.https_port()));
         home.set_secret("github", SECRET);
         let token = home.issue("bot", &[]);
         let proxy = home.serve(&[]);
@@ -1945,11 +1936,7 @@ fn a_name_resolving_to_loopback_without_a_pin_is_403_upstream_private() {
 #[test]
 fn a_name_pinned_to_loopback_with_resolve_is_allowed() {
     let home = Home::new();
-    home.standard_policy();
-    let path = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&localhost_route(home.https_port()));
-    std::fs::write(&path, text).unwrap();
+    home.standard_policy_with(&localhost_route(home.https_port()));
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);
     let pin = format!("localhost:{}:127.0.0.1", home.https_port());
@@ -2103,10 +2090,7 @@ fn upstream_certificate_for_another_name_is_502_upstream_tls_and_no_secret_is_se
     // 127.0.0.1: not wrongname.example.test.
     let env = {
         let home = Home::new();
-        home.standard_policy();
-        let path = home.path().join("policies/bot.toml");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        text.push_str(&format!(
+        home.standard_policy_with(&format!(
             r#"
 [[routes]]
 id = "wrong-name"
@@ -2118,7 +2102,6 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 "#,
             home.https_port()
         ));
-        std::fs::write(&path, text).unwrap();
         home.set_secret("github", SECRET);
         let token = home.issue("bot", &[]);
         let pin = format!("wrongname.example.test:{}:127.0.0.1", home.https_port());
@@ -2139,12 +2122,9 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 #[test]
 fn an_upstream_switching_protocols_on_an_http2_agent_is_502_and_the_connection_lives_on() {
     let home = Home::new();
-    home.standard_policy();
     // An HTTP/1.1-only upstream (HTTP/2 has no 101) on a port of its own.
     let port = home.upstream.https1_addr.port();
-    let policy = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&policy).unwrap();
-    text.push_str(&format!(
+    home.standard_policy_with(&format!(
         r#"
 [[routes]]
 id = "h1-only"
@@ -2155,7 +2135,6 @@ credential = "github"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 "#
     ));
-    std::fs::write(&policy, text).unwrap();
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);
     let pin = format!("{API_HOST}:{port}:127.0.0.1");
@@ -2202,10 +2181,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 #[test]
 fn body_announced_larger_than_max_body_is_413_before_anything_reaches_upstream() {
     let home = Home::new();
-    home.standard_policy();
-    let path = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&format!(
+    home.standard_policy_with(&format!(
         r#"
 [[routes]]
 id = "small-upload"
@@ -2218,7 +2194,6 @@ max_body = 1024
 "#,
         home.https_port()
     ));
-    std::fs::write(&path, text).unwrap();
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);
     let proxy = home.serve(&[]);

@@ -672,6 +672,11 @@ impl Home {
 
     /// A standard policy: agent `bot` with a header-injected read route on the upstream.
     pub fn standard_policy(&self) {
+        self.standard_policy_with("");
+    }
+
+    /// The standard policy with `more_routes` (TOML `[[routes]]` tables) after its own.
+    pub fn standard_policy_with(&self, more_routes: &str) {
         let port = self.https_port();
         let http_port = self.http_port();
         self.write_policy(
@@ -736,7 +741,7 @@ methods = ["GET"]
 paths = ["/**"]
 credential = "github"
 inject = {{ header = "x-api-key", value = "{{secret}}" }}
-"#
+{more_routes}"#
             ),
         );
     }

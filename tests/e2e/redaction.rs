@@ -18,10 +18,7 @@ struct Env {
 
 fn env() -> Env {
     let home = Home::new();
-    home.standard_policy();
-    let path = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&format!(
+    home.standard_policy_with(&format!(
         r#"
 [[routes]]
 id = "echo"
@@ -33,7 +30,6 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 "#,
         port = home.https_port()
     ));
-    std::fs::write(&path, text).unwrap();
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &["--on-behalf-of", "alice"]);
     let proxy = home.serve(&[]);

@@ -28,10 +28,7 @@ struct Env {
 
 fn env(serve_flags: &[&str]) -> Env {
     let home = Home::new();
-    home.standard_policy();
-    let path = home.path().join("policies/bot.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&format!(
+    home.standard_policy_with(&format!(
         r#"
 [[routes]]
 id = "payments"
@@ -60,7 +57,6 @@ scan_request = false
 "#,
         port = home.https_port()
     ));
-    std::fs::write(&path, text).unwrap();
     home.set_secret("github", SECRET);
     home.set_secret("billing", BILLING);
     home.set_secret("payments", PAYMENTS);
