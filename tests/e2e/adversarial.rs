@@ -27,18 +27,11 @@ struct Env {
 impl Env {
     /// `api.example.test:PORT`, the authority the standard routes name.
     fn api(&self) -> String {
-        format!("{API_HOST}:{}", self.home.https_port())
+        self.home.api_authority()
     }
 
     fn tunnel(&self) -> RawTunnel {
-        RawTunnel::open(
-            self.proxy.addr,
-            &self.api(),
-            &self.token,
-            API_HOST,
-            &self.home.latchkey_ca(),
-        )
-        .unwrap()
+        self.home.tunnel(&self.proxy, &self.token)
     }
 
     /// A plain GET inside a fresh tunnel, with extra raw header lines.
@@ -1378,17 +1371,6 @@ fn b64url(v: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
 }
 
-fn sign_ed(home: &Home, claims: &Value) -> String {
-    let pem = std::fs::read(home.state().join("signing.key")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-        claims,
-        &key,
-    )
-    .unwrap()
-}
-
 fn claims(now: u64) -> Value {
     json!({"iss":"latchkey","aud":"latchkey-proxy","sub":"bot","jti":"adv-session",
         "iat": now, "exp": now + 600})
@@ -1432,7 +1414,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             .as_bytes(),
     );
     let swapped_payload = parts.join(".");
-    let over_long = sign_ed(
+    let over_long = sign_claims(
         home,
         &with(base.clone(), "task", json!("x".repeat(9 * 1024))),
     );
@@ -1463,7 +1445,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "no exp",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "exp", Value::Null))
+                sign_claims(home, &with(base.clone(), "exp", Value::Null))
             ),
             "token_invalid",
         ),
@@ -1471,7 +1453,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "nbf in the future",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "nbf", json!(now + 3600)))
+                sign_claims(home, &with(base.clone(), "nbf", json!(now + 3600)))
             ),
             "token_invalid",
         ),
@@ -1479,7 +1461,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "iat in the future",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "iat", json!(now + 3600)))
+                sign_claims(home, &with(base.clone(), "iat", json!(now + 3600)))
             ),
             "token_invalid",
         ),
@@ -1487,7 +1469,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "wrong aud",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "aud", json!("someone-else")))
+                sign_claims(home, &with(base.clone(), "aud", json!("someone-else")))
             ),
             "token_invalid",
         ),
@@ -1495,7 +1477,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "wrong iss",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "iss", json!("evil")))
+                sign_claims(home, &with(base.clone(), "iss", json!("evil")))
             ),
             "token_invalid",
         ),
@@ -1503,7 +1485,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "no jti",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "jti", Value::Null))
+                sign_claims(home, &with(base.clone(), "jti", Value::Null))
             ),
             "token_invalid",
         ),
@@ -1511,7 +1493,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "exp as a string",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "exp", json!("never")))
+                sign_claims(home, &with(base.clone(), "exp", json!("never")))
             ),
             "token_invalid",
         ),
@@ -1524,7 +1506,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
             "expired",
             format!(
                 "Bearer {}",
-                sign_ed(home, &with(base.clone(), "exp", json!(now - 60)))
+                sign_claims(home, &with(base.clone(), "exp", json!(now - 60)))
             ),
             "token_expired",
         ),
@@ -1562,7 +1544,7 @@ fn hostile_tokens_are_refused_at_connect_with_407_and_audited() {
         );
     }
     // A validly signed token for an agent that has no policy: authenticated, but no host.
-    let ghost = sign_ed(home, &with(base.clone(), "sub", json!("ghost")));
+    let ghost = sign_claims(home, &with(base.clone(), "sub", json!("ghost")));
     let (_s, r) = raw_connect(env.proxy.addr, &env.api(), Some(&format!("Bearer {ghost}")));
     assert_denied(&r, 403, "host_not_allowed", "agent without a policy");
 

@@ -799,6 +799,24 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         )
     }
 
+    /// `api.example.test:PORT`, the authority the standard routes name.
+    pub fn api_authority(&self) -> String {
+        format!("{API_HOST}:{}", self.https_port())
+    }
+
+    /// A CONNECT tunnel to the test API through `proxy` as the holder of `token`, TLS on
+    /// top (SNI `api.example.test`, latchkey's CA trusted), for raw bytes.
+    pub fn tunnel(&self, proxy: &Proxy, token: &str) -> RawTunnel {
+        RawTunnel::open(
+            proxy.addr,
+            &self.api_authority(),
+            token,
+            API_HOST,
+            &self.latchkey_ca(),
+        )
+        .expect("a tunnel to the test API")
+    }
+
     /// The typed config `serve` would build for this home (port 0 for both listeners, the
     /// upstream CA trusted, the test hosts pinned), to adjust field by field and start with
     /// [`Proxy::in_process`].
@@ -1202,6 +1220,19 @@ fn ready_full(issue_args: &[&str], serve_flags: &[&str]) -> (Home, Proxy, String
     let token = home.issue("bot", issue_args);
     let proxy = home.serve(serve_flags);
     (home, proxy, token)
+}
+
+/// A token with `claims`, signed with this home's own signing key (for forged or malformed
+/// claims that `token issue` would never produce).
+pub fn sign_claims(home: &Home, claims: &Value) -> String {
+    let pem = std::fs::read(home.state().join("signing.key")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &key,
+    )
+    .unwrap()
 }
 
 /// Poll `f` until it returns `Some` (every 25 ms), failing the test after `limit`.

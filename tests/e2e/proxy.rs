@@ -11,17 +11,6 @@ fn ready() -> (Home, Proxy, String) {
     ready_with(&["--on-behalf-of", "alice", "--task", "triage"])
 }
 
-fn sign_claims(home: &Home, claims: &Value) -> String {
-    let pem = std::fs::read(home.state().join("signing.key")).unwrap();
-    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-        claims,
-        &key,
-    )
-    .unwrap()
-}
-
 fn now() -> u64 {
     latchkey::auth::unix_now()
 }

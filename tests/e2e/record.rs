@@ -37,11 +37,15 @@ fn upstream_saw(home: &Home, path: &str) -> Seen {
 /// A raw HTTP/1.1 tunnel to the test API as `bot`, with `request_line` (e.g. `GET /x`)
 /// already sent.
 fn h1_request(home: &Home, proxy: &Proxy, token: &str, request_line: &str) -> RawTunnel {
-    let authority = format!("{API_HOST}:{}", home.https_port());
-    let mut t = RawTunnel::open(proxy.addr, &authority, token, API_HOST, &home.latchkey_ca())
-        .expect("tunnel");
+    let mut t = home.tunnel(proxy, token);
     t.tls
-        .write_all(format!("{request_line} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "{request_line} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                home.api_authority()
+            )
+            .as_bytes(),
+        )
         .unwrap();
     t.tls.flush().unwrap();
     t

@@ -38,15 +38,8 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 
 impl Env {
     fn get(&self, path: &str) -> RawResponse {
-        let api = format!("{API_HOST}:{}", self.home.https_port());
-        let mut tunnel = RawTunnel::open(
-            self.proxy.addr,
-            &api,
-            &self.token,
-            API_HOST,
-            &self.home.latchkey_ca(),
-        )
-        .unwrap();
+        let api = self.home.api_authority();
+        let mut tunnel = self.home.tunnel(&self.proxy, &self.token);
         let req = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n");
         tunnel.exchange(req.as_bytes()).unwrap()
     }

@@ -166,15 +166,8 @@ fn the_routes_own_credential_sent_by_the_agent_is_refused_too() {
 
 /// POST `path` through a raw tunnel with a chunked body whose chunks are `chunks`.
 fn post_chunked(e: &Env, path: &str, chunks: &[&[u8]]) -> RawResponse {
-    let api = format!("{API_HOST}:{}", e.home.https_port());
-    let mut tunnel = RawTunnel::open(
-        e.proxy.addr,
-        &api,
-        &e.token,
-        API_HOST,
-        &e.home.latchkey_ca(),
-    )
-    .unwrap();
+    let api = e.home.api_authority();
+    let mut tunnel = e.home.tunnel(&e.proxy, &e.token);
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: {api}\r\nTransfer-Encoding: chunked\r\n\
          Content-Type: application/json\r\nConnection: close\r\n\r\n"
@@ -269,15 +262,8 @@ fn a_github_format_token_goes_only_to_a_route_that_injects_github_credentials() 
 #[test]
 fn on_exfiltration_revoke_revokes_the_session_at_once() {
     let e = env(&["--on-exfiltration", "revoke"]);
-    let api = format!("{API_HOST}:{}", e.home.https_port());
-    let mut tunnel = RawTunnel::open(
-        e.proxy.addr,
-        &api,
-        &e.token,
-        API_HOST,
-        &e.home.latchkey_ca(),
-    )
-    .unwrap();
+    let api = e.home.api_authority();
+    let mut tunnel = e.home.tunnel(&e.proxy, &e.token);
     let r = tunnel
         .exchange(format!("GET /pay/leak?k={BILLING} HTTP/1.1\r\nHost: {api}\r\n\r\n").as_bytes())
         .unwrap();
