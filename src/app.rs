@@ -314,9 +314,13 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
             .doing(|| "cannot open the secret backend".to_owned())?,
     );
     secrets.start_refresh();
+    // Taken before the build, like the policy stamp below: a change in between is then seen
+    // by the reloader, and an unchanged store is not read a second time on its first tick.
+    let mut secrets_seen = secrets.file_generation();
     let tripwire = match Tripwire::build(&secrets).await {
         Ok(t) => t,
         Err(e) => {
+            secrets_seen = None;
             // A down OpenBao must not stop the start: formats are still caught, and the
             // reload loop keeps trying for the stored values.
             tracing::error!(error = %e, "cannot read the stored credentials for the exfiltration tripwire; will keep trying");
@@ -390,6 +394,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         shared.clone(),
         drain.clone(),
         policy_stamp,
+        secrets_seen,
     ))];
     if let (Some(st), Some(redis)) = (shared_state, &cfg.redis) {
         let shared = shared.clone();
@@ -489,13 +494,17 @@ pub fn load_policies(dir: &std::path::Path) -> Result<Policies, StartError> {
     Ok(report.policies)
 }
 
-/// Pick up revocations, signing keys and policy edits while serving.
-async fn reload_loop(shared: Arc<Shared>, mut drain: Drain, policy_stamp: DirStamp) {
+/// Pick up revocations, signing keys, stored credentials (for the tripwire) and policy edits
+/// while serving. `secrets_seen` is the file store's generation the running tripwire was built from (`None`
+/// when it must be rebuilt on the first tick).
+async fn reload_loop(
+    shared: Arc<Shared>,
+    mut drain: Drain,
+    policy_stamp: DirStamp,
+    mut secrets_seen: Option<u64>,
+) {
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     let mut last_policy_stamp = policy_stamp;
-    // `None`: the first tick rebuilds once, catching a change between the start's build and
-    // this loop.
-    let mut secrets_seen = None;
     let mut tripwire_built = tokio::time::Instant::now();
     loop {
         tokio::select! {
