@@ -19,6 +19,8 @@ fn typical_event() -> AuditEvent {
         task: Some("fix-ci".into()),
         route: Some("github-api".into()),
         credential: Some("github_pat".into()),
+        credential_kind: Some("static".into()),
+        credential_detail: None,
         decision: Decision::Allow,
         reason: None,
         replica: None,

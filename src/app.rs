@@ -345,6 +345,8 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
         .await
         .doing(|| format!("cannot open the audit log {}", audit_path.display()))?;
+    let credentials =
+        crate::credential::Credentials::new(secrets.clone(), crate::credential::kinds());
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),
         keys,
@@ -361,7 +363,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         policies_dir: cfg.policies.clone(),
         metrics,
         limits_state: Default::default(),
-        prepared: Default::default(),
+        credentials,
         rate_limits,
         tripwire: ArcSwap::from_pointee(tripwire),
         on_exfiltration: cfg.on_exfiltration,
@@ -549,7 +551,7 @@ async fn reload_loop(
                     shared
                         .policies
                         .store(Arc::new(keep_last_good(&current, report)));
-                    shared.prepared.clear();
+                    shared.credentials.clear();
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
             }

@@ -319,9 +319,15 @@ struct SecretArgs {
 #[derive(Debug, Subcommand)]
 enum SecretCmd {
     /// Store a secret; the value is read from standard input (one trailing newline dropped).
+    /// With `--kind` other than `static`, standard input is the credential's TOML document
+    /// (`kind = "..."`, its settings, and its secret values under `[secret]`), checked before
+    /// it is stored.
     Set {
         /// Secret name, as routes refer to it.
         name: String,
+        /// The credential's kind: `static` (a single value) or a typed kind.
+        #[arg(long, default_value = "static")]
+        kind: String,
     },
     /// List secret names and dates (never values).
     List,
@@ -711,7 +717,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
 async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {
     let store = args.backend.open(dirs)?;
     match args.cmd {
-        SecretCmd::Set { name } => {
+        SecretCmd::Set { name, kind } => {
             crate::secrets::validate_name(&name)?;
             let mut buf = zeroize::Zeroizing::new(Vec::new());
             std::io::stdin()
@@ -726,9 +732,23 @@ async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {
             if buf.is_empty() {
                 bail!("the secret read from standard input is empty; pipe the value in, e.g. `printf %s \"$TOKEN\" | latchkey secret set {name}`");
             }
-            let value = Secret::new(std::mem::take(&mut *buf));
+            let value = if kind == "static" {
+                if buf.starts_with(crate::secrets::typed::TYPED_MAGIC.as_bytes()) {
+                    bail!("the value starts like a typed credential document; store it with `--kind KIND` (the kind its `kind` key names)");
+                }
+                Secret::new(std::mem::take(&mut *buf))
+            } else {
+                let text = std::str::from_utf8(&buf)
+                    .map_err(|_| anyhow!("a {kind} credential document must be UTF-8 TOML"))?;
+                crate::credential::check_document(&name, &kind, text)
+                    .with_context(|| format!("cannot store credential {name}"))?
+            };
             store.set(&name, value).await?;
-            eprintln!("stored secret {name}");
+            if kind == "static" {
+                eprintln!("stored secret {name}");
+            } else {
+                eprintln!("stored {kind} credential {name}");
+            }
         }
         SecretCmd::List => {
             let list = store.list().await?;
@@ -1139,11 +1159,45 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
                 "warning: cannot check which credentials exist in {}: {e}",
                 store.describe()
             ),
-            None => diagnostics.extend(
-                report
-                    .policies
-                    .missing_credentials(&|name| present.contains(name)),
-            ),
+            None => {
+                diagnostics.extend(
+                    report
+                        .policies
+                        .missing_credentials(&|name| present.contains(name)),
+                );
+                // Each stored credential is built by its kind, which says whether each route
+                // that names it can use it.
+                let mut built = std::collections::HashMap::new();
+                for name in &present {
+                    let outcome = match store.get(name).await {
+                        Ok(Some(secret)) => {
+                            crate::credential::build(name, &secret, &crate::credential::kinds())
+                                .map_err(|e| e.to_string())
+                        }
+                        Ok(None) => continue,
+                        Err(e) => Err(format!("cannot be read: {e}")),
+                    };
+                    built.insert(name.clone(), outcome);
+                }
+                diagnostics.extend(report.policies.credential_diagnostics(&|name, route| {
+                    match built.get(name)? {
+                        Err(why) => Some((
+                            Severity::Error,
+                            format!("credential {name:?} cannot be used: {why}"),
+                        )),
+                        Ok(credential) => credential.fits(route).err().map(|why| {
+                            (
+                                Severity::Error,
+                                format!(
+                                    "credential {name:?} ({}) does not fit route {}: {why}",
+                                    credential.kind(),
+                                    route.id()
+                                ),
+                            )
+                        }),
+                    }
+                }));
+            }
         }
     }
     let errors = diagnostics

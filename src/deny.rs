@@ -146,6 +146,11 @@ pub enum Deny {
     /// The route's credential is not in the secret store (or the store cannot be read).
     #[error("credential {0} is not available in the secret store")]
     SecretUnavailable(String),
+    /// The route's credential exists but cannot be put on this request now: its stored form
+    /// cannot be used, or what it needs to mint or sign (a token endpoint, a role to assume)
+    /// did not answer in time. The detail names the credential and the cause, never a value.
+    #[error("credential {0}")]
+    CredentialUnavailable(String),
     /// Connecting to the upstream failed (refused, DNS, unreachable).
     #[error("the upstream could not be reached: {0}")]
     UpstreamUnreachable(String),
@@ -226,7 +231,9 @@ impl Deny {
             | Deny::MethodNotAllowed { .. }
             | Deny::SecretInRequest(_) => StatusCode::FORBIDDEN,
             Deny::BadPath(_) | Deny::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Deny::SecretUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Deny::SecretUnavailable(_) | Deny::CredentialUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Deny::UpstreamUnreachable(_) | Deny::UpstreamTls(_) | Deny::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -260,6 +267,7 @@ impl Deny {
             Deny::BadPath(_) => "bad_path",
             Deny::BadRequest(_) => "bad_request",
             Deny::SecretUnavailable(_) => "secret_unavailable",
+            Deny::CredentialUnavailable(_) => "credential_unavailable",
             Deny::UpstreamUnreachable(_) => "upstream_unreachable",
             Deny::UpstreamTls(_) => "upstream_tls",
             Deny::UpstreamTimeout => "upstream_timeout",
@@ -298,6 +306,7 @@ impl Deny {
             | Deny::UpstreamTimeout
             | Deny::UpstreamProtocol(_) => Fault::Upstream,
             Deny::SecretUnavailable(_)
+            | Deny::CredentialUnavailable(_)
             | Deny::StateUnavailable
             | Deny::UpstreamConnectionsExhausted => Fault::Us,
             _ => Fault::Agent,
@@ -439,6 +448,7 @@ mod tests {
             Deny::BadPath(BadPath::AboveRoot),
             Deny::BadRequest("x".into()),
             Deny::SecretUnavailable("gh".into()),
+            Deny::CredentialUnavailable("gh: its token endpoint did not answer".into()),
             Deny::UpstreamUnreachable("refused".into()),
             Deny::UpstreamTls("bad cert".into()),
             Deny::UpstreamTimeout,

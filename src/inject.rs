@@ -16,7 +16,7 @@ use crate::authority::Authority;
 use crate::deny::Deny;
 use crate::policy::{Allowed, Inject, Route, Scheme};
 use crate::redact::{self, Needles};
-use crate::secrets::{Secret, Secrets};
+use crate::secrets::Secret;
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) plus the legacy `proxy-connection`.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -116,28 +116,6 @@ fn remove_prefixed(headers: &mut HeaderMap) {
     }
 }
 
-/// Look up the route's credential, before `apply`: the one step of the request that may wait
-/// on a secret backend (bounded; see `secrets::SecretCache`). `Ok(None)` when the route
-/// injects nothing. A missing credential or a backend that cannot answer is
-/// `SecretUnavailable` (503), with a detail that names the credential and never its value.
-pub async fn credential(allowed: &Allowed, secrets: &Secrets) -> Result<Option<Arc<Secret>>, Deny> {
-    let Some(name) = allowed.route().credential() else {
-        return Ok(None);
-    };
-    match secrets.get(name).await {
-        Ok(Some(secret)) => Ok(Some(secret)),
-        Ok(None) => Err(Deny::SecretUnavailable(name.to_owned())),
-        Err(e) => {
-            // Our fault, not the agent's: the operator gets the cause, the agent one phrase.
-            tracing::error!(credential = name, error = %e, "secret backend cannot answer");
-            Err(Deny::SecretUnavailable(format!(
-                "{name} ({})",
-                e.agent_detail()
-            )))
-        }
-    }
-}
-
 /// What `apply` put on the request, for the response side.
 #[derive(Debug, Default)]
 pub struct Injected {
@@ -166,15 +144,64 @@ pub struct Rewrite<'a> {
     pub allowed: &'a Allowed,
 }
 
+/// The header a route injects into, if it injects a header: the agent's copy is removed from
+/// its head and its trailers ([`strip_request_trailers`]).
+pub fn injected_header(route: &Route) -> Option<&HeaderName> {
+    match route.inject() {
+        Some(Inject::Header { name, .. }) => Some(name),
+        _ => None,
+    }
+}
+
 /// Rewrite an allowed request for the upstream: absolute URI from the checked authority and the
 /// normalised path (so the upstream sees exactly what policy matched), stripped headers, and the
-/// route's credential (`secret`, from [`credential`]).
+/// route's credential value (`secret`, from the `static` kind or a minted token) in the route's
+/// inject form. A route without a credential passes `None`.
 pub fn apply(
     parts: &mut Parts,
     rewrite: &Rewrite<'_>,
     secret: Option<Arc<Secret>>,
     cache: &PreparedCache,
 ) -> Result<Injected, Deny> {
+    let route = rewrite.allowed.route();
+    let prepared = match (route.credential(), secret) {
+        (Some(_), Some(secret)) => Some(cache.get(route, &secret)?),
+        // SECURITY: a credentialed route never goes out without its credential.
+        (Some(name), None) => return Err(Deny::SecretUnavailable(name.to_owned())),
+        (None, _) => None,
+    };
+    rewrite_head(parts, rewrite, prepared.as_deref())?;
+    let header = injected_header(route).cloned();
+    let Some(prepared) = prepared else {
+        return Ok(Injected {
+            needles: None,
+            header,
+        });
+    };
+    if let Some((name, value)) = &prepared.header {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    Ok(Injected {
+        needles: prepared.needles.clone(),
+        header,
+    })
+}
+
+/// Strip the agent's credentials and rebuild the target, putting nothing on: for kinds that
+/// sign the finished request themselves (their own headers go on afterwards).
+pub fn rebuild(parts: &mut Parts, rewrite: &Rewrite<'_>) -> Result<(), Deny> {
+    rewrite_head(parts, rewrite, None)
+}
+
+fn rewrite_head(
+    parts: &mut Parts,
+    rewrite: &Rewrite<'_>,
+    prepared: Option<&Prepared>,
+) -> Result<(), Deny> {
     let Rewrite {
         scheme,
         authority,
@@ -184,18 +211,7 @@ pub fn apply(
     } = *rewrite;
     let route = allowed.route();
     let inject = route.inject();
-    let injected_header = match inject {
-        Some(Inject::Header { name, .. }) => Some(name),
-        _ => None,
-    };
-    strip_request_headers(&mut parts.headers, injected_header);
-
-    let prepared = match (route.credential(), secret) {
-        (Some(_), Some(secret)) => Some(cache.get(route, &secret)?),
-        // SECURITY: a credentialed route never goes out without its credential.
-        (Some(name), None) => return Err(Deny::SecretUnavailable(name.to_owned())),
-        (None, _) => None,
-    };
+    strip_request_headers(&mut parts.headers, injected_header(route));
 
     let scheme_str = match scheme {
         Scheme::Https => "https",
@@ -208,11 +224,10 @@ pub fn apply(
     target.push_str("://");
     {
         use std::fmt::Write as _;
-        // Straight into the buffer: no intermediate String for the authority.
         let _ = write!(&mut *target, "{authority}{path}");
     }
 
-    match (inject, prepared.as_deref()) {
+    match (inject, prepared) {
         (Some(Inject::Query { name }), Some(prepared)) => {
             target.push('?');
             let kept = push_query_without(&mut target, query.unwrap_or(""), name);
@@ -232,34 +247,12 @@ pub fn apply(
     }
     parts.uri = Uri::try_from(target.as_str())
         .map_err(|_| Deny::BadRequest("the request target cannot be rebuilt".into()))?;
-    // The pooled client speaks HTTP/2 or HTTP/1.1 upstream, whatever the agent used.
     parts.version = Version::HTTP_11;
-
-    let Some(prepared) = prepared else {
-        return Ok(Injected {
-            needles: None,
-            header: injected_header.cloned(),
-        });
-    };
-    if let Some((name, value)) = &prepared.header {
-        // A clone of a prebuilt value: a reference count, not a copy of the secret.
-        parts.headers.insert(name.clone(), value.clone());
-    }
-    // SECURITY: ask for an uncompressed answer on credentialed routes, so redaction scans the
-    // bytes as sent; an upstream that compresses anyway is decoded first (`proxy::decode`).
-    parts.headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-    Ok(Injected {
-        needles: prepared.needles.clone(),
-        header: injected_header.cloned(),
-    })
+    Ok(())
 }
 
-/// What a route puts on the wire for one secret value, built once and reused until the value
-/// or the policy changes: the header, the percent-encoded query value, and the needles the
-/// response is scanned for.
+/// Header value, query value and redaction needles of one credential value on one route,
+/// built once and reused while neither changes.
 pub struct Prepared {
     header: Option<(HeaderName, HeaderValue)>,
     query_value: Zeroizing<String>,

@@ -172,29 +172,51 @@ impl Policies {
 
     /// Warnings for credentials the store does not hold (policy check).
     pub fn missing_credentials(&self, known: &dyn Fn(&str) -> bool) -> Vec<Diagnostic> {
+        self.credential_diagnostics(&|name, route| {
+            (!known(name)).then(|| {
+                (
+                    Severity::Warning,
+                    format!(
+                        "credential {name:?} is not in the secret store; route {} will be \
+                         refused until it is set",
+                        route.id()
+                    ),
+                )
+            })
+        })
+    }
+
+    /// One diagnostic per credentialed route that `check` (given the credential's name and
+    /// the route) finds something to say about: e.g. a credential whose kind does not fit
+    /// the route's inject form, as `policy check` asks each credential kind.
+    pub fn credential_diagnostics(
+        &self,
+        check: &CredentialCheck<'_>,
+    ) -> Vec<Diagnostic> {
         let mut out = Vec::new();
         for policy in self.agents.values() {
             for (i, route) in policy.routes.iter().enumerate() {
-                if let Some(name) = route.credential() {
-                    if !known(name) {
-                        out.push(Diagnostic {
-                            file: policy.file.clone(),
-                            line: route.credential_line(),
-                            field: format!("routes[{i}].credential"),
-                            message: format!(
-                                "credential {name:?} is not in the secret store; route {} will \
-                                 be refused until it is set",
-                                route.id()
-                            ),
-                            severity: Severity::Warning,
-                        });
-                    }
+                let Some(name) = route.credential() else {
+                    continue;
+                };
+                if let Some((severity, message)) = check(name, route) {
+                    out.push(Diagnostic {
+                        file: policy.file.clone(),
+                        line: route.credential_line(),
+                        field: format!("routes[{i}].credential"),
+                        message,
+                        severity,
+                    });
                 }
             }
         }
         out
     }
 }
+
+/// What `Policies::credential_diagnostics` asks about each credentialed route: given the
+/// credential's name and the route, a finding and how severe it is.
+pub type CredentialCheck<'a> = dyn Fn(&str, &Route) -> Option<(Severity, String)> + 'a;
 
 #[cfg(test)]
 mod tests;

@@ -50,8 +50,9 @@ pub struct Shared {
     pub policies_dir: PathBuf,
     /// Counters for the admin listener.
     pub metrics: Arc<Metrics>,
-    /// Prebuilt injected header values and redaction needles per route and secret value.
-    pub prepared: crate::inject::PreparedCache,
+    /// Every route's credential, built per kind from the secret backend (and prebuilt
+    /// injected header values and redaction needles per route and value).
+    pub credentials: crate::credential::Credentials,
     /// Open connections overall and per agent, checked against `limits`.
     pub limits_state: limits::ConnLimits,
     /// Request rate limits per (agent, route): local, or shared through Redis.

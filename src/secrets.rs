@@ -15,6 +15,7 @@ mod cache;
 mod openbao;
 mod secret;
 mod store;
+pub mod typed;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -282,10 +282,13 @@ impl Tripwire {
         let mut stored = Vec::new();
         for meta in secrets.list().await? {
             match secrets.get(&meta.name).await {
-                Ok(Some(v)) => stored.push((
-                    Arc::<str>::from(meta.name.as_str()),
-                    Zeroizing::new(v.expose().to_vec()),
-                )),
+                Ok(Some(v)) => {
+                    // A typed credential is searched for by each of its secret values.
+                    let name = Arc::<str>::from(meta.name.as_str());
+                    for value in crate::secrets::typed::secret_values(&v) {
+                        stored.push((name.clone(), value));
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(
                     credential = %meta.name, error = %e,

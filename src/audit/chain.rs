@@ -33,6 +33,10 @@ struct Canonical<'a> {
     bytes_down: Option<u64>,
     bytes_up: Option<u64>,
     credential: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential_detail: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential_kind: &'a Option<String>,
     decision: Decision,
     duration_ms: f64,
     host: &'a str,
@@ -87,6 +91,8 @@ impl Chain {
             bytes_down: event.bytes_down,
             bytes_up: event.bytes_up,
             credential: &event.credential,
+            credential_detail: &event.credential_detail,
+            credential_kind: &event.credential_kind,
             decision: event.decision,
             duration_ms: normalise_duration_ms(event.duration_ms),
             host: &event.host,
@@ -182,6 +188,8 @@ mod tests {
             task: Some("tab\there\nnewline".into()),
             route: Some("github".into()),
             credential: Some("gh_token".into()),
+            credential_kind: Some("static".into()),
+            credential_detail: None,
             decision: Decision::Allow,
             outcome: Some(Outcome::Ok),
             reason: None,

@@ -80,6 +80,12 @@ pub struct AuditEvent {
     pub route: Option<String>,
     /// Name (never the value) of the credential injected.
     pub credential: Option<String>,
+    /// The credential's kind (`static`, `oauth2`, ...), when one went on the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_kind: Option<String>,
+    /// What the kind says about its use, never a value: whose connection, which role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_detail: Option<String>,
     /// `allow` exactly when the request (and its credential) went upstream.
     pub decision: Decision,
     /// How the request ended. Absent in lines written before this field existed.
@@ -171,6 +177,8 @@ mod tests {
             task: None,
             route: None,
             credential: None,
+            credential_kind: None,
+            credential_detail: None,
             decision: Decision::Deny,
             outcome: Some(Outcome::Denied),
             reason: Some("no_rule".into()),

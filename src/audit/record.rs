@@ -62,6 +62,8 @@ impl Recorder {
             path,
             route: None,
             credential: None,
+            credential_kind: None,
+            credential_detail: None,
             sent: false,
             status: None,
             ttfb: None,
@@ -106,6 +108,8 @@ pub struct Record {
     pub path: String,
     route: Option<String>,
     credential: Option<String>,
+    credential_kind: Option<&'static str>,
+    credential_detail: Option<String>,
     /// The request went upstream: `decision: allow`.
     sent: bool,
     status: Option<u16>,
@@ -128,6 +132,13 @@ impl Record {
     pub fn matched(&mut self, route: &str, credential: Option<&str>) {
         self.route = Some(route.to_owned());
         self.credential = credential.map(str::to_owned);
+    }
+
+    /// The kind of the credential put on the request, and what the kind says about that use
+    /// (never a value).
+    pub fn credential_used(&mut self, kind: &'static str, detail: Option<String>) {
+        self.credential_kind = Some(kind);
+        self.credential_detail = detail;
     }
 
     /// Whether the request (with its credential, if any) went upstream: `true` as it is
@@ -215,6 +226,8 @@ impl Record {
             task: who.task,
             route: self.route.take(),
             credential: self.credential.take(),
+            credential_kind: self.credential_kind.map(str::to_owned),
+            credential_detail: self.credential_detail.take(),
             decision,
             outcome: Some(outcome),
             reason: reason.map(str::to_owned),

@@ -28,6 +28,8 @@ fn event(i: u64) -> AuditEvent {
         task: None,
         route: Some("github".into()),
         credential: Some("gh_token".into()),
+        credential_kind: Some("static".into()),
+        credential_detail: None,
         decision: if i.is_multiple_of(3) {
             Decision::Deny
         } else {

@@ -31,12 +31,13 @@ use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
 use crate::auth::{self, Claims};
 use crate::authority::{self, Authority};
+use crate::credential::Outgoing;
 use crate::deny::{AuthStage, Deny, Fault};
 use crate::inject::{self, Rewrite};
 use crate::policy::{path, Allowed, Grant, Scheme};
 use crate::ratelimit::Verdict;
 use crate::redact::RedactBody;
-use crate::tripwire::{self, BodyScan, Hit, OnExfiltration};
+use crate::tripwire::{BodyScan, Hit, OnExfiltration};
 
 /// Header carrying the request id on every response to the agent.
 pub const REQUEST_ID: &str = "x-latchkey-request-id";
@@ -240,15 +241,16 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, Deny> {
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
-    let secret = inject::credential(&allowed, &shared.secrets).await?;
+    let credential = shared
+        .credentials
+        .resolve(allowed.route(), &ctx.claims)
+        .await?;
     // SECURITY: the exfiltration tripwire, on the agent's head as it sent it (before `apply`
     // strips or injects anything, so latchkey's own credential is never flagged). A format is
     // allowed only where the route injects that kind (its own secret's format): the agent's
     // `Authorization` is replaced there anyway.
     let scan = allowed.route().scan_request().then(|| {
-        let kind = secret
-            .as_deref()
-            .and_then(|s| tripwire::kind_of(s.expose()));
+        let kind = credential.as_deref().and_then(|c| c.tripwire_kind());
         (shared.tripwire.load_full(), kind)
     });
     if let Some((tw, kind)) = &scan {
@@ -265,16 +267,35 @@ pub async fn forward(
         query: query.as_deref(),
         allowed: &allowed,
     };
-    let injected = inject::apply(&mut parts, &rewrite, secret, &shared.prepared)?;
     let agent_body = body.take().expect("the agent's body is taken once, here");
     let (limited, up_state) = LimitedBody::new(
         agent_body,
         limit,
         ctx.rec.count_up(),
-        injected.header.clone(),
+        inject::injected_header(allowed.route()).cloned(),
         scan.map(|(tw, kind)| BodyScan::new(tw, kind)),
     );
-    let upstream_req = Request::from_parts(parts, limited.boxed_unsync() as UpstreamBody);
+    let limited = limited.boxed_unsync() as UpstreamBody;
+    let (upstream_body, needles) = match &credential {
+        Some(credential) => {
+            let applied = credential
+                .apply(Outgoing {
+                    parts: &mut parts,
+                    rewrite: &rewrite,
+                    body: limited,
+                    claims: &ctx.claims,
+                    prepared: shared.credentials.prepared(),
+                })
+                .await?;
+            ctx.rec.credential_used(credential.kind(), applied.detail);
+            (applied.body, applied.needles)
+        }
+        None => {
+            inject::apply(&mut parts, &rewrite, None, shared.credentials.prepared())?;
+            (limited, None)
+        }
+    };
+    let upstream_req = Request::from_parts(parts, upstream_body);
     // From here the credential may be on the wire: a cancelled or failed exchange is still
     // `decision: allow`.
     ctx.rec.set_sent(true);
@@ -306,7 +327,7 @@ pub async fn forward(
         Downstream {
             agent_version,
             in_flight,
-            needles: injected.needles,
+            needles,
             credential: allowed.route().credential().unwrap_or("?").to_owned(),
         },
     )

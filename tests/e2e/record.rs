@@ -178,6 +178,11 @@ fn a_complete_exchange_records_ok_with_its_byte_counts() {
     assert_eq!(l["outcome"], "ok", "{l}");
     assert_eq!(l["decision"], "allow");
     assert_eq!(l["bytes_up"], 12_345);
+    // The credential by name and kind, never by value.
+    assert_eq!(l["credential"], "github");
+    assert_eq!(l["credential_kind"], "static", "{l}");
+    assert!(l.get("credential_detail").is_none(), "{l}");
+    assert!(!l.to_string().contains(SECRET));
     // The echo's JSON answer, exactly as the agent received it.
     assert_eq!(l["bytes_down"].as_u64().unwrap() as usize, r.body.len());
     let big = lines_for(&home, "/big", 1);
@@ -190,6 +195,8 @@ fn a_complete_exchange_records_ok_with_its_byte_counts() {
     assert_eq!(d[0]["outcome"], "denied");
     assert_eq!(d[0]["decision"], "deny");
     assert_eq!(d[0]["reason"], "no_route");
+    // No credential went on a refused request: no kind either.
+    assert!(d[0].get("credential_kind").is_none(), "{}", d[0]);
     assert_eq!(
         d[0]["bytes_down"].as_u64().unwrap() as usize,
         denied.body.len()
