@@ -420,6 +420,36 @@ mod tests {
         ))
     }
 
+    #[tokio::test]
+    async fn a_typed_credential_is_searched_for_by_each_secret_value_and_not_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::secrets::SecretStore::open_with_key(dir.path(), [7; 32]).unwrap();
+        store
+            .set(
+                "conn",
+                crate::secrets::typed::encode(
+                    "kind = \"oauth2\"\ntoken_url = \"https://auth.example.test/token\"\n\
+                     [secret]\nclient_secret = \"cs-0123456789abcdef\"\n\
+                     refresh_token = \"rt-fedcba9876543210\"\n",
+                ),
+            )
+            .unwrap();
+        let tw = Tripwire::build(&Secrets::File(Box::new(store)))
+            .await
+            .unwrap();
+        for value in ["cs-0123456789abcdef", "rt-fedcba9876543210"] {
+            let hay = format!("{{\"leak\":\"{value}\"}}");
+            assert!(
+                matches!(tw.find(hay.as_bytes(), None), Some(Hit::Stored(_))),
+                "{value} not found"
+            );
+        }
+        // Settings are not secrets: a request may name the token endpoint.
+        assert!(tw
+            .find(b"see https://auth.example.test/token", None)
+            .is_none());
+    }
+
     fn kind(s: &str) -> Option<Kind> {
         match Tripwire::formats_only().find(s.as_bytes(), None) {
             Some(Hit::Format(k)) => Some(k),
