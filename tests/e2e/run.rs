@@ -67,6 +67,10 @@ fn node_run_dir() -> PathBuf {
         dir.join("node_modules/undici").is_dir(),
         "tests/node-run/node_modules is missing: scripts/test runs `npm ci` there"
     );
+    assert!(
+        dir.join("node_modules/openai").is_dir(),
+        "tests/node-run/node_modules/openai is missing: run `npm ci` in tests/node-run"
+    );
     dir
 }
 
@@ -438,6 +442,52 @@ fn node_builtin_fetch_goes_around_plain_run_but_fails_fast_under_contain() {
         "fetch did not fail fast: {contained}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(home.upstream.tls_connections.load(Ordering::SeqCst), 0);
+    assert!(home.upstream.seen().is_empty());
+}
+
+/// The `openai` npm SDK (v5, built-in fetch) pointed straight at an OpenAI-style API on the
+/// upstream's real address, as an agent that ignores the proxy would be. Retries off, so the
+/// time measured is one attempt. Prints JSON: the outcome, the error class and cause, the time.
+const OPENAI_DIRECT: &str = r#"
+const OpenAI = require('openai');
+const client = new OpenAI({ apiKey: 'sk-agent-own', baseURL: process.argv[1], maxRetries: 0, timeout: 20000 });
+const started = Date.now();
+client.models.list().then(
+  () => console.log(JSON.stringify({ ok: true, ms: Date.now() - started })),
+  (e) => {
+    let c = e.cause; while (c && c.cause && !c.code) c = c.cause;
+    console.log(JSON.stringify({ ok: false, error: e.constructor.name, code: c && c.code, ms: Date.now() - started }));
+  },
+);
+"#;
+
+#[test]
+fn openai_npm_sdk_on_builtin_fetch_cannot_go_around_latchkey_under_contain() {
+    let (home, _proxy) = ready();
+    let dir = node_run_dir();
+    let base = format!("https://127.0.0.1:{}/v1", home.https_port());
+    let mut cmd = run_bot(
+        &home,
+        &["--contain"],
+        &[
+            "env",
+            "-u",
+            "NODE_USE_ENV_PROXY",
+            "node",
+            "-e",
+            OPENAI_DIRECT,
+            &base,
+        ],
+    );
+    cmd.current_dir(&dir);
+    let out = output(cmd);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let r: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"], "APIConnectionError", "{r}");
+    assert_eq!(r["code"], "ECONNREFUSED", "{r}");
+    assert!(r["ms"].as_u64().unwrap() < 3000, "did not fail fast: {r}");
     assert_eq!(home.upstream.tls_connections.load(Ordering::SeqCst), 0);
     assert!(home.upstream.seen().is_empty());
 }
