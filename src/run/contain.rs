@@ -40,6 +40,9 @@ pub const INNER_SUBCOMMAND: &str = "__contain";
 /// environment.
 pub const PROXY_AUTH_ENV: &str = "LATCHKEY_CONTAIN_PROXY_AUTH";
 
+/// Pause after a failed accept (e.g. EMFILE), so a relay out of descriptors does not spin.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Where `ip` lives when it is not on PATH (non-root PATHs often lack the sbin directories).
 const IP_FALLBACKS: &[&str] = &["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
 
@@ -135,6 +138,8 @@ impl Relay {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inside, _)) = listener.accept().await else {
+                    // Out of descriptors or a transient error: back off rather than spin.
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 };
                 let proxy = proxy.clone();
@@ -300,6 +305,7 @@ pub async fn inner(args: InnerArgs) -> Result<ExitCode, RunError> {
     let relay = tokio::spawn(async move {
         loop {
             let Ok((inside, _)) = listener.accept().await else {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             };
             let socket = socket.clone();

@@ -280,6 +280,13 @@ fn run_wget_works_with_the_readme_ca_certificate_flag() {
     // Debian's wget is built with GnuTLS, which reads no CA variable: README's manual step is
     // `--ca-certificate`; the proxy comes from https_proxy, set by `run`.
     let url = home.api_url("/repos/acme/backend/issues/9");
+    // Without the flag wget does not trust latchkey (exit 5: SSL verification failure).
+    let out = output(run_bot(
+        &home,
+        &[],
+        &["wget", "-q", "-O", "-", "--tries=1", "--timeout=30", &url],
+    ));
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let out = output(run_bot(
         &home,
         &[],
