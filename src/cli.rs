@@ -126,7 +126,7 @@ The command gets, overriding any value it would inherit:
   SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS
   GRPC_DEFAULT_SSL_ROOTS_FILE_PATH NPM_CONFIG_CAFILE npm_config_cafile PIP_CERT
   AWS_CA_BUNDLE DENO_CERT CARGO_HTTP_CAINFO GIT_SSL_CAINFO HTTPLIB2_CA_CERTS
-  CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE BUNDLE_SSL_CA_CERT
+  CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE BUNDLE_SSL_CA_CERT NIX_SSL_CERT_FILE
                           a bundle of the system roots plus latchkey's CA
   NODE_USE_ENV_PROXY=1    so Node >= 22.21 / 24 honours the proxy (Node 20 does not: use
                           --contain or gateway mode)

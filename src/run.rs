@@ -43,6 +43,7 @@ pub const CA_BUNDLE_VARS: &[(&str, &str)] = &[
     ("HTTPLIB2_CA_CERTS", "httplib2 (google-api-python-client)"),
     ("CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "gcloud"),
     ("BUNDLE_SSL_CA_CERT", "Ruby bundler"),
+    ("NIX_SSL_CERT_FILE", "OpenSSL, curl and git as built by Nix"),
 ];
 
 /// Proxy variables, both spellings: curl reads only lower-case `http_proxy`, Python and Node

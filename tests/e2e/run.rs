@@ -95,6 +95,7 @@ const CA_VARS: &[&str] = &[
     "HTTPLIB2_CA_CERTS",
     "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
     "BUNDLE_SSL_CA_CERT",
+    "NIX_SSL_CERT_FILE",
 ];
 
 const PRINT_ENV: &str = "import json, os; print(json.dumps(dict(os.environ)))";
@@ -501,7 +502,7 @@ fn openai_npm_sdk_on_builtin_fetch_cannot_go_around_latchkey_under_contain() {
 
 /// Everything but the proxy, from inside: a raw TCP connection to the upstream's real port, a
 /// TCP connection and a UDP datagram to an address outside loopback (TEST-NET-1, never
-/// routed), and a DNS lookup. Prints one JSON object of outcomes.
+/// routed), an IPv6 connection, and a DNS lookup. Prints one JSON object of outcomes.
 const PYTHON_ESCAPES: &str = r#"
 import json, socket, sys, time
 port = int(sys.argv[1])
@@ -521,6 +522,7 @@ def udp():
     s.sendto(b"x", ("192.0.2.1", 53))
 attempt("udp", udp)
 attempt("dns", lambda: socket.getaddrinfo("api.example.test", 443))
+attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 443), timeout=10).close())
 print(json.dumps(out))
 "#;
 
@@ -538,7 +540,12 @@ fn contained_raw_sockets_udp_and_dns_fail_and_reach_nothing() {
         r["dns"].as_str().unwrap().starts_with("gaierror"),
         "DNS must not resolve: {r}"
     );
-    for k in ["upstream_ms", "outside_ms", "udp_ms", "dns_ms"] {
+    // IPv6 (documentation prefix): unreachable, or not supported at all in the namespace.
+    assert!(
+        ["OSError:101", "OSError:97", "OSError:99"].contains(&r["ipv6"].as_str().unwrap()),
+        "{r}"
+    );
+    for k in ["upstream_ms", "outside_ms", "udp_ms", "dns_ms", "ipv6_ms"] {
         assert!(r[k].as_u64().unwrap() < 3000, "{k} was slow: {r}");
     }
     assert_eq!(home.upstream.tls_connections.load(Ordering::SeqCst), 0);
@@ -575,6 +582,46 @@ fn contained_inherited_no_proxy_host_cannot_be_reached_directly() {
     assert!(stderr(&out).contains("NO_PROXY keeps api.example.test"));
     assert_eq!(home.upstream.tls_connections.load(Ordering::SeqCst), 0);
     assert!(home.upstream.seen().is_empty());
+}
+
+#[test]
+fn contained_relay_carries_no_authority_of_its_own() {
+    let (home, _proxy) = ready();
+    // A hostile command reuses the in-namespace relay with a forged token: latchkey refuses it
+    // exactly as on its own port (407 at CONNECT), the upstream sees nothing, and the audit
+    // log has the refusal.
+    let script = r#"forged=$(printf %s "$HTTPS_PROXY" | sed 's/:[^:@]*@/:forged-token@/')
+curl -sS -o /dev/null -w '%{http_connect}' --max-time 10 --proxy "$forged" "$1""#;
+    let url = home.api_url("/repos/acme/backend/issues");
+    let out = contained(&home, &["sh", "-c", script, "sh", &url]);
+    assert_eq!(stdout(&out), "407", "{}", stderr(&out));
+    assert!(home.upstream.seen().is_empty());
+    eventually(
+        Duration::from_secs(5),
+        "the token_invalid audit line",
+        || {
+            home.audit()
+                .into_iter()
+                .find(|l| l["decision"] == "deny" && l["reason"] == "token_invalid")
+        },
+    );
+}
+
+#[test]
+fn run_help_says_inherited_variables_are_overridden() {
+    let home = Home::new();
+    let out = home.run(&["run", "--help"]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    assert!(
+        help.contains("overriding any value it would inherit"),
+        "{help}"
+    );
+    for (var, _) in latchkey::run::CA_BUNDLE_VARS {
+        assert!(help.contains(var), "run --help does not list {var}");
+    }
+    assert!(help.contains("--contain"));
+    assert!(help.contains("NO_PROXY and no_proxy are merged"));
 }
 
 #[test]
