@@ -112,7 +112,7 @@ enum Command {
     #[command(long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
     /// Internal to `run --contain`: the side that runs inside the network namespace.
-    #[command(name = "__contain", hide = true)]
+    #[command(name = run::contain::INNER_SUBCOMMAND, hide = true)]
     ContainInner(ContainInnerArgs),
 }
 

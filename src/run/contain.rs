@@ -217,12 +217,12 @@ pub async fn run_contained(
     let (mode, hint) = if as_root {
         (
             "unshare --net",
-            "creating a network namespace needs CAP_SYS_ADMIN, which this container or sandbox does not grant",
+            "if the message above is unshare's `Operation not permitted`, this container or sandbox does not grant the CAP_SYS_ADMIN a network namespace needs",
         )
     } else {
         (
             "unshare --user --map-root-user --net",
-            "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or AppArmor's kernel.apparmor_restrict_unprivileged_userns); run as root or enable them",
+            "if the message above is unshare's `Operation not permitted`, unprivileged user namespaces are disabled (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or AppArmor's kernel.apparmor_restrict_unprivileged_userns): run as root or enable them",
         )
     };
     let mut cmd = tokio::process::Command::new(&unshare);

@@ -625,6 +625,48 @@ fn run_help_says_inherited_variables_are_overridden() {
 }
 
 #[test]
+fn contained_command_gets_the_in_namespace_relay_and_the_ca_variables_only() {
+    let (home, proxy) = ready();
+    let mut cmd = run_bot(&home, &["--contain"], &["python3", "-c", PRINT_ENV]);
+    cmd.env("SSL_CERT_FILE", "/inherited.pem")
+        .env("HTTPS_PROXY", "http://inherited:3128");
+    let out = output(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let env: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let url = env["HTTPS_PROXY"].as_str().unwrap();
+    let (userinfo, addr) = url
+        .strip_prefix("http://bot:")
+        .and_then(|rest| rest.rsplit_once('@'))
+        .unwrap_or_else(|| panic!("{url}"));
+    assert!(!userinfo.is_empty());
+    assert!(addr.starts_with("127.0.0.1:"), "{url}");
+    assert_ne!(
+        addr,
+        proxy.addr.to_string(),
+        "the host's listener is not reachable inside"
+    );
+    for var in [
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        assert_eq!(env[var], url, "{var}");
+    }
+    for var in CA_VARS {
+        assert!(
+            env[var].as_str().unwrap().contains("ca-bundle-"),
+            "{var} = {}",
+            env[var]
+        );
+    }
+    assert_eq!(env["NODE_USE_ENV_PROXY"], "1");
+    // The hand-over variable between latchkey's two halves does not reach the command.
+    assert!(env.get(latchkey::run::contain::PROXY_AUTH_ENV).is_none());
+}
+
+#[test]
 fn contained_command_exit_code_passes_through() {
     let (home, _proxy) = ready();
     let out = contained(&home, &["sh", "-c", "exit 7"]);
@@ -789,7 +831,10 @@ fn contain_works_for_an_unprivileged_user_through_a_user_namespace() {
     let as_root = nix::unistd::geteuid().is_root();
     if as_root {
         // Hand the home to `nobody` and run latchkey as it: `run` must then use
-        // `unshare --user --map-root-user --net`.
+        // `unshare --user --map-root-user --net`. The binary is copied into the home, since
+        // the build directory may sit where `nobody` cannot reach (e.g. under /root).
+        let binary = home.path().join("latchkey");
+        std::fs::copy(cmd.get_program(), &binary).unwrap();
         let status = Command::new("chown")
             .args(["-R", "65534:65534"])
             .arg(home.path())
@@ -799,7 +844,7 @@ fn contain_works_for_an_unprivileged_user_through_a_user_namespace() {
         let mut wrapped = Command::new("setpriv");
         wrapped
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(cmd.get_program())
+            .arg(&binary)
             .args(cmd.get_args())
             .env("HOME", home.path());
         for (k, v) in cmd.get_envs() {
