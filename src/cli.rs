@@ -910,13 +910,8 @@ async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<Exit
             .iter()
             .map(String::as_str),
     );
-    if !no_proxy.bypassing.is_empty() {
-        eprintln!(
-            "latchkey run: note: the inherited NO_PROXY keeps {}: clients reach {} directly, around latchkey and its audit log{}",
-            no_proxy.bypassing.join(","),
-            if no_proxy.bypassing.len() == 1 { "it" } else { "them" },
-            if args.contain { " (under --contain they cannot: such connections fail)" } else { "" }
-        );
+    if let Some(note) = no_proxy.note(args.contain) {
+        eprintln!("{note}");
     }
     let env = run::AgentEnv::new(&bundle_path, &no_proxy, &claims.jti);
     let auth = zeroize::Zeroizing::new(format!("{}:{}", claims.sub, token.as_str()));

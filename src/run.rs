@@ -91,6 +91,34 @@ impl NoProxy {
             bypassing,
         }
     }
+
+    /// The note `run` prints when inherited entries go around latchkey, if any.
+    pub fn note(&self, contain: bool) -> Option<String> {
+        if self.bypassing.is_empty() {
+            return None;
+        }
+        let what = if self.bypassing.iter().any(|e| e == "*") {
+            "NO_PROXY=* sends clients to every host directly".to_owned()
+        } else {
+            format!(
+                "the inherited NO_PROXY keeps {}: clients reach {} directly",
+                self.bypassing.join(","),
+                if self.bypassing.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                }
+            )
+        };
+        let under_contain = if contain {
+            " (under --contain they cannot: such connections fail)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "latchkey run: note: {what}, around latchkey and its audit log{under_contain}"
+        ))
+    }
 }
 
 /// Everything a wrapped command is given, but the proxy URL (which differs between a plain
@@ -249,6 +277,23 @@ mod tests {
             "localhost,127.0.0.1,::1,foo.internal,.corp,bar"
         );
         assert_eq!(merged.bypassing, ["foo.internal", ".corp", "bar"]);
+    }
+
+    #[test]
+    fn no_proxy_note_names_the_bypassing_entries_and_the_wildcard() {
+        assert_eq!(NoProxy::merge(["localhost"]).note(false), None);
+        let note = NoProxy::merge(["a.internal"]).note(false).unwrap();
+        assert!(
+            note.contains("keeps a.internal: clients reach it directly"),
+            "{note}"
+        );
+        assert!(!note.contains("--contain"), "{note}");
+        let note = NoProxy::merge(["a,*"]).note(true).unwrap();
+        assert!(
+            note.contains("NO_PROXY=* sends clients to every host directly"),
+            "{note}"
+        );
+        assert!(note.contains("under --contain they cannot"), "{note}");
     }
 
     #[test]
