@@ -194,6 +194,11 @@ pub async fn run_plain(
     proxy_url: &str,
 ) -> Result<ExitStatus, RunError> {
     let program = command[0].to_string_lossy().into_owned();
+    let wait_err = |program: &str| {
+        let program = program.to_owned();
+        move |source| RunError::Wait { program, source }
+    };
+    let signals = SignalForwarder::install().map_err(wait_err(&program))?;
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
     env.apply(&mut cmd);
@@ -202,37 +207,51 @@ pub async fn run_plain(
         program: program.clone(),
         source,
     })?;
-    wait_forwarding_signals(child)
-        .await
-        .map_err(|source| RunError::Wait { program, source })
+    signals.wait(child).await.map_err(wait_err(&program))
 }
 
-/// Wait for the child; SIGTERM, SIGHUP and SIGQUIT sent to latchkey are passed on. SIGINT from a
-/// terminal already reaches the whole foreground group, so latchkey only survives it and waits.
-pub async fn wait_forwarding_signals(
-    mut child: tokio::process::Child,
-) -> std::io::Result<ExitStatus> {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use tokio::signal::unix::{signal, SignalKind};
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .map(Pid::from_raw);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        let sig = tokio::select! {
-            status = child.wait() => return status,
-            _ = term.recv() => Signal::SIGTERM,
-            _ = hup.recv() => Signal::SIGHUP,
-            _ = quit.recv() => Signal::SIGQUIT,
-            _ = int.recv() => continue,
-        };
-        if let Some(pid) = pid {
-            let _ = kill(pid, sig);
+/// Passes SIGTERM, SIGHUP and SIGQUIT sent to latchkey on to the child; survives SIGINT, which a
+/// terminal already sends to the whole foreground group. Installed *before* the child is
+/// spawned: a signal that arrives once the child runs must reach it, never kill latchkey
+/// with its default action and leave the child behind.
+pub struct SignalForwarder {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl SignalForwarder {
+    /// Take over the four signals for this process.
+    pub fn install() -> std::io::Result<SignalForwarder> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(SignalForwarder {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Wait for `child`, passing the signals on.
+    pub async fn wait(mut self, mut child: tokio::process::Child) -> std::io::Result<ExitStatus> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw);
+        loop {
+            let sig = tokio::select! {
+                status = child.wait() => return status,
+                _ = self.term.recv() => Signal::SIGTERM,
+                _ = self.hup.recv() => Signal::SIGHUP,
+                _ = self.quit.recv() => Signal::SIGQUIT,
+                _ = self.int.recv() => continue,
+            };
+            if let Some(pid) = pid {
+                let _ = kill(pid, sig);
+            }
         }
     }
 }

@@ -25,12 +25,13 @@
 //! user) is in SECURITY.md.
 
 use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use super::{apply_proxy, exit_code, wait_forwarding_signals, AgentEnv, RunError};
+use super::{apply_proxy, exit_code, AgentEnv, RunError, SignalForwarder};
 
 /// Name of the hidden subcommand that runs inside the namespace.
 pub const INNER_SUBCOMMAND: &str = "__contain";
@@ -212,6 +213,12 @@ pub async fn run_contained(
         program: "latchkey (its own binary, for the namespace side)".into(),
         source,
     })?;
+    let wait_err = |source| RunError::Wait {
+        program: unshare.display().to_string(),
+        source,
+    };
+    // Before anything else exists, so a signal from here on is passed on, never fatal.
+    let signals = SignalForwarder::install().map_err(wait_err)?;
     let relay = Relay::start(session, proxy.to_owned())?;
     let as_root = nix::unistd::geteuid().is_root();
     let (mode, hint) = if as_root {
@@ -251,16 +258,12 @@ pub async fn run_contained(
         program: unshare.display().to_string(),
         source,
     })?;
-    let status = wait_forwarding_signals(child)
-        .await
-        .map_err(|source| RunError::Wait {
-            program: unshare.display().to_string(),
-            source,
-        })?;
+    let status = signals.wait(child).await.map_err(wait_err)?;
     // The inner process writes the marker once the namespace is set up, right before it
-    // starts the command: without it, any exit status is unshare's or the setup's, not the
-    // command's.
-    if !relay.ready_marker().exists() {
+    // starts the command: without it, an exit code is unshare's or the setup's, not the
+    // command's. Killed by a signal (one passed on while it was starting) is not a setup
+    // failure: it is reported as such, like the command's own death by signal.
+    if !relay.ready_marker().exists() && status.signal().is_none() {
         return Err(ContainError::Namespace { mode, status, hint }.into());
     }
     drop(relay);
@@ -283,6 +286,12 @@ pub struct InnerArgs {
 /// Inside the namespace: bring `lo` up, listen on 127.0.0.1:0, relay to the outer socket,
 /// run the command with the proxy variables pointing at that listener, and exit as it did.
 pub async fn inner(args: InnerArgs) -> Result<ExitCode, RunError> {
+    let program = args.command[0].to_string_lossy().into_owned();
+    // First, so a signal the outer side passes on from now on is handled, not fatal.
+    let signals = SignalForwarder::install().map_err(|source| RunError::Wait {
+        program: program.clone(),
+        source,
+    })?;
     let auth = std::env::var(PROXY_AUTH_ENV).map_err(|_| ContainError::NotFromRun)?;
     let zeroized_auth = zeroize::Zeroizing::new(auth);
     let out = std::process::Command::new(&args.ip)
@@ -320,7 +329,6 @@ pub async fn inner(args: InnerArgs) -> Result<ExitCode, RunError> {
         "http://{}@127.0.0.1:{port}",
         zeroized_auth.as_str()
     ));
-    let program = args.command[0].to_string_lossy().into_owned();
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).env_remove(PROXY_AUTH_ENV);
     apply_proxy(&mut cmd, &proxy_url);
@@ -332,7 +340,8 @@ pub async fn inner(args: InnerArgs) -> Result<ExitCode, RunError> {
         program: program.clone(),
         source,
     })?;
-    let status = wait_forwarding_signals(child)
+    let status = signals
+        .wait(child)
         .await
         .map_err(|source| RunError::Wait { program, source })?;
     relay.abort();

@@ -699,6 +699,50 @@ fn contained_run_forwards_sigterm_to_the_command() {
 }
 
 #[test]
+fn sigterm_while_the_namespace_is_being_set_up_is_not_reported_as_a_setup_failure() {
+    let (home, _proxy) = ready();
+    let child = run_bot(
+        &home,
+        &["--contain"],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 0.05; done",
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The relay directory exists once latchkey handles signals; the namespace side may still
+    // be starting when SIGTERM arrives.
+    eventually(Duration::from_secs(10), "the relay directory", || {
+        std::fs::read_dir(home.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("latchkey-contain-")
+            })
+            .then_some(())
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    // Passed on: the command trapped it (42), or died of it (128 + 15) before its trap was set,
+    // or the namespace side did before its handler was (the same 143).
+    assert!(
+        matches!(out.status.code(), Some(42) | Some(143)),
+        "{:?} {err}",
+        out.status
+    );
+    assert!(!err.contains("could not create or set up"), "{err}");
+}
+
+#[test]
 fn contained_relay_socket_is_owner_only_and_removed_afterwards() {
     let (home, _proxy) = ready();
     let out = contained(
