@@ -18,6 +18,7 @@ use crate::fsutil;
 use crate::policy::{path, Grant, Policies, Scheme, Severity};
 use crate::proxy::{Limits, ResolvePin};
 use crate::redis::Redis;
+use crate::run;
 use crate::secrets::{BackendConfig, OpenBaoAuth, OpenBaoConfig, Secret, Secrets};
 use crate::tls::CertificateAuthority;
 
@@ -108,7 +109,52 @@ enum Command {
     Keys(KeysCmd),
     /// Run a command as an agent: mint a token for its lifetime, point its proxy and CA
     /// variables at latchkey, pass its exit code through, revoke the token when it exits.
+    #[command(long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
+    /// Internal to `run --contain`: the side that runs inside the network namespace.
+    #[command(name = run::contain::INNER_SUBCOMMAND, hide = true)]
+    ContainInner(ContainInnerArgs),
+}
+
+/// `latchkey run --help`: what the command's environment becomes.
+const RUN_LONG_ABOUT: &str = "\
+Run a command as an agent: mint a token for its lifetime, point its proxy and CA variables at \
+latchkey, pass its exit code and signals through, revoke the token when it exits.
+
+The command gets, overriding any value it would inherit:
+  HTTPS_PROXY HTTP_PROXY ALL_PROXY (and lower-case)  http://AGENT:TOKEN@latchkey
+  SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS
+  GRPC_DEFAULT_SSL_ROOTS_FILE_PATH NPM_CONFIG_CAFILE npm_config_cafile PIP_CERT
+  AWS_CA_BUNDLE DENO_CERT CARGO_HTTP_CAINFO GIT_SSL_CAINFO HTTPLIB2_CA_CERTS
+  CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE BUNDLE_SSL_CA_CERT NIX_SSL_CERT_FILE
+                          a bundle of the system roots plus latchkey's CA
+  NODE_USE_ENV_PROXY=1    so Node >= 22.21 / 24 honours the proxy (Node 20 does not: use
+                          --contain or gateway mode)
+  LATCHKEY_SESSION        the session id (jti)
+NO_PROXY and no_proxy are merged: localhost,127.0.0.1,::1 plus the inherited entries. An \
+inherited entry lets clients reach that host directly, around latchkey (a note names them); \
+under --contain such connections fail.
+
+--contain (Linux) runs the command in a network namespace of its own whose only way out is \
+latchkey: a client that ignores the proxy variables fails at once instead of reaching the \
+network. It needs util-linux `unshare` and iproute2 `ip`, and root or unprivileged user \
+namespaces; when they are missing the command is not run.";
+
+/// The hidden inner side of `run --contain` (see `run::contain`).
+#[derive(Debug, Args)]
+struct ContainInnerArgs {
+    /// The outer process's relay socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Marker file to create once the namespace is set up.
+    #[arg(long)]
+    ready: PathBuf,
+    /// iproute2 `ip`.
+    #[arg(long)]
+    ip: PathBuf,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +164,10 @@ struct RunArgs {
     /// Proxy address (host:port); default: the running `latchkey serve` recorded in the state dir.
     #[arg(long)]
     proxy: Option<String>,
+    /// Linux: run the command in its own network namespace whose only way out is latchkey,
+    /// so clients that ignore HTTPS_PROXY fail instead of bypassing it.
+    #[arg(long)]
+    contain: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -546,6 +596,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Run(args) => run_agent(&dirs, &state, args).await,
+        Command::ContainInner(args) => Ok(run::contain::inner(run::contain::InnerArgs {
+            socket: args.socket,
+            ready: args.ready,
+            ip: args.ip,
+            command: args.command,
+        })
+        .await?),
         Command::Keys(KeysCmd::Rotate { keep }) => {
             let kid = crate::keys::rotate(&dirs.state_dir, keep)?;
             eprintln!(
@@ -863,43 +920,26 @@ async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<Exit
     let ca = CertificateAuthority::load_or_create(&dirs.certs)?.0;
     let (token, claims) = issue_token(dirs, state, args.token, DEFAULT_RUN_TTL).await?;
     let bundle_path = dirs.state_dir.join(format!("ca-bundle-{}.pem", claims.jti));
-    let bundle = ca_bundle(ca.cert_pem());
+    let bundle = run::ca_bundle(ca.cert_pem());
     fsutil::write_atomic(&bundle_path, bundle.as_bytes(), 0o644)?;
-    let proxy_url =
-        zeroize::Zeroizing::new(format!("http://{}:{}@{proxy}", claims.sub, token.as_str()));
-
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]);
-    for var in [
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env(var, proxy_url.as_str());
+    let no_proxy = run::NoProxy::merge(
+        ["NO_PROXY", "no_proxy"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str),
+    );
+    if let Some(note) = no_proxy.note(args.contain) {
+        eprintln!("{note}");
     }
-    for var in ["NO_PROXY", "no_proxy"] {
-        cmd.env(var, "localhost,127.0.0.1,::1");
-    }
-    for var in [
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "NODE_EXTRA_CA_CERTS",
-        "GIT_SSL_CAINFO",
-    ] {
-        cmd.env(var, &bundle_path);
-    }
-    cmd.env("LATCHKEY_SESSION", &claims.jti);
-    let spawned = cmd.spawn();
-    let status = match spawned {
-        Ok(child) => wait_forwarding_signals(child).await,
-        Err(e) => Err(anyhow!(e).context(format!(
-            "cannot start {}",
-            args.command[0].to_string_lossy()
-        ))),
+    let env = run::AgentEnv::new(&bundle_path, &no_proxy, &claims.jti);
+    let auth = zeroize::Zeroizing::new(format!("{}:{}", claims.sub, token.as_str()));
+    let status = if args.contain {
+        run::contain::run_contained(&args.command, &env, &proxy, &auth, &claims.jti).await
+    } else {
+        let proxy_url = zeroize::Zeroizing::new(format!("http://{}@{proxy}", auth.as_str()));
+        run::run_plain(&args.command, &env, &proxy_url).await
     };
     // The task is over: its token dies with it, whatever happened.
     let revoked = revoke_everywhere(
@@ -913,54 +953,7 @@ async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<Exit
     .await;
     let _ = std::fs::remove_file(&bundle_path);
     revoked.context("cannot revoke the session token after the command exited")?;
-    let status = status?;
-    use std::os::unix::process::ExitStatusExt;
-    let code = match (status.code(), status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        _ => 1,
-    };
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-/// Wait for the child; SIGTERM, SIGHUP and SIGQUIT sent to latchkey are passed on. SIGINT from a
-/// terminal already reaches the whole foreground group, so latchkey only survives it and waits.
-async fn wait_forwarding_signals(
-    mut child: tokio::process::Child,
-) -> Result<std::process::ExitStatus> {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use tokio::signal::unix::{signal, SignalKind};
-    let pid = child.id().map(|p| Pid::from_raw(p as i32));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        let sig = tokio::select! {
-            status = child.wait() => return Ok(status?),
-            _ = term.recv() => Signal::SIGTERM,
-            _ = hup.recv() => Signal::SIGHUP,
-            _ = quit.recv() => Signal::SIGQUIT,
-            _ = int.recv() => continue,
-        };
-        if let Some(pid) = pid {
-            let _ = kill(pid, sig);
-        }
-    }
-}
-
-/// System roots plus latchkey's CA, as one PEM bundle for tools that take a single file.
-fn ca_bundle(latchkey_ca: &str) -> String {
-    let mut out = String::new();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        out.push_str(&crate::tls::pem::encode_certificate(&cert));
-    }
-    out.push_str(latchkey_ca);
-    if !out.ends_with('\n') {
-        out.push('\n');
-    }
-    out
+    Ok(run::exit_code(status?))
 }
 
 /// Sessions issued here (never the token itself), so that `token revoke JTI` knows how long

@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod redact;
 pub mod redis;
+pub mod run;
 pub mod secrets;
 pub mod tls;
 pub mod tripwire;

@@ -18,5 +18,6 @@ mod record;
 mod redaction;
 mod redis;
 mod replica;
+mod run;
 mod sessions;
 mod tripwire;

@@ -25,6 +25,9 @@ fn run_as_bot(home: &Home, run_args: &[&str], cmd: &[&str]) -> Output {
         .args(run_args)
         .arg("--")
         .args(cmd)
+        // `run` merges an inherited NO_PROXY; these tests expect latchkey's entries alone.
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
         .output()
         .unwrap()
 }
