@@ -1181,6 +1181,22 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
         "OK: {agents} agent policy file(s) valid in {}",
         dirs.policies.display()
     );
+    // Not an error (proxy mode uses them), but gateway mode cannot: say so before an agent
+    // finds out with a 403.
+    for policy in report.policies.agents() {
+        for route in policy.routes() {
+            if route.gateway_authority().is_none() {
+                println!(
+                    "note: {}: route {} (host {}) has a wildcard host: proxy mode only, it \
+                     cannot be a gateway target (/gw/{}/...)",
+                    policy.file().display(),
+                    route.id(),
+                    route.host(),
+                    route.id()
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! /gw/<id>/<rest> -> head size -> token (Authorization: Bearer | x-api-key | api-key; 401)
+//!   -> not in the query -> <id> split off the raw path
 //!   -> the token's agent has route <id>, with a single host -> token headers removed
 //!   -> request::forward (normalised <rest>, only route <id> decides) -> request::respond
 //! ```
@@ -207,13 +208,13 @@ fn admit(
     admission: &Admission,
 ) -> Result<Admitted, Deny> {
     request::check_head_size(&parts)?;
-    let (id, rest) = split_target(parts.uri.path())?;
-    let (id, rest) = (id.to_owned(), rest.to_owned());
-    // Authenticate before looking at the route: which ids exist is no business of a caller
-    // without a token.
+    // Authenticate before looking at the target: which route ids exist is no business of a
+    // caller without a token, and every later refusal is attributed.
     let token = zeroize::Zeroizing::new(token_from_headers(&parts.headers)?);
     let claims = request::verify_token(shared, &token, AuthStage::Gateway, rec)?;
     check_query(parts.uri.query(), &token)?;
+    let (id, rest) = split_target(parts.uri.path())?;
+    let (id, rest) = (id.to_owned(), rest.to_owned());
     if !admission.admit(&shared.limits_state, shared.limits.max_connections) {
         return Err(Deny::TooManyConnections("this proxy"));
     }
