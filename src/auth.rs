@@ -267,7 +267,9 @@ impl TokenKeys {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Deny::TokenInvalid(stage, "malformed token"))?;
         let ring = self.ring.load();
-        let key = ring.find(header.kid.as_deref()).ok_or(Deny::TokenInvalid(stage, "signed by a key this latchkey does not know",
+        let key = ring.find(header.kid.as_deref()).ok_or(Deny::TokenInvalid(
+            stage,
+            "signed by a key this latchkey does not know",
         ))?;
         let data =
             jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
@@ -279,7 +281,9 @@ impl TokenKeys {
                     }
                     ErrorKind::InvalidIssuer => Deny::TokenInvalid(stage, "wrong issuer"),
                     ErrorKind::InvalidAudience => Deny::TokenInvalid(stage, "wrong audience"),
-                    ErrorKind::ImmatureSignature => Deny::TokenInvalid(stage, "not valid yet (nbf)"),
+                    ErrorKind::ImmatureSignature => {
+                        Deny::TokenInvalid(stage, "not valid yet (nbf)")
+                    }
                     ErrorKind::MissingRequiredClaim(_) => {
                         Deny::TokenInvalid(stage, "a required claim is missing")
                     }
@@ -340,7 +344,12 @@ pub fn token_from_header(value: Option<&HeaderValue>) -> Result<String, Deny> {
     let value = value.ok_or(Deny::TokenMissing(AuthStage::Proxy))?;
     let text = value
         .to_str()
-        .map_err(|_| Deny::TokenInvalid(AuthStage::Proxy, "the Proxy-Authorization header is not ASCII"))?
+        .map_err(|_| {
+            Deny::TokenInvalid(
+                AuthStage::Proxy,
+                "the Proxy-Authorization header is not ASCII",
+            )
+        })?
         .trim();
     if text.is_empty() {
         return Err(Deny::TokenMissing(AuthStage::Proxy));
@@ -355,24 +364,34 @@ pub fn token_from_header(value: Option<&HeaderValue>) -> Result<String, Deny> {
     }
     if scheme.eq_ignore_ascii_case("basic") {
         if rest.len() > MAX_TOKEN_LEN * 2 {
-            return Err(Deny::TokenInvalid(AuthStage::Proxy, "the token is too long"));
+            return Err(Deny::TokenInvalid(
+                AuthStage::Proxy,
+                "the token is too long",
+            ));
         }
         let decoded = zeroize::Zeroizing::new(
             base64::engine::general_purpose::STANDARD
                 .decode(rest)
-                .map_err(|_| Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not base64"))?,
+                .map_err(|_| {
+                    Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not base64")
+                })?,
         );
-        let text = std::str::from_utf8(&decoded)
-            .map_err(|_| Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not UTF-8"))?;
-        let (_user, password) = text
-            .split_once(':')
-            .ok_or(Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials have no password"))?;
+        let text = std::str::from_utf8(&decoded).map_err(|_| {
+            Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not UTF-8")
+        })?;
+        let (_user, password) = text.split_once(':').ok_or(Deny::TokenInvalid(
+            AuthStage::Proxy,
+            "the Basic credentials have no password",
+        ))?;
         if password.is_empty() {
             return Err(Deny::TokenMissing(AuthStage::Proxy));
         }
         return Ok(password.to_owned());
     }
-    Err(Deny::TokenInvalid(AuthStage::Proxy, "unsupported Proxy-Authorization scheme"))
+    Err(Deny::TokenInvalid(
+        AuthStage::Proxy,
+        "unsupported Proxy-Authorization scheme",
+    ))
 }
 
 /// Seconds since the unix epoch.

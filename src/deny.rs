@@ -539,7 +539,10 @@ mod tests {
             assert_eq!(resp.status(), 401, "{d:?}");
             assert!(!resp.headers().contains_key(header::PROXY_AUTHENTICATE));
             let challenge = resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
-            assert!(challenge.starts_with("Bearer realm=\"latchkey\""), "{challenge}");
+            assert!(
+                challenge.starts_with("Bearer realm=\"latchkey\""),
+                "{challenge}"
+            );
             assert_eq!(
                 challenge.contains("invalid_token"),
                 !matches!(d, Deny::TokenMissing(_))
@@ -549,7 +552,10 @@ mod tests {
         assert!(d.to_string().contains("x-api-key"), "{d}");
         for d in every_variant().iter().filter(|d| d.status() != 401) {
             let resp = d.to_response("r");
-            assert!(!resp.headers().contains_key(header::WWW_AUTHENTICATE), "{d:?}");
+            assert!(
+                !resp.headers().contains_key(header::WWW_AUTHENTICATE),
+                "{d:?}"
+            );
         }
     }
 

@@ -24,8 +24,8 @@ use super::body::AuditedBody;
 use super::limits::Admission;
 use super::request::{self, Ctx};
 use super::Shared;
-use crate::auth::{Claims, MAX_TOKEN_LEN};
 use crate::audit::Record;
+use crate::auth::{Claims, MAX_TOKEN_LEN};
 use crate::deny::{AuthStage, BadPath, Deny};
 use crate::policy::Scheme;
 
@@ -280,19 +280,17 @@ mod tests {
         assert_eq!(split_target("/gw/openai").unwrap(), ("openai", "/"));
         assert_eq!(split_target("/gw/openai/").unwrap(), ("openai", "/"));
         // Traversal stays inside the route's own path, where normalisation refuses it.
-        assert_eq!(
-            split_target("/gw/a/../b/x").unwrap(),
-            ("a", "/../b/x")
-        );
-        assert_eq!(
-            split_target("/gw/%2e%2e/b").unwrap(),
-            ("%2e%2e", "/b")
-        );
+        assert_eq!(split_target("/gw/a/../b/x").unwrap(), ("a", "/../b/x"));
+        assert_eq!(split_target("/gw/%2e%2e/b").unwrap(), ("%2e%2e", "/b"));
         for bad in ["/gw/../b/x", "/gw/./x"] {
             assert_eq!(split_target(bad).unwrap_err().code(), "bad_path", "{bad}");
         }
         for bad in ["/gw", "/gw/", "/gw//x"] {
-            assert_eq!(split_target(bad).unwrap_err().code(), "bad_request", "{bad}");
+            assert_eq!(
+                split_target(bad).unwrap_err().code(),
+                "bad_request",
+                "{bad}"
+            );
         }
     }
 

@@ -223,7 +223,11 @@ impl ListenerCert {
         extra: &[String],
     ) -> Result<ListenerCert, LeafError> {
         let mut sans = Vec::new();
-        for name in LISTENER_NAMES.iter().copied().chain(extra.iter().map(String::as_str)) {
+        for name in LISTENER_NAMES
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+        {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             let san = san_for(strip_brackets(&name))?;
             if !sans.contains(&san) {
@@ -272,7 +276,9 @@ impl ListenerCert {
                     *current = (std::time::Instant::now(), Arc::new(certified));
                 }
                 // The served leaf still has weeks left: keep it and try again next time.
-                Err(e) => tracing::error!(error = %e, "cannot renew the TLS listener's certificate"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the TLS listener's certificate")
+                }
             }
         }
         Arc::clone(&current.1)

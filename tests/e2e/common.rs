@@ -249,16 +249,12 @@ type EchoBody = BoxBody<Bytes, Infallible>;
 async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<EchoBody> {
     let record = Seen {
         method: req.method().to_string(),
-        authority: req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                req.headers()
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            }),
+        authority: req.uri().authority().map(|a| a.to_string()).or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        }),
         path: req.uri().path().to_string(),
         query: req.uri().query().map(str::to_string),
         headers: header_pairs(req.headers()),
@@ -419,7 +415,10 @@ async fn fake_llm(
         seen[index].body_complete = Some(true);
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let model = request["model"].as_str().unwrap_or("fake-model").to_string();
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("fake-model")
+        .to_string();
     let stream = request["stream"].as_bool().unwrap_or(false);
     let json_response = |v: Value| {
         let mut resp = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
@@ -454,18 +453,27 @@ async fn fake_llm(
         events.push(sse(Some("message_start"), serde_json::json!({"type": "message_start", "message": {
             "id": "msg_fake1", "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 3, "output_tokens": 0}}})));
-        events.push(sse(Some("content_block_start"), serde_json::json!({"type": "content_block_start", "index": 0,
-            "content_block": {"type": "text", "text": ""}})));
+        events.push(sse(
+            Some("content_block_start"),
+            serde_json::json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ));
     }
     for i in 0..LLM_EVENTS {
         let word = format!("w{i} ");
         events.push(if anthropic {
-            sse(Some("content_block_delta"), serde_json::json!({"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": word}}))
+            sse(
+                Some("content_block_delta"),
+                serde_json::json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": word}}),
+            )
         } else {
-            sse(None, serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
+            sse(
+                None,
+                serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
                 "created": 1700000000, "model": model,
-                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}))
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}),
+            )
         });
     }
     if anthropic {
@@ -477,10 +485,12 @@ async fn fake_llm(
         );
     } else {
         events.push(
-            sse(None, serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
+            sse(
+                None,
+                serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
                 "created": 1700000000, "model": model,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-                + "data: [DONE]\n\n",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            ) + "data: [DONE]\n\n",
         );
     }
     // The head and the opening events go at once; each content event after a pause.

@@ -119,7 +119,10 @@ fn assert_token_kept(home: &Home, proxy: &Proxy, token: &str) {
     }
     let audit = std::fs::read_to_string(home.state().join("audit.jsonl")).unwrap_or_default();
     assert!(!audit.contains(token), "the audit log holds the token");
-    assert!(!proxy.log().contains(token), "latchkey's log holds the token");
+    assert!(
+        !proxy.log().contains(token),
+        "latchkey's log holds the token"
+    );
 }
 
 #[test]
@@ -192,12 +195,18 @@ fn the_agents_own_key_never_reaches_upstream_even_on_a_route_without_a_credentia
         &proxy,
         "POST",
         "/gw/anthropic/v1/messages",
-        &[&format!("x-api-key: {token}"), "content-type: application/json"],
+        &[
+            &format!("x-api-key: {token}"),
+            "content-type: application/json",
+        ],
         r#"{"model":"m","max_tokens":5,"messages":[]}"#,
     );
     assert_eq!(r.status, 200, "{}{}", r.head, r.text());
     let seen = home.upstream.seen().pop().unwrap();
-    assert_eq!(seen.authority.as_deref(), Some(format!("{OTHER_HOST}:{}", home.https_port()).as_str()));
+    assert_eq!(
+        seen.authority.as_deref(),
+        Some(format!("{OTHER_HOST}:{}", home.https_port()).as_str())
+    );
     assert_eq!(seen.header("x-api-key"), Some(ANTHROPIC_SECRET));
     assert_eq!(seen.header("authorization"), None);
     let line = line_for(&home, "/v1/messages");
@@ -253,11 +262,23 @@ fn token_failures_are_answered_401_with_a_bearer_challenge_as_an_api_would() {
     assert_eq!(line["session"], "gw-expired");
     assert_eq!(line["status"], 401);
     // Revoked while in use: the next request is 401.
-    let r = raw(&proxy, "GET", "/gw/openai/v1/models", &[&bearer(&token)], "");
+    let r = raw(
+        &proxy,
+        "GET",
+        "/gw/openai/v1/models",
+        &[&bearer(&token)],
+        "",
+    );
     assert_eq!(r.status, 200);
     home.run_ok(&["token", "revoke", "--agent", "bot"]);
     let r = eventually(Duration::from_secs(10), "the revocation", || {
-        let r = raw(&proxy, "GET", "/gw/openai/v1/models", &[&bearer(&token)], "");
+        let r = raw(
+            &proxy,
+            "GET",
+            "/gw/openai/v1/models",
+            &[&bearer(&token)],
+            "",
+        );
         (r.status == 401).then_some(r)
     });
     assert_eq!(r.reason(), "token_revoked");
@@ -304,7 +325,11 @@ fn traversal_and_escapes_cannot_move_a_request_to_another_route() {
     let r = raw(&proxy, "GET", "/gw/openai/v1/x/../models", &[&auth], "");
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = home.upstream.seen();
-    assert_eq!(seen.len(), 1, "only the in-route request went out: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the in-route request went out: {seen:?}"
+    );
     assert_eq!(seen[0].path, "/v1/models");
     let lines = home.wait_audit(cases.len() + 1);
     assert!(lines[..cases.len()]
@@ -318,8 +343,19 @@ fn a_route_of_another_agent_an_ungranted_route_and_a_wildcard_route_are_refused(
     let narrowed = home.issue("bot", &["--route", "openai"]);
     let token = home.issue("bot", &[]);
     let proxy = home.serve(&[]);
-    let r = raw(&proxy, "GET", "/gw/other-route/v1/models", &[&bearer(&token)], "");
-    assert_eq!((r.status, r.reason()), (403, "no_route".into()), "{}", r.text());
+    let r = raw(
+        &proxy,
+        "GET",
+        "/gw/other-route/v1/models",
+        &[&bearer(&token)],
+        "",
+    );
+    assert_eq!(
+        (r.status, r.reason()),
+        (403, "no_route".into()),
+        "{}",
+        r.text()
+    );
     assert!(r.text().contains("other-route"), "{}", r.text());
     let r = raw(
         &proxy,
@@ -411,7 +447,11 @@ fn tokens_in_two_headers_or_in_the_query_are_refused_and_never_logged() {
             &[&bearer(&token)],
             "",
         );
-        assert_eq!((r.status, r.reason()), (400, "bad_request".into()), "{query}");
+        assert_eq!(
+            (r.status, r.reason()),
+            (400, "bad_request".into()),
+            "{query}"
+        );
         assert!(r.text().contains("query"), "{}", r.text());
     }
     assert_eq!(home.upstream.seen().len(), 1);
@@ -470,11 +510,7 @@ fn a_huge_path_and_a_non_gateway_origin_form_request_are_refused() {
     let (home, proxy, token) = gw_ready(&[]);
     let huge = format!("/gw/openai/v1/{}", "a".repeat(70 * 1024));
     let r = raw(&proxy, "GET", &huge, &[&bearer(&token)], "");
-    assert!(
-        r.status == 414 || r.status == 431,
-        "{}",
-        r.head
-    );
+    assert!(r.status == 414 || r.status == 431, "{}", r.head);
     let r = raw(&proxy, "GET", "/v1/models", &[&bearer(&token)], "");
     assert_eq!((r.status, r.reason()), (400, "bad_request".into()));
     assert!(r.text().contains("/gw/<route-id>"), "{}", r.text());
@@ -485,7 +521,13 @@ fn a_huge_path_and_a_non_gateway_origin_form_request_are_refused() {
 fn route_limits_apply_in_gateway_mode() {
     let (home, proxy, token) = gw_ready(&[]);
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(5000));
-    let r = raw(&proxy, "POST", "/gw/anthropic/v1/messages", &[&bearer(&token)], &big);
+    let r = raw(
+        &proxy,
+        "POST",
+        "/gw/anthropic/v1/messages",
+        &[&bearer(&token)],
+        &big,
+    );
     assert_eq!((r.status, r.reason()), (413, "body_too_large".into()));
     // The tripwire reads gateway requests too: a stored credential in the body is refused.
     let r = raw(
@@ -521,7 +563,11 @@ fn a_server_sent_event_stream_arrives_as_it_is_produced() {
     let mut buf = [0u8; 4096];
     let n = std::io::Read::read(&mut s, &mut buf).unwrap();
     let first_at = std::time::Instant::now();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("<0:"), "{:?}", &buf[..n]);
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("<0:"),
+        "{:?}",
+        &buf[..n]
+    );
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut s, &mut rest).unwrap();
     let tail = first_at.elapsed();
@@ -651,10 +697,7 @@ fn assert_streamed(out: &Value) {
     let events = out["events"]
         .as_array()
         .unwrap_or_else(|| panic!("no events: {out}"));
-    let text: String = events
-        .iter()
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let text: String = events.iter().map(|e| e["text"].as_str().unwrap()).collect();
     assert_eq!(text, "w0 w1 w2 w3 ", "{out}");
     let first = events[0]["ms"].as_f64().unwrap();
     let last = events[events.len() - 1]["ms"].as_f64().unwrap();
@@ -744,7 +787,9 @@ fn the_openai_and_anthropic_python_sdks_work_through_the_gateway() {
     let lines = home.wait_audit(4);
     let routes: Vec<&str> = lines.iter().map(|l| l["route"].as_str().unwrap()).collect();
     assert_eq!(routes, ["openai", "openai", "anthropic", "anthropic"]);
-    assert!(lines.iter().all(|l| l["decision"] == "allow" && l["status"] == 200));
+    assert!(lines
+        .iter()
+        .all(|l| l["decision"] == "allow" && l["status"] == 200));
     let out = python_sdk("anthropic", &anthropic, "wrong", false, None);
     assert_eq!(out["error"]["name"], "AuthenticationError", "{out}");
     assert_token_kept(&home, &proxy, &token);
@@ -764,7 +809,17 @@ fn curl_uses_the_tls_listener_as_an_https_proxy_and_a_client_without_the_ca_fail
     let port = tls_port(&proxy);
     let curl = |extra: &[&str]| {
         Command::new("curl")
-            .args(["-sS", "--noproxy", "", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+            .args([
+                "-sS",
+                "--noproxy",
+                "",
+                "--max-time",
+                "20",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+            ])
             .arg("--proxy")
             .arg(format!("https://127.0.0.1:{port}"))
             .arg("--proxy-user")
@@ -791,7 +846,12 @@ fn curl_uses_the_tls_listener_as_an_https_proxy_and_a_client_without_the_ca_fail
     assert_eq!(out.status.code(), Some(60), "{}", stderr(&out));
     assert_eq!(home.upstream.seen().len(), 1);
     // The plain listener still serves alongside it.
-    let r = home.curl(&proxy, &token, &[], &home.api_url("/repos/acme/backend/issues"));
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[],
+        &home.api_url("/repos/acme/backend/issues"),
+    );
     assert_eq!(r.status, 200);
     assert_token_kept(&home, &proxy, &token);
 }
@@ -809,11 +869,27 @@ fn sdks_reach_the_gateway_over_the_tls_listener_when_they_trust_the_ca() {
     }
     let base = format!("https://localhost:{port}/gw/openai/v1");
     assert_streamed(&node_openai(&base, &token, true, Some(&ca)));
-    let out = python_sdk("anthropic", &format!("https://127.0.0.1:{port}/gw/anthropic"), &token, true, Some(&ca));
+    let out = python_sdk(
+        "anthropic",
+        &format!("https://127.0.0.1:{port}/gw/anthropic"),
+        &token,
+        true,
+        Some(&ca),
+    );
     assert_streamed(&out);
     // A --tls-name is in the certificate too.
     let out = Command::new("curl")
-        .args(["-sS", "--noproxy", "", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-sS",
+            "--noproxy",
+            "",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
         .arg("--resolve")
         .arg(format!("latchkey.test:{port}:127.0.0.1"))
         .arg("--cacert")
@@ -829,7 +905,13 @@ fn sdks_reach_the_gateway_over_the_tls_listener_when_they_trust_the_ca() {
     let out = python_sdk("openai", &base, &token, false, None);
     assert_eq!(out["error"]["name"], "APIConnectionError", "{out}");
     let out = node_openai(&base, &token, false, None);
-    assert!(out["error"]["name"].as_str().unwrap().contains("Connection"), "{out}");
+    assert!(
+        out["error"]["name"]
+            .as_str()
+            .unwrap()
+            .contains("Connection"),
+        "{out}"
+    );
     assert_upstream_got_ours(
         &home,
         &token,
