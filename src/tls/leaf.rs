@@ -452,6 +452,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_listener_certificate_covers_loopback_names_and_tls_names_only() {
+        let (_dir, ca) = ca();
+        let server = ListenerCert::try_new(Arc::clone(&ca), &["Latchkey.Internal.".into()])
+            .and_then(ListenerCert::server_config)
+            .unwrap();
+        for name in ["localhost", "127.0.0.1", "::1", "latchkey.internal"] {
+            let (alpn, chain) = handshake(Arc::clone(&server), client_config(&ca), name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            // HTTP/1.1 only: the proxy and the gateway speak nothing else to agents.
+            assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]), "{name}");
+            assert_eq!(chain, 2, "{name}");
+        }
+        let err = handshake(server, client_config(&ca), "evil.example.test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not valid for name"), "{err}");
+        for bad in ["not a name", "*.example.com", ""] {
+            let err = ListenerCert::try_new(Arc::clone(&ca), &[bad.into()]).unwrap_err();
+            assert!(matches!(err, LeafError::InvalidHost { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_listener_key_is_its_own_and_not_shown_in_debug() {
+        let (_dir, ca) = ca();
+        let cert = ListenerCert::try_new(Arc::clone(&ca), &[]).unwrap();
+        let leaves = LeafCache::try_new(Arc::clone(&ca), 100).unwrap();
+        let spki = cert.spki.der_bytes().to_vec();
+        assert!(!ca
+            .cert_der()
+            .windows(spki.len())
+            .any(|w| w == spki.as_slice()));
+        assert_ne!(spki, leaves.leaf_spki.der_bytes());
+        // The served leaf carries that key.
+        let leaf = cert.current().cert[0].clone();
+        assert!(leaf.windows(spki.len()).any(|w| w == spki.as_slice()));
+        let debug = format!("{cert:?}");
+        assert!(
+            debug.contains("ListenerCert") && !debug.contains("signing"),
+            "{debug}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_leaf_does_not_verify_against_another_ca() {
         let (_dir, ca) = ca();
         let (_other_dir, other) = self::ca();
