@@ -173,30 +173,36 @@ pub async fn handle(
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
     match admit(&shared, parts, &mut rec, admission) {
-        Ok((ctx_parts, claims, route, authority, _slot)) => {
+        Ok(admitted) => {
+            // Held until the answer is handed over, as for an absolute-form request.
+            let _slot = admitted.slot;
             let mut ctx = Ctx {
                 rec,
                 scheme: Scheme::Https,
-                authority: Arc::new(authority),
-                claims,
-                route: Some(route),
+                authority: Arc::new(admitted.authority),
+                claims: admitted.claims,
+                route: Some(admitted.route),
             };
-            let outcome = request::forward(&shared, &mut ctx, ctx_parts, &mut body).await;
+            let outcome = request::forward(&shared, &mut ctx, admitted.parts, &mut body).await;
             request::respond(ctx.rec, outcome, body).await
         }
         Err(deny) => request::respond(rec, Err(deny), body).await,
     }
 }
 
-/// What a gateway request that may go on to `forward` carries: its head rewritten to the
-/// upstream path, the token's claims, the named route, its upstream, and the agent's slot.
-type Admitted = (
-    http::request::Parts,
-    Arc<Claims>,
-    Arc<crate::policy::Route>,
-    crate::authority::Authority,
-    super::limits::Slot,
-);
+/// A gateway request that may go on to `forward`.
+struct Admitted {
+    /// Its head, rewritten to the upstream path, the token headers and `Host` gone.
+    parts: http::request::Parts,
+    /// The token's claims.
+    claims: Arc<Claims>,
+    /// The route the URL named.
+    route: Arc<crate::policy::Route>,
+    /// That route's single upstream.
+    authority: crate::authority::Authority,
+    /// The agent's connection slot.
+    slot: super::limits::Slot,
+}
 
 /// Everything before `forward`: head size, target, token, caps, the named route and its
 /// single host; then the head is rewritten for `forward` (origin-form upstream path, the
@@ -253,7 +259,13 @@ fn admit(
     };
     parts.uri = Uri::try_from(target)
         .map_err(|_| Deny::BadRequest("the gateway path cannot be rebuilt".into()))?;
-    Ok((parts, claims, route, authority, slot))
+    Ok(Admitted {
+        parts,
+        claims,
+        route,
+        authority,
+        slot,
+    })
 }
 
 #[cfg(test)]
