@@ -11,6 +11,9 @@
 //!
 //! Scenarios (budgets guarded, as ratios to direct):
 //! - S1 HTTPS keep-alive, small responses, 32 connections: req/s >= 0.5x, added p99 <= 1 ms.
+//! - S1-gw the same load in gateway mode: plain HTTP keep-alive to latchkey's listener,
+//!   `GET /gw/api/small` with the token as `Authorization: Bearer`, latchkey to the HTTPS
+//!   upstream (direct is S1's direct HTTPS): req/s >= 0.5x.
 //! - S2 a new TLS connection per request (proxied: new CONNECT + TLS to latchkey): >= 1.0x.
 //! - S3 plain HTTP, absolute-form through latchkey (insecure_http route): >= 0.6x.
 //! - S4 one 100 MiB download through a credentialed route (body scanned): >= 0.8x.
@@ -19,7 +22,7 @@
 //! - peak RSS of latchkey (VmHWM) under load: <= 30 MiB.
 //!
 //! Knobs (environment): BENCH_SECS (5) per timed run, BENCH_RUNS (3) per path, BENCH_CONNS (32),
-//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s4"),
+//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s1gw,s4"),
 //! BENCH_PERF_DIR (profile latchkey with `perf record -e cpu-clock` during the first proxied run
 //! of each scenario, to DIR/<scenario>.data).
 
@@ -463,6 +466,8 @@ struct Ctx {
     http: SocketAddr,
     proxy: SocketAddr,
     basic: String,
+    /// `Bearer <token>`: the token as a gateway-mode API key.
+    bearer: String,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -541,6 +546,17 @@ fn get(host: &str, target: &str, proxy_auth: Option<&str>) -> Request<Empty<Byte
     b.body(Empty::new()).expect("request")
 }
 
+/// A gateway-mode request: origin form on latchkey's listener, the token as the API key.
+fn gateway_get(ctx: &Ctx, target: &str) -> Request<Empty<Bytes>> {
+    Request::get(target)
+        .header("host", ctx.proxy.to_string())
+        .header("user-agent", "latchkey-bench/1")
+        .header("accept", "application/json")
+        .header("authorization", ctx.bearer.as_str())
+        .body(Empty::new())
+        .expect("request")
+}
+
 /// Send one request and read the whole body; returns the body length.
 async fn fetch(send: &mut Sender, req: Request<Empty<Bytes>>) -> Res<u64> {
     send.ready().await?;
@@ -566,6 +582,9 @@ enum Kind {
     NewTls,
     /// S3: keep-alive plain HTTP (absolute form through latchkey).
     Plain,
+    /// S1-gw: keep-alive; direct is HTTPS to the upstream, proxied is gateway mode (plain
+    /// HTTP to latchkey's listener, origin-form `/gw/api/small`).
+    Gateway,
 }
 
 #[derive(Default, Clone)]
@@ -610,18 +629,21 @@ async fn timed(ctx: Arc<Ctx>, kind: Kind, via: Via, conns: usize, secs: f64, lk_
         tasks.push(tokio::spawn(async move {
             let mut run = Run::default();
             // Keep-alive kinds connect before the clock starts.
-            let mut sender = match kind {
-                Kind::KeepAliveTls => match open_tls(&ctx, via, API_HOST).await {
-                    Ok(tls) => h1(tls).await.ok(),
-                    Err(e) => {
-                        run.first_error = Some(e.to_string());
-                        None
+            let mut sender = match (kind, via) {
+                // Gateway mode's direct baseline is S1's: HTTPS keep-alive to the upstream.
+                (Kind::KeepAliveTls, _) | (Kind::Gateway, Via::Direct) => {
+                    match open_tls(&ctx, via, API_HOST).await {
+                        Ok(tls) => h1(tls).await.ok(),
+                        Err(e) => {
+                            run.first_error = Some(e.to_string());
+                            None
+                        }
                     }
-                },
-                Kind::Plain => {
-                    let addr = match via {
-                        Via::Direct => ctx.http,
-                        Via::Proxied => ctx.proxy,
+                }
+                (Kind::Plain, _) | (Kind::Gateway, Via::Proxied) => {
+                    let addr = match (kind, via) {
+                        (Kind::Plain, Via::Direct) => ctx.http,
+                        _ => ctx.proxy,
                     };
                     match tcp(addr).await {
                         Ok(s) => h1(s).await.ok(),
@@ -631,7 +653,7 @@ async fn timed(ctx: Arc<Ctx>, kind: Kind, via: Via, conns: usize, secs: f64, lk_
                         }
                     }
                 }
-                Kind::NewTls => None,
+                (Kind::NewTls, _) => None,
             };
             barrier.wait().await;
             let plain_target = format!("http://{plain}/small");
@@ -640,6 +662,16 @@ async fn timed(ctx: Arc<Ctx>, kind: Kind, via: Via, conns: usize, secs: f64, lk_
                 let result = match kind {
                     Kind::KeepAliveTls => match sender.as_mut() {
                         Some(s) => fetch(s, get(&api, "/small", None)).await,
+                        None => Err("no connection".into()),
+                    },
+                    Kind::Gateway => match sender.as_mut() {
+                        Some(s) => {
+                            let req = match via {
+                                Via::Direct => get(&api, "/small", None),
+                                Via::Proxied => gateway_get(&ctx, "/gw/api/small"),
+                            };
+                            fetch(s, req).await
+                        }
                         None => Err("no connection".into()),
                     },
                     Kind::Plain => match sender.as_mut() {
@@ -912,6 +944,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("agent:{token}"))
     );
+    let bearer = format!("Bearer {token}");
 
     // Distinct host names for S6, one set per run.
     let host_sets: Vec<Vec<String>> = (0..runs)
@@ -961,6 +994,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         http,
         proxy: lk.addr,
         basic,
+        bearer,
         tls: Arc::new(tls),
     });
     let pid = lk.pid;
@@ -974,6 +1008,8 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
             assert!(r.requests > 0, "{via:?} TLS: {:?}", r.first_error);
             let r = timed(ctx.clone(), Kind::Plain, via, 1, 0.2, pid).await;
             assert!(r.requests > 0, "{via:?} plain: {:?}", r.first_error);
+            let r = timed(ctx.clone(), Kind::Gateway, via, 1, 0.2, pid).await;
+            assert!(r.requests > 0, "{via:?} gateway: {:?}", r.first_error);
         }
     });
 
@@ -991,6 +1027,12 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
             "s1",
             Kind::KeepAliveTls,
             "S1 HTTPS keep-alive, 32 conns",
+            conns,
+        ),
+        (
+            "s1gw",
+            Kind::Gateway,
+            "S1-gw gateway mode keep-alive (plain HTTP /gw/ to latchkey), 32 conns",
             conns,
         ),
         ("s2", Kind::NewTls, "S2 new TLS conn per request", conns),

@@ -27,7 +27,7 @@ use crate::proxy::server::{self, Drain};
 use crate::proxy::{admin, Limits, ResolvePin, Shared, Upstream};
 use crate::redis::Redis;
 use crate::secrets::BackendConfig;
-use crate::tls::{CertificateAuthority, LeafCache};
+use crate::tls::{CertificateAuthority, LeafCache, ListenerCert};
 use crate::tripwire::Tripwire;
 
 /// How often revocations, signing keys and policy files are checked for changes.
@@ -53,6 +53,12 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// The admin listener (`/healthz`, `/metrics`); `None` disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// A second agent-facing listener speaking TLS with latchkey's own certificate
+    /// (`--listen-tls`); `None` for none.
+    pub listen_tls: Option<SocketAddr>,
+    /// Names (DNS or IP) the TLS listener's certificate covers besides `localhost`,
+    /// `127.0.0.1` and `::1` (`--tls-name`).
+    pub tls_names: Vec<String>,
     /// Extra PEM files of roots trusted for upstream TLS.
     pub upstream_ca: Vec<PathBuf>,
     /// `--resolve` pins.
@@ -96,6 +102,8 @@ impl ServeConfig {
             state_dir,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            listen_tls: None,
+            tls_names: Vec::new(),
             upstream_ca: Vec::new(),
             resolve: Vec::new(),
             audit_log: None,
@@ -165,6 +173,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The admin address actually bound, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// The TLS listener's address actually bound (`--listen-tls`), if enabled.
+    pub tls_addr: Option<SocketAddr>,
     /// Whether audit lines go to standard output (`--audit-log -`).
     pub audit_to_stdout: bool,
     /// The CA certificate, when this start created the CA (give it to agents).
@@ -339,7 +349,16 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         cfg.limits.max_upstream_connections,
     )
     .doing(|| "cannot build the upstream client".to_owned())?;
-    let leaves = LeafCache::try_new(Arc::new(ca), LEAF_CACHE_SIZE)
+    let ca = Arc::new(ca);
+    let tls_config = match cfg.listen_tls {
+        Some(_) => Some(
+            ListenerCert::try_new(ca.clone(), &cfg.tls_names)
+                .and_then(ListenerCert::server_config)
+                .doing(|| "cannot make the TLS listener's certificate (--tls-name)".to_owned())?,
+        ),
+        None => None,
+    };
+    let leaves = LeafCache::try_new(ca, LEAF_CACHE_SIZE)
         .doing(|| "cannot build the leaf certificate cache".to_owned())?;
     let audit_to_stdout = audit_path.as_os_str() == crate::audit::sink::STDOUT_PATH;
     let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
@@ -375,6 +394,18 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .doing(|| "cannot read the listening address".to_owned())?;
+    if let Some(warning) = plaintext_warning(addr) {
+        tracing::warn!("{warning}");
+    }
+    let tls_listener = match cfg.listen_tls {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .doing(|| format!("cannot listen on {a} for the TLS listener (--listen-tls)"))?,
+        ),
+        None => None,
+    };
+    let tls_addr = tls_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_listener = match cfg.admin_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -416,10 +447,19 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     if let Some(l) = admin_listener {
         tasks.push(tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
     }
+    if let (Some(l), Some(config)) = (tls_listener, tls_config) {
+        tasks.push(tokio::spawn(server::serve_tls(
+            l,
+            shared.clone(),
+            drain.clone(),
+            config,
+        )));
+    }
     tasks.push(tokio::spawn(server::serve(listener, shared.clone(), drain)));
     Ok(Running {
         addr,
         admin_addr,
+        tls_addr,
         audit_to_stdout,
         created_ca: created.then(|| cfg.certs.join("ca.crt")),
         shared,
@@ -467,6 +507,19 @@ impl Running {
             drained,
         })
     }
+}
+
+/// The warning for a plain listener that is not on loopback: tokens (the proxy password, or
+/// the API key in gateway mode) would cross the network in plaintext. `None` on loopback.
+pub fn plaintext_warning(listen: SocketAddr) -> Option<String> {
+    if listen.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "--listen {listen} is not a loopback address: agent tokens sent to it (the proxy \
+         password in proxy mode, the API key in gateway mode) cross the network in plaintext; \
+         prefer --listen-tls for agents on other hosts"
+    ))
 }
 
 /// Load the policy directory at start; any error in any file stops the start (unlike a
@@ -555,6 +608,22 @@ async fn reload_loop(
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_off_loopback_is_warned_about_plaintext_tokens() {
+        for quiet in ["127.0.0.1:8080", "127.0.0.2:1", "[::1]:8080"] {
+            assert_eq!(plaintext_warning(quiet.parse().unwrap()), None, "{quiet}");
+        }
+        for loud in ["0.0.0.0:8080", "192.168.1.5:8080", "[::]:8080"] {
+            let w = plaintext_warning(loud.parse().unwrap()).expect(loud);
+            assert!(w.contains("plaintext") && w.contains("--listen-tls"), "{w}");
         }
     }
 }

@@ -233,7 +233,7 @@ impl TokenKeys {
     /// `stage` decides 407 vs 403 for expiry.
     pub fn verify(&self, token: &str, stage: AuthStage) -> Result<Arc<Claims>, Deny> {
         if token.len() > MAX_TOKEN_LEN {
-            return Err(Deny::TokenInvalid("the token is too long"));
+            return Err(Deny::TokenInvalid(stage, "the token is too long"));
         }
         use sha2::Digest;
         let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
@@ -260,45 +260,48 @@ impl TokenKeys {
     /// Verify signature and claims without the cache.
     pub fn verify_uncached(&self, token: &str, stage: AuthStage) -> Result<Claims, Deny> {
         if token.len() > MAX_TOKEN_LEN {
-            return Err(Deny::TokenInvalid("the token is too long"));
+            return Err(Deny::TokenInvalid(stage, "the token is too long"));
         }
         use jsonwebtoken::errors::ErrorKind;
         // The kid only selects among our own keys; the algorithm stays pinned.
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| Deny::TokenInvalid("malformed token"))?;
+            .map_err(|_| Deny::TokenInvalid(stage, "malformed token"))?;
         let ring = self.ring.load();
         let key = ring.find(header.kid.as_deref()).ok_or(Deny::TokenInvalid(
+            stage,
             "signed by a key this latchkey does not know",
         ))?;
         let data =
             jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => Deny::TokenExpired(stage),
-                    ErrorKind::InvalidSignature => Deny::TokenInvalid("bad signature"),
+                    ErrorKind::InvalidSignature => Deny::TokenInvalid(stage, "bad signature"),
                     ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
-                        Deny::TokenInvalid("wrong algorithm")
+                        Deny::TokenInvalid(stage, "wrong algorithm")
                     }
-                    ErrorKind::InvalidIssuer => Deny::TokenInvalid("wrong issuer"),
-                    ErrorKind::InvalidAudience => Deny::TokenInvalid("wrong audience"),
-                    ErrorKind::ImmatureSignature => Deny::TokenInvalid("not valid yet (nbf)"),
+                    ErrorKind::InvalidIssuer => Deny::TokenInvalid(stage, "wrong issuer"),
+                    ErrorKind::InvalidAudience => Deny::TokenInvalid(stage, "wrong audience"),
+                    ErrorKind::ImmatureSignature => {
+                        Deny::TokenInvalid(stage, "not valid yet (nbf)")
+                    }
                     ErrorKind::MissingRequiredClaim(_) => {
-                        Deny::TokenInvalid("a required claim is missing")
+                        Deny::TokenInvalid(stage, "a required claim is missing")
                     }
                     ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => {
-                        Deny::TokenInvalid("a claim has the wrong format")
+                        Deny::TokenInvalid(stage, "a claim has the wrong format")
                     }
-                    _ => Deny::TokenInvalid("malformed token"),
+                    _ => Deny::TokenInvalid(stage, "malformed token"),
                 }
             })?;
         let mut claims = data.claims;
         claims.kid = header.kid;
         if claims.jti.is_empty() || claims.sub.is_empty() {
-            return Err(Deny::TokenInvalid("a required claim is missing"));
+            return Err(Deny::TokenInvalid(stage, "a required claim is missing"));
         }
         // SECURITY: jsonwebtoken does not check `iat`; a token "issued" in the future was not
         // minted by this clock and is refused.
         if claims.iat > unix_now() + LEEWAY_SECS {
-            return Err(Deny::TokenInvalid("issued in the future (iat)"));
+            return Err(Deny::TokenInvalid(stage, "issued in the future (iat)"));
         }
         Ok(claims)
     }
@@ -338,42 +341,57 @@ fn pinned_validation() -> Validation {
 /// Extract the token from a `Proxy-Authorization` header: `Basic base64(user:token)` (any user
 /// name) or `Bearer token`.
 pub fn token_from_header(value: Option<&HeaderValue>) -> Result<String, Deny> {
-    let value = value.ok_or(Deny::TokenMissing)?;
+    let value = value.ok_or(Deny::TokenMissing(AuthStage::Proxy))?;
     let text = value
         .to_str()
-        .map_err(|_| Deny::TokenInvalid("the Proxy-Authorization header is not ASCII"))?
+        .map_err(|_| {
+            Deny::TokenInvalid(
+                AuthStage::Proxy,
+                "the Proxy-Authorization header is not ASCII",
+            )
+        })?
         .trim();
     if text.is_empty() {
-        return Err(Deny::TokenMissing);
+        return Err(Deny::TokenMissing(AuthStage::Proxy));
     }
     let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
         if rest.is_empty() {
-            return Err(Deny::TokenMissing);
+            return Err(Deny::TokenMissing(AuthStage::Proxy));
         }
         return Ok(rest.to_owned());
     }
     if scheme.eq_ignore_ascii_case("basic") {
         if rest.len() > MAX_TOKEN_LEN * 2 {
-            return Err(Deny::TokenInvalid("the token is too long"));
+            return Err(Deny::TokenInvalid(
+                AuthStage::Proxy,
+                "the token is too long",
+            ));
         }
         let decoded = zeroize::Zeroizing::new(
             base64::engine::general_purpose::STANDARD
                 .decode(rest)
-                .map_err(|_| Deny::TokenInvalid("the Basic credentials are not base64"))?,
+                .map_err(|_| {
+                    Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not base64")
+                })?,
         );
-        let text = std::str::from_utf8(&decoded)
-            .map_err(|_| Deny::TokenInvalid("the Basic credentials are not UTF-8"))?;
-        let (_user, password) = text
-            .split_once(':')
-            .ok_or(Deny::TokenInvalid("the Basic credentials have no password"))?;
+        let text = std::str::from_utf8(&decoded).map_err(|_| {
+            Deny::TokenInvalid(AuthStage::Proxy, "the Basic credentials are not UTF-8")
+        })?;
+        let (_user, password) = text.split_once(':').ok_or(Deny::TokenInvalid(
+            AuthStage::Proxy,
+            "the Basic credentials have no password",
+        ))?;
         if password.is_empty() {
-            return Err(Deny::TokenMissing);
+            return Err(Deny::TokenMissing(AuthStage::Proxy));
         }
         return Ok(password.to_owned());
     }
-    Err(Deny::TokenInvalid("unsupported Proxy-Authorization scheme"))
+    Err(Deny::TokenInvalid(
+        AuthStage::Proxy,
+        "unsupported Proxy-Authorization scheme",
+    ))
 }
 
 /// Seconds since the unix epoch.

@@ -175,9 +175,19 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on (proxy and gateway mode, plain HTTP: off loopback, tokens cross
+    /// the network in plaintext; use --listen-tls for that).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Also listen with TLS on this address, with a certificate from latchkey's CA (agents
+    /// trust it with ca.crt): `curl --proxy https://ADDR --proxy-cacert ca.crt`, or
+    /// `https://ADDR/gw/<route-id>` as an SDK base URL.
+    #[arg(long, value_name = "ADDR")]
+    listen_tls: Option<SocketAddr>,
+    /// A name (DNS or IP) the --listen-tls certificate covers besides localhost, 127.0.0.1
+    /// and ::1 (repeatable).
+    #[arg(long = "tls-name", value_name = "NAME", requires = "listen_tls")]
+    tls_names: Vec<String>,
     /// Extra PEM file of roots trusted for upstream TLS (repeatable).
     #[arg(long = "upstream-ca", value_name = "FILE")]
     upstream_ca: Vec<PathBuf>,
@@ -702,6 +712,9 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
     if let Some(a) = running.admin_addr {
         announce(format!("latchkey admin on {a}"));
     }
+    if let Some(a) = running.tls_addr {
+        announce(format!("latchkey TLS listening on {a}"));
+    }
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
@@ -729,6 +742,8 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         dirs.state_dir.clone(),
     );
     cfg.listen = args.listen;
+    cfg.listen_tls = args.listen_tls;
+    cfg.tls_names = args.tls_names;
     cfg.admin_listen = admin_listen;
     cfg.upstream_ca = args.upstream_ca;
     cfg.resolve = args.resolve;
@@ -1213,6 +1228,22 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
         "OK: {agents} agent policy file(s) valid in {}",
         dirs.policies.display()
     );
+    // Not an error (proxy mode uses them), but gateway mode cannot: say so before an agent
+    // finds out with a 403.
+    for policy in report.policies.agents() {
+        for route in policy.routes() {
+            if route.gateway_authority().is_none() {
+                println!(
+                    "note: {}: route {} (host {}) has a wildcard host: proxy mode only, it \
+                     cannot be a gateway target (/gw/{}/...)",
+                    policy.file().display(),
+                    route.id(),
+                    route.host(),
+                    route.id()
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

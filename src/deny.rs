@@ -9,7 +9,8 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 
-/// Where a token check ran: at the CONNECT / plain-proxy level (407) or inside a tunnel (403).
+/// Where a token check ran: at the CONNECT / plain-proxy level (407), inside a tunnel (403),
+/// or on a gateway request (401).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthStage {
     /// The proxy request itself (CONNECT or absolute-form HTTP): the client may retry with
@@ -17,6 +18,19 @@ pub enum AuthStage {
     Proxy,
     /// A request inside an established tunnel: the tunnel cannot re-authenticate, so 403.
     Tunnel,
+    /// A gateway-mode request (`/gw/<route>/...`): no proxy is involved, the token is the
+    /// SDK's API key, so the answer is what an API sends: 401 with `WWW-Authenticate: Bearer`.
+    Gateway,
+}
+
+/// What a missing token's refusal tells the agent to do, by where it was missing.
+fn token_missing_hint(stage: &AuthStage) -> &'static str {
+    match stage {
+        AuthStage::Gateway => {
+            "no token: send the latchkey token as the API key (Authorization: Bearer, x-api-key or api-key)"
+        }
+        _ => "no token: send the latchkey token as the proxy password or as Proxy-Authorization: Bearer",
+    }
 }
 
 /// Why a path cannot be normalised safely (`bad_path`).
@@ -74,14 +88,13 @@ impl std::fmt::Display for Leak {
 /// what the agent sees and what the audit log records.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Deny {
-    /// No `Proxy-Authorization` header (or an empty one).
-    #[error(
-        "no token: send the latchkey token as the proxy password or as Proxy-Authorization: Bearer"
-    )]
-    TokenMissing,
+    /// No `Proxy-Authorization` header (or an empty one); in gateway mode, none of
+    /// `Authorization: Bearer`, `x-api-key`, `api-key`.
+    #[error("{}", token_missing_hint(.0))]
+    TokenMissing(AuthStage),
     /// The token is malformed, wrongly signed, or has the wrong issuer/audience/claims.
-    #[error("the token is not valid: {0}")]
-    TokenInvalid(&'static str),
+    #[error("the token is not valid: {1}")]
+    TokenInvalid(AuthStage, &'static str),
     /// The token's `exp` has passed.
     #[error("the token has expired")]
     TokenExpired(AuthStage),
@@ -137,6 +150,17 @@ pub enum Deny {
         /// The route's methods, comma-separated.
         allowed: String,
     },
+    /// A gateway request (`/gw/<route>/...`) names no route of the token's agent (another
+    /// agent's route, a misspelt id, or no id at all).
+    #[error("agent {agent} has no route {route:?}; gateway URLs are /gw/<route-id>/<path>")]
+    UnknownRoute { agent: String, route: String },
+    /// A gateway request names a route whose host is a wildcard: it names no single upstream
+    /// to send to, so only proxy mode can use it.
+    #[error(
+        "route {route} names the wildcard host {host}, which is no single upstream: gateway \
+         mode cannot use it (use proxy mode, HTTPS_PROXY, for this route)"
+    )]
+    GatewayWildcard { route: String, host: String },
     /// The path cannot be normalised safely.
     #[error("unsafe path: {0}")]
     BadPath(BadPath),
@@ -216,19 +240,22 @@ impl Deny {
     /// The HTTP status the agent receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            Deny::TokenMissing | Deny::TokenInvalid(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Deny::TokenExpired(AuthStage::Proxy) | Deny::TokenRevoked(AuthStage::Proxy) => {
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED
-            }
-            Deny::TokenExpired(AuthStage::Tunnel) | Deny::TokenRevoked(AuthStage::Tunnel) => {
-                StatusCode::FORBIDDEN
-            }
+            Deny::TokenMissing(stage)
+            | Deny::TokenInvalid(stage, _)
+            | Deny::TokenExpired(stage)
+            | Deny::TokenRevoked(stage) => match stage {
+                AuthStage::Proxy => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                AuthStage::Tunnel => StatusCode::FORBIDDEN,
+                AuthStage::Gateway => StatusCode::UNAUTHORIZED,
+            },
             Deny::HostNotAllowed { .. }
             | Deny::HostMismatch { .. }
             | Deny::NoRoute { .. }
             | Deny::RouteNotGranted { .. }
             | Deny::InsecureHttpRefused { .. }
             | Deny::MethodNotAllowed { .. }
+            | Deny::UnknownRoute { .. }
+            | Deny::GatewayWildcard { .. }
             | Deny::SecretInRequest(_) => StatusCode::FORBIDDEN,
             Deny::BadPath(_) | Deny::BadRequest(_) => StatusCode::BAD_REQUEST,
             Deny::SecretUnavailable(_) | Deny::CredentialUnavailable(_) => {
@@ -254,13 +281,17 @@ impl Deny {
     /// Stable snake_case reason for the JSON body and the audit log.
     pub fn code(&self) -> &'static str {
         match self {
-            Deny::TokenMissing => "token_missing",
-            Deny::TokenInvalid(_) => "token_invalid",
+            Deny::TokenMissing(_) => "token_missing",
+            Deny::TokenInvalid(..) => "token_invalid",
             Deny::TokenExpired(_) => "token_expired",
             Deny::TokenRevoked(_) => "token_revoked",
             Deny::HostNotAllowed { .. } => "host_not_allowed",
             Deny::HostMismatch { .. } => "host_mismatch",
-            Deny::NoRoute { .. } => "no_route",
+            // Gateway mode's "no such route" is the same answer as proxy mode's: nothing of
+            // this agent's policy allows the request.
+            Deny::NoRoute { .. } | Deny::UnknownRoute { .. } | Deny::GatewayWildcard { .. } => {
+                "no_route"
+            }
             Deny::RouteNotGranted { .. } => "route_not_granted",
             Deny::InsecureHttpRefused { .. } => "insecure_http_refused",
             Deny::MethodNotAllowed { .. } => "method_not_allowed",
@@ -326,10 +357,23 @@ impl Deny {
     /// `Proxy-Authenticate`): only for token problems at the proxy level, never inside a
     /// tunnel, where the client cannot re-authenticate.
     pub fn asks_for_proxy_auth(&self) -> bool {
+        self.auth_stage() == Some(AuthStage::Proxy)
+    }
+
+    /// Whether the answer asks for an API key as an API would (401 with `WWW-Authenticate:
+    /// Bearer`): token problems of a gateway request, where no proxy is involved.
+    pub fn asks_for_bearer(&self) -> bool {
+        self.auth_stage() == Some(AuthStage::Gateway)
+    }
+
+    /// Where the token check that refused ran, for token refusals.
+    fn auth_stage(&self) -> Option<AuthStage> {
         match self {
-            Deny::TokenMissing | Deny::TokenInvalid(_) => true,
-            Deny::TokenExpired(stage) | Deny::TokenRevoked(stage) => *stage == AuthStage::Proxy,
-            _ => false,
+            Deny::TokenMissing(stage)
+            | Deny::TokenInvalid(stage, _)
+            | Deny::TokenExpired(stage)
+            | Deny::TokenRevoked(stage) => Some(*stage),
+            _ => None,
         }
     }
 
@@ -380,6 +424,18 @@ impl Deny {
                 HeaderValue::from_static("Basic realm=\"latchkey\""),
             );
         }
+        if self.asks_for_bearer() {
+            // RFC 6750 section 3: no error code when no token came, `invalid_token` otherwise.
+            let challenge = if matches!(self, Deny::TokenMissing(_)) {
+                "Bearer realm=\"latchkey\""
+            } else {
+                "Bearer realm=\"latchkey\", error=\"invalid_token\""
+            };
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         resp
     }
 }
@@ -406,12 +462,16 @@ mod tests {
     fn every_variant() -> Vec<Deny> {
         let m = || Method::POST;
         vec![
-            Deny::TokenMissing,
-            Deny::TokenInvalid("bad signature"),
+            Deny::TokenMissing(AuthStage::Proxy),
+            Deny::TokenMissing(AuthStage::Gateway),
+            Deny::TokenInvalid(AuthStage::Proxy, "bad signature"),
+            Deny::TokenInvalid(AuthStage::Gateway, "bad signature"),
             Deny::TokenExpired(AuthStage::Proxy),
             Deny::TokenExpired(AuthStage::Tunnel),
+            Deny::TokenExpired(AuthStage::Gateway),
             Deny::TokenRevoked(AuthStage::Proxy),
             Deny::TokenRevoked(AuthStage::Tunnel),
+            Deny::TokenRevoked(AuthStage::Gateway),
             Deny::HostNotAllowed {
                 agent: "a".into(),
                 host: "h:443".into(),
@@ -445,6 +505,14 @@ mod tests {
                 authority: "h:443".into(),
                 allowed: "GET".into(),
             },
+            Deny::UnknownRoute {
+                agent: "a".into(),
+                route: "r".into(),
+            },
+            Deny::GatewayWildcard {
+                route: "r".into(),
+                host: "*.example.com".into(),
+            },
             Deny::BadPath(BadPath::AboveRoot),
             Deny::BadRequest("x".into()),
             Deny::SecretUnavailable("gh".into()),
@@ -467,6 +535,54 @@ mod tests {
             Deny::SecretInRequest(Leak::Stored("billing".into())),
             Deny::SecretInRequest(Leak::Format("github")),
         ]
+    }
+
+    #[test]
+    fn gateway_token_problems_are_401_with_a_bearer_challenge_not_407() {
+        for d in [
+            Deny::TokenMissing(AuthStage::Gateway),
+            Deny::TokenInvalid(AuthStage::Gateway, "bad signature"),
+            Deny::TokenExpired(AuthStage::Gateway),
+            Deny::TokenRevoked(AuthStage::Gateway),
+        ] {
+            let resp = d.to_response("r");
+            assert_eq!(resp.status(), 401, "{d:?}");
+            assert!(!resp.headers().contains_key(header::PROXY_AUTHENTICATE));
+            let challenge = resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+            assert!(
+                challenge.starts_with("Bearer realm=\"latchkey\""),
+                "{challenge}"
+            );
+            assert_eq!(
+                challenge.contains("invalid_token"),
+                !matches!(d, Deny::TokenMissing(_))
+            );
+        }
+        let d = Deny::TokenMissing(AuthStage::Gateway);
+        assert!(d.to_string().contains("x-api-key"), "{d}");
+        for d in every_variant().iter().filter(|d| d.status() != 401) {
+            let resp = d.to_response("r");
+            assert!(
+                !resp.headers().contains_key(header::WWW_AUTHENTICATE),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_and_wildcard_gateway_routes_are_403_no_route() {
+        let d = Deny::UnknownRoute {
+            agent: "bot".into(),
+            route: "nope".into(),
+        };
+        assert_eq!((d.status().as_u16(), d.code()), (403, "no_route"));
+        assert!(d.to_string().contains("/gw/<route-id>/"));
+        let d = Deny::GatewayWildcard {
+            route: "many".into(),
+            host: "*.example.com".into(),
+        };
+        assert_eq!((d.status().as_u16(), d.code()), (403, "no_route"));
+        assert!(d.to_string().contains("proxy mode"), "{d}");
     }
 
     #[test]
@@ -503,7 +619,7 @@ mod tests {
 
     #[test]
     fn the_old_no_route_is_four_reasons() {
-        let codes: Vec<&str> = every_variant()
+        let mut codes: Vec<&str> = every_variant()
             .iter()
             .map(Deny::code)
             .filter(|c| {
@@ -516,6 +632,13 @@ mod tests {
                 .contains(c)
             })
             .collect();
+        // Gateway mode's unknown and wildcard routes are `no_route` too.
+        let mut seen = Vec::new();
+        codes.retain(|c| {
+            let first = !seen.contains(c);
+            seen.push(*c);
+            first
+        });
         assert_eq!(
             codes,
             [

@@ -400,7 +400,7 @@ fn encode_component(bytes: &[u8], out: &mut String) {
 }
 
 /// Decode `%XX` and `+` in a query component (invalid escapes stay literal).
-fn decode_component(s: &str) -> Vec<u8> {
+pub(crate) fn decode_component(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

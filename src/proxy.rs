@@ -1,12 +1,14 @@
 //! The proxy: accept agent connections, authenticate, intercept TLS, decide, inject, forward,
 //! audit. `server` owns sockets, TLS and shutdown; `request` owns the stages of one request
 //! and its audit record; `body` the bodies on the way through (`decode` undoes an
-//! upstream's compression where redaction must read the body); `forward` the upstream client.
+//! upstream's compression where redaction must read the body); `forward` the upstream client;
+//! `gateway` the base-URL mode (`/gw/<route>/...` in origin form, the token as an API key).
 
 pub mod admin;
 pub mod body;
 pub mod decode;
 pub mod forward;
+pub mod gateway;
 pub mod limits;
 pub mod request;
 pub mod server;

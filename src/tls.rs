@@ -1,5 +1,6 @@
 //! TLS interception: latchkey's local certificate authority and the per-host leaf
-//! certificates it mints for intercepted `CONNECT` tunnels.
+//! certificates it mints for intercepted `CONNECT` tunnels, plus the certificate of
+//! latchkey's own TLS listener (`--listen-tls`).
 //!
 //! This module owns the CA private key and the process-wide leaf key. It must never log or
 //! print either, and it always uses the aws-lc-rs rustls provider explicitly rather than the
@@ -14,7 +15,7 @@ mod leaf;
 pub mod pem;
 
 pub use ca::{CaError, CertificateAuthority};
-pub use leaf::{LeafCache, LeafError, LEAF_CACHE_TTL, LEAF_VALIDITY};
+pub use leaf::{LeafCache, LeafError, ListenerCert, LEAF_CACHE_TTL, LEAF_VALIDITY, LISTENER_NAMES};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, SystemTimeError, UNIX_EPOCH};

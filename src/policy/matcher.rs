@@ -287,6 +287,17 @@ impl Route {
         self.paths.iter().any(|p| p.matches(path))
     }
 
+    /// The one upstream a gateway request to this route goes to (`https://` + this), or
+    /// `None` for a wildcard host, which names no single host to send to.
+    pub fn gateway_authority(&self) -> Option<Authority> {
+        match self.host {
+            HostPattern::Exact(_) => {
+                Authority::parse(&self.host_text, Some(Scheme::Https.default_port())).ok()
+            }
+            HostPattern::Suffix(_) => None,
+        }
+    }
+
     /// SECURITY: a credential never travels in plaintext unless the route opts in.
     fn refuses_plain_http(&self, scheme: Scheme) -> bool {
         scheme == Scheme::Http && self.credential.is_some() && !self.insecure_http
@@ -461,6 +472,49 @@ impl AgentPolicy {
             }),
             None => Err(self.explain_denial(scheme, authority, method, path, grant)),
         }
+    }
+
+    /// Gateway mode: the decision of the one route the request named (`/gw/<id>/...`), never
+    /// of another route on the same host. `path` must already be normalised; `authority` is
+    /// the route's own ([`Route::gateway_authority`]), for the denial texts.
+    pub fn decide_route(
+        &self,
+        route: &Arc<Route>,
+        authority: &Authority,
+        method: &Method,
+        path: &str,
+        grant: Grant<'_>,
+    ) -> Result<Allowed, Deny> {
+        if !grant.allows(&route.id) {
+            return Err(Deny::RouteNotGranted {
+                route: route.id.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+            });
+        }
+        if !route.matches_path(path) {
+            return Err(Deny::NoRoute {
+                agent: self.agent.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+            });
+        }
+        if !route.methods.contains(method) {
+            let allowed: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+            return Err(Deny::MethodNotAllowed {
+                route: route.id.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                authority: authority.to_string(),
+                allowed: allowed.join(", "),
+            });
+        }
+        Ok(Allowed {
+            route: Arc::clone(route),
+            _proof: (),
+        })
     }
 
     /// The deny path: find the most helpful reason. May allocate.

@@ -34,7 +34,7 @@ use crate::authority::{self, Authority};
 use crate::credential::Outgoing;
 use crate::deny::{AuthStage, Deny, Fault};
 use crate::inject::{self, Rewrite};
-use crate::policy::{path, Allowed, Grant, Scheme};
+use crate::policy::{path, Allowed, Grant, Route, Scheme};
 use crate::ratelimit::Verdict;
 use crate::redact::RedactBody;
 use crate::tripwire::{BodyScan, Hit, OnExfiltration};
@@ -52,6 +52,9 @@ pub struct Ctx {
     pub authority: Arc<Authority>,
     /// The token's claims.
     pub claims: Arc<Claims>,
+    /// Gateway mode: the route the URL named (`/gw/<id>/...`); only it decides. `None` in
+    /// proxy mode, where the first matching route of the bound host does.
+    pub route: Option<Arc<Route>>,
 }
 
 /// The audit line's idea of who asked.
@@ -64,20 +67,30 @@ pub fn who(claims: &Claims) -> Who {
     }
 }
 
-/// Authenticate a proxy-level request (CONNECT or absolute form; 407 on failure). The claims
-/// are known before the revocation check so that a refused revoked token is still attributed,
-/// and an expired token we signed still names who tried.
+/// Authenticate a proxy-level request (CONNECT or absolute form; 407 on failure).
 pub fn authenticate(
     shared: &Shared,
     headers: &http::HeaderMap,
     rec: &mut Record,
 ) -> Result<Arc<Claims>, Deny> {
     let token = auth::token_from_header(headers.get(header::PROXY_AUTHORIZATION))?;
-    let claims = match shared.keys.verify(&token, AuthStage::Proxy) {
+    verify_token(shared, &token, AuthStage::Proxy, rec)
+}
+
+/// Verify a presented token and check it is not revoked; `stage` says how a refusal is
+/// answered. The claims are known before the revocation check so that a refused revoked token
+/// is still attributed, and an expired token we signed still names who tried.
+pub fn verify_token(
+    shared: &Shared,
+    token: &str,
+    stage: AuthStage,
+    rec: &mut Record,
+) -> Result<Arc<Claims>, Deny> {
+    let claims = match shared.keys.verify(token, stage) {
         Ok(c) => c,
         Err(deny) => {
             if matches!(deny, Deny::TokenExpired(_)) {
-                if let Some(c) = shared.keys.claims_of_expired(&token) {
+                if let Some(c) = shared.keys.claims_of_expired(token) {
                     rec.who = who(&c);
                 }
             }
@@ -85,7 +98,7 @@ pub fn authenticate(
         }
     };
     rec.who = who(&claims);
-    shared.revocations.check(&claims, AuthStage::Proxy)?;
+    shared.revocations.check(&claims, stage)?;
     Ok(claims)
 }
 
@@ -180,13 +193,19 @@ pub fn decide(shared: &Shared, ctx: &mut Ctx, parts: &Parts) -> Result<(Allowed,
         path: normalized.clone(),
         authority: ctx.authority.to_string(),
     })?;
-    let allowed = policy.decide(
-        ctx.scheme,
-        &ctx.authority,
-        &parts.method,
-        &normalized,
-        Grant(ctx.claims.routes.as_deref()),
-    )?;
+    let grant = Grant(ctx.claims.routes.as_deref());
+    let allowed = match &ctx.route {
+        Some(route) => {
+            policy.decide_route(route, &ctx.authority, &parts.method, &normalized, grant)?
+        }
+        None => policy.decide(
+            ctx.scheme,
+            &ctx.authority,
+            &parts.method,
+            &normalized,
+            grant,
+        )?,
+    };
     ctx.rec
         .matched(allowed.route().id(), allowed.route().credential());
     Ok((allowed, normalized))
@@ -539,6 +558,7 @@ pub async fn in_tunnel(
         scheme: Scheme::Https,
         authority,
         claims,
+        route: None,
     };
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
@@ -599,6 +619,7 @@ pub async fn plain(
                 scheme: Scheme::Http,
                 authority,
                 claims,
+                route: None,
             };
             let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
             respond(ctx.rec, outcome, body).await

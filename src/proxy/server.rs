@@ -5,6 +5,7 @@
 //! accept -> CONNECT: token -> host in a granted route? -> 200 -> TLS (SNI == CONNECT host)
 //!             -> each inner request: request::in_tunnel
 //!        -> absolute-form http://: request::plain
+//!        -> origin-form /gw/<route>/...: gateway::handle
 //! ```
 //!
 //! What happens to each request (and its audit record) is `request`'s business; this module
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn, Instrument};
 
 use super::body::AuditedBody;
+use super::gateway;
 use super::limits::Admission;
 use super::request::{self, who};
 use super::Shared;
@@ -215,6 +217,65 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) 
     let pending = shared
         .limits_state
         .enter_pending(shared.limits.max_unauthenticated_connections);
+    serve_http(stream, pending, shared.clone(), drain).await;
+}
+
+/// Accept agent connections on the TLS listener (`--listen-tls`) until `drain` says stop:
+/// TLS with latchkey's own certificate first, then the same HTTP/1.1 service as the plain
+/// listener (CONNECT tunnels, absolute-form requests, gateway requests).
+pub async fn serve_tls(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    drain: Drain,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    accept_loop(listener, drain, move |stream, peer, drain| {
+        let _ = stream.set_nodelay(true);
+        serve_tls_connection(stream, acceptor.clone(), shared.clone(), drain)
+            .instrument(tracing::debug_span!("conn", %peer, tls = true))
+    })
+    .await;
+}
+
+async fn serve_tls_connection(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    drain: Drain,
+) {
+    let _open = shared.metrics.connection();
+    // SECURITY: the handshake is done by a connection that has not authenticated: it holds
+    // a place in the unauthenticated pool (and may be evicted from it) from the first byte,
+    // and must finish within the first-request deadline.
+    let pending = shared
+        .limits_state
+        .enter_pending(shared.limits.max_unauthenticated_connections);
+    let eviction = pending.eviction();
+    let limit = shared
+        .limits
+        .handshake_timeout
+        .min(shared.limits.first_request_timeout);
+    let tls = tokio::select! {
+        r = tokio::time::timeout(limit, acceptor.accept(stream)) => match r {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return debug!(error = %e, "TLS handshake on the TLS listener failed"),
+            Err(_) => return debug!("TLS handshake on the TLS listener timed out"),
+        },
+        _ = eviction.evicted() => return debug!("unauthenticated TLS connection closed to make room for a newer one"),
+    };
+    serve_http(tls, pending, shared.clone(), drain).await;
+}
+
+/// Serve HTTP/1.1 on an agent connection (plain or TLS) to its end.
+async fn serve_http<I>(
+    io: I,
+    pending: super::limits::PendingSlot,
+    shared: Arc<Shared>,
+    drain: Drain,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let eviction = pending.eviction();
     let admission = Arc::new(Admission::pending(pending));
     let svc_shared = shared.clone();
@@ -240,7 +301,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, drain: Drain) 
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let served = serve_until_drained(conn, drain, "agent connection");
     tokio::pin!(served);
@@ -284,11 +345,16 @@ async fn dispatch(
     if req.method() == Method::CONNECT {
         connect(req, shared, drain, admission).await
     } else if req.uri().scheme().is_some() {
+        // SECURITY: absolute form is always proxy mode, even with a `/gw/` path: the target
+        // it names is checked as a proxy target, never taken as a gateway request.
         request::plain(shared, req, admission).await
+    } else if gateway::is_gateway(req.uri()) {
+        gateway::handle(shared, req, admission).await
     } else {
         let (parts, body) = req.into_parts();
         let deny = Deny::BadRequest(
-            "latchkey is a forward proxy: send CONNECT host:port or an absolute-form http:// request"
+            "latchkey is a forward proxy: send CONNECT host:port or an absolute-form http:// \
+             request, or use gateway mode: /gw/<route-id>/<path>"
                 .into(),
         );
         request::refuse_early(&shared, &parts.method, Some(body), deny).await

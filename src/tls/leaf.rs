@@ -154,32 +154,143 @@ impl LeafCache {
     fn mint_chain(&self, host: &str) -> Result<Vec<CertificateDer<'static>>, LeafError> {
         let host = strip_brackets(host);
         let san = san_for(host)?;
-        let generate = |e: rcgen::Error| LeafError::Generate(e.to_string());
+        sign_leaf(&self.ca, &self.leaf_spki, host, vec![san])
+    }
+}
 
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        if host.len() < MAX_CN_LEN {
-            dn.push(DnType::CommonName, host);
+/// Signs a leaf for `sans` with the CA (common name `cn` when short enough); returns the
+/// chain `[leaf, CA]`.
+fn sign_leaf(
+    ca: &CertificateAuthority,
+    spki: &SubjectPublicKeyInfo,
+    cn: &str,
+    sans: Vec<SanType>,
+) -> Result<Vec<CertificateDer<'static>>, LeafError> {
+    let generate = |e: rcgen::Error| LeafError::Generate(e.to_string());
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    if cn.len() < MAX_CN_LEN {
+        dn.push(DnType::CommonName, cn);
+    }
+    // With an empty subject rcgen marks the SAN critical, as RFC 5280 requires.
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
+    // NoCa: no basicConstraints and, importantly, no SKI: a leaf SKI equal to the CA's
+    // breaks SChannel (mitmproxy#6494), and clients do not need one on a leaf.
+    params.is_ca = IsCa::NoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    // SECURITY: a fresh random serial per leaf; clients may reject a repeated
+    // issuer+serial pair with a different certificate (httpjail's fixed-serial pitfall).
+    params.serial_number = Some(super::random_serial());
+    super::set_validity(&mut params, LEAF_BACKDATE, LEAF_VALIDITY)
+        .map_err(|e| LeafError::Generate(e.to_string()))?;
+    let cert = params.signed_by(spki, ca.issuer()).map_err(generate)?;
+    Ok(vec![cert.der().clone(), ca.cert_der().clone()])
+}
+
+/// The names latchkey's own TLS listener (`--listen-tls`) always answers to.
+pub const LISTENER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The certificate of latchkey's own TLS listener (`--listen-tls`): a leaf signed by the CA
+/// for [`LISTENER_NAMES`] and the operator's `--tls-name`s, so agents that trust `ca.crt`
+/// trust the listener. Its key is its own (not the interception leaves' key). Re-minted once
+/// it is older than [`LEAF_CACHE_TTL`], so a long-running latchkey never serves a leaf near
+/// the end of its [`LEAF_VALIDITY`].
+pub struct ListenerCert {
+    ca: Arc<CertificateAuthority>,
+    sans: Vec<SanType>,
+    spki: SubjectPublicKeyInfo,
+    signing_key: Arc<dyn rustls::sign::SigningKey>,
+    current: std::sync::Mutex<(std::time::Instant, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl std::fmt::Debug for ListenerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // SECURITY: no key material; the names only.
+        f.debug_struct("ListenerCert")
+            .field("names", &self.sans)
+            .finish()
+    }
+}
+
+impl ListenerCert {
+    /// A listener certificate for [`LISTENER_NAMES`] plus `extra` (DNS names or IP
+    /// literals; anything else is refused, naming it).
+    pub fn try_new(
+        ca: Arc<CertificateAuthority>,
+        extra: &[String],
+    ) -> Result<ListenerCert, LeafError> {
+        let mut sans = Vec::new();
+        for name in LISTENER_NAMES
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+        {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            let san = san_for(strip_brackets(&name))?;
+            if !sans.contains(&san) {
+                sans.push(san);
+            }
         }
-        // With an empty subject rcgen marks the SAN critical, as RFC 5280 requires.
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![san];
-        // NoCa: no basicConstraints and, importantly, no SKI: a leaf SKI equal to the CA's
-        // breaks SChannel (mitmproxy#6494), and clients do not need one on a leaf.
-        params.is_ca = IsCa::NoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        // SECURITY: a fresh random serial per leaf; clients may reject a repeated
-        // issuer+serial pair with a different certificate (httpjail's fixed-serial pitfall).
-        params.serial_number = Some(super::random_serial());
-        super::set_validity(&mut params, LEAF_BACKDATE, LEAF_VALIDITY)
+        let provider = super::provider();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| LeafError::Generate(e.to_string()))?;
-        let cert = params
-            .signed_by(&self.leaf_spki, self.ca.issuer())
-            .map_err(generate)?;
+        let spki = SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+            .map_err(|e| LeafError::Generate(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing_key = provider.key_provider.load_private_key(der)?;
+        let chain = sign_leaf(&ca, &spki, LISTENER_NAMES[0], sans.clone())?;
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            chain,
+            Arc::clone(&signing_key),
+        ));
+        Ok(ListenerCert {
+            ca,
+            sans,
+            spki,
+            signing_key,
+            current: std::sync::Mutex::new((std::time::Instant::now(), certified)),
+        })
+    }
 
-        Ok(vec![cert.der().clone(), self.ca.cert_der().clone()])
+    /// The listener's `ServerConfig`: this certificate, ALPN `http/1.1` only (the proxy
+    /// and gateway speak HTTP/1.1 to agents; tunnels negotiate their own TLS inside).
+    pub fn server_config(self) -> Result<Arc<ServerConfig>, LeafError> {
+        let mut config = ServerConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(self));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0.elapsed() >= LEAF_CACHE_TTL {
+            match sign_leaf(&self.ca, &self.spki, LISTENER_NAMES[0], self.sans.clone()) {
+                Ok(chain) => {
+                    let certified =
+                        rustls::sign::CertifiedKey::new(chain, Arc::clone(&self.signing_key));
+                    *current = (std::time::Instant::now(), Arc::new(certified));
+                }
+                // The served leaf still has weeks left: keep it and try again next time.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the TLS listener's certificate")
+                }
+            }
+        }
+        Arc::clone(&current.1)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ListenerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
     }
 }
 
@@ -338,6 +449,51 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not valid for name"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_listener_certificate_covers_loopback_names_and_tls_names_only() {
+        let (_dir, ca) = ca();
+        let server = ListenerCert::try_new(Arc::clone(&ca), &["Latchkey.Internal.".into()])
+            .and_then(ListenerCert::server_config)
+            .unwrap();
+        for name in ["localhost", "127.0.0.1", "::1", "latchkey.internal"] {
+            let (alpn, chain) = handshake(Arc::clone(&server), client_config(&ca), name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            // HTTP/1.1 only: the proxy and the gateway speak nothing else to agents.
+            assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]), "{name}");
+            assert_eq!(chain, 2, "{name}");
+        }
+        let err = handshake(server, client_config(&ca), "evil.example.test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not valid for name"), "{err}");
+        for bad in ["not a name", "*.example.com", ""] {
+            let err = ListenerCert::try_new(Arc::clone(&ca), &[bad.into()]).unwrap_err();
+            assert!(matches!(err, LeafError::InvalidHost { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_listener_key_is_its_own_and_not_shown_in_debug() {
+        let (_dir, ca) = ca();
+        let cert = ListenerCert::try_new(Arc::clone(&ca), &[]).unwrap();
+        let leaves = LeafCache::try_new(Arc::clone(&ca), 100).unwrap();
+        let spki = cert.spki.der_bytes().to_vec();
+        assert!(!ca
+            .cert_der()
+            .windows(spki.len())
+            .any(|w| w == spki.as_slice()));
+        assert_ne!(spki, leaves.leaf_spki.der_bytes());
+        // The served leaf carries that key.
+        let leaf = cert.current().cert[0].clone();
+        assert!(leaf.windows(spki.len()).any(|w| w == spki.as_slice()));
+        let debug = format!("{cert:?}");
+        assert!(
+            debug.contains("ListenerCert") && !debug.contains("signing"),
+            "{debug}"
+        );
     }
 
     #[tokio::test]

@@ -92,6 +92,8 @@ impl UpstreamPki {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: String,
+    /// The authority the request named (`:authority` on HTTP/2, else `Host`).
+    pub authority: Option<String>,
     pub path: String,
     pub query: Option<String>,
     pub headers: Vec<(String, String)>,
@@ -247,6 +249,12 @@ type EchoBody = BoxBody<Bytes, Infallible>;
 async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<EchoBody> {
     let record = Seen {
         method: req.method().to_string(),
+        authority: req.uri().authority().map(|a| a.to_string()).or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        }),
         path: req.uri().path().to_string(),
         query: req.uri().query().map(str::to_string),
         headers: header_pairs(req.headers()),
@@ -282,6 +290,9 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
     }
     if req.uri().path() == "/drip" || req.uri().path() == "/drip-split" {
         return drip(&record, req.uri().path() == "/drip-split");
+    }
+    if req.uri().path() == "/v1/chat/completions" || req.uri().path() == "/v1/messages" {
+        return fake_llm(req, seen, index).await;
     }
     if req.uri().path() == "/switch" {
         // Switches protocols whether or not the request asked to (a hostile or broken upstream).
@@ -373,6 +384,132 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         "x-latchkey-request-id",
         "spoofed-by-upstream".parse().unwrap(),
     );
+    resp
+}
+
+/// Events a streamed fake completion sends, [`LLM_EVENT_GAP`] apart.
+pub const LLM_EVENTS: usize = 4;
+/// The pause between two events of a streamed fake completion.
+pub const LLM_EVENT_GAP: Duration = Duration::from_millis(400);
+
+/// A fake OpenAI-compatible (`/v1/chat/completions`) and Anthropic-compatible (`/v1/messages`)
+/// API: reads the JSON request (kept in `seen`), answers with a completion whose text is
+/// `"hello from the fake API"`, or with `"stream": true`, as server-sent events in the
+/// provider's format, [`LLM_EVENTS`] content events [`LLM_EVENT_GAP`] apart (the words
+/// `w0 `, `w1 `...), so a client can tell a stream that arrives as it is produced from one
+/// that was buffered.
+async fn fake_llm(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    index: usize,
+) -> Response<EchoBody> {
+    let anthropic = req.uri().path() == "/v1/messages";
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let Ok(body) = body else {
+        seen.lock().unwrap()[index].body_complete = Some(false);
+        return Response::new(Full::new(Bytes::new()).boxed());
+    };
+    {
+        let mut seen = seen.lock().unwrap();
+        seen[index].body = body.to_vec();
+        seen[index].body_complete = Some(true);
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("fake-model")
+        .to_string();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let json_response = |v: Value| {
+        let mut resp = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        resp
+    };
+    if !stream {
+        return json_response(if anthropic {
+            serde_json::json!({
+                "id": "msg_fake1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "hello from the fake API"}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 3, "output_tokens": 5}
+            })
+        } else {
+            serde_json::json!({
+                "id": "chatcmpl-fake1", "object": "chat.completion", "created": 1700000000,
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": null,
+                    "message": {"role": "assistant", "content": "hello from the fake API", "refusal": null}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+            })
+        });
+    }
+    let mut events: Vec<String> = Vec::new();
+    let sse = |event: Option<&str>, data: Value| match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    };
+    if anthropic {
+        events.push(sse(Some("message_start"), serde_json::json!({"type": "message_start", "message": {
+            "id": "msg_fake1", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 3, "output_tokens": 0}}})));
+        events.push(sse(
+            Some("content_block_start"),
+            serde_json::json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ));
+    }
+    for i in 0..LLM_EVENTS {
+        let word = format!("w{i} ");
+        events.push(if anthropic {
+            sse(
+                Some("content_block_delta"),
+                serde_json::json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": word}}),
+            )
+        } else {
+            sse(
+                None,
+                serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
+                "created": 1700000000, "model": model,
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}),
+            )
+        });
+    }
+    if anthropic {
+        events.push(
+            sse(Some("content_block_stop"), serde_json::json!({"type": "content_block_stop", "index": 0}))
+                + &sse(Some("message_delta"), serde_json::json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}}))
+                + &sse(Some("message_stop"), serde_json::json!({"type": "message_stop"})),
+        );
+    } else {
+        events.push(
+            sse(
+                None,
+                serde_json::json!({"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
+                "created": 1700000000, "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            ) + "data: [DONE]\n\n",
+        );
+    }
+    // The head and the opening events go at once; each content event after a pause.
+    let first_content = if anthropic { 2 } else { 0 };
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let event = events.get(i).cloned();
+        async move {
+            let event = event?;
+            if i > first_content {
+                tokio::time::sleep(LLM_EVENT_GAP).await;
+            }
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event))), i + 1))
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    resp.headers_mut()
+        .insert("cache-control", "no-cache".parse().unwrap());
     resp
 }
 
@@ -940,6 +1077,7 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
             },
             addr,
             admin_addr,
+            tls_addr: None,
             log,
         }
     }
@@ -1025,6 +1163,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener (/healthz, /metrics), when enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// The TLS listener (`--listen-tls`), when enabled (in-process proxies only).
+    pub tls_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
@@ -1093,7 +1233,7 @@ impl Proxy {
                         return Err(msg);
                     }
                 };
-                let _ = ready_tx.send(Ok((running.addr, running.admin_addr)));
+                let _ = ready_tx.send(Ok((running.addr, running.admin_addr, running.tls_addr)));
                 let _ = stop_rx.await;
                 running
                     .shutdown()
@@ -1102,7 +1242,7 @@ impl Proxy {
                     .map_err(|e| error_chain(&e))
             })
         });
-        let (addr, admin_addr) = ready_rx
+        let (addr, admin_addr, tls_addr) = ready_rx
             .recv()
             .expect("the proxy thread reports its start")
             .unwrap_or_else(|e| panic!("latchkey did not start: {e}"));
@@ -1113,6 +1253,7 @@ impl Proxy {
             },
             addr,
             admin_addr,
+            tls_addr,
             log,
         }
     }
