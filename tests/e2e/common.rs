@@ -592,6 +592,10 @@ pub struct Home {
     pub dir: tempfile::TempDir,
     pub upstream: Upstream,
     pub upstream_ca: PathBuf,
+    /// The upstream's leaf certificate and key (PEM files), for upstreams a test starts
+    /// itself (gRPC, WebSocket servers in Python).
+    pub upstream_cert: PathBuf,
+    pub upstream_key: PathBuf,
 }
 
 impl Home {
@@ -601,11 +605,17 @@ impl Home {
         let pki = UpstreamPki::new();
         let upstream_ca = dir.path().join("upstream-ca.pem");
         std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
+        let upstream_cert = dir.path().join("upstream-cert.pem");
+        let upstream_key = dir.path().join("upstream-key.pem");
+        std::fs::write(&upstream_cert, &pki.cert_pem).unwrap();
+        std::fs::write(&upstream_key, &pki.key_pem).unwrap();
         let upstream = Upstream::start(&pki);
         Home {
             dir,
             upstream,
             upstream_ca,
+            upstream_cert,
+            upstream_key,
         }
     }
 

@@ -9,6 +9,7 @@ mod common;
 
 mod adversarial;
 mod cli;
+mod grpc;
 mod keys;
 mod limits;
 mod openbao;
