@@ -10,6 +10,7 @@ pub mod forward;
 pub mod limits;
 pub mod request;
 pub mod server;
+pub mod websocket;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -26,6 +26,8 @@ use super::body::{discard, AuditedBody, Holding, LimitedBody, ProxyBody, UpState
 use super::decode;
 use super::forward::{BoxError, UpstreamBody};
 use super::limits::{Admission, Slot};
+use super::server::Drain;
+use super::websocket::{self, Asked};
 use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
@@ -51,6 +53,9 @@ pub struct Ctx {
     pub authority: Arc<Authority>,
     /// The token's claims.
     pub claims: Arc<Claims>,
+    /// The tunnel's drain handle, for what outlives the request (a WebSocket session ends
+    /// when latchkey shuts down); `None` outside tunnels.
+    pub drain: Option<Drain>,
 }
 
 /// The audit line's idea of who asked.
@@ -238,6 +243,13 @@ pub async fn forward(
     mut parts: Parts,
     body: &mut Option<Incoming>,
 ) -> Result<Response<ProxyBody>, Deny> {
+    // A WebSocket upgrade (HTTP/1.1) or extended CONNECT (HTTP/2, rewritten to its GET here,
+    // so policy sees the method an HTTP/1.1 agent would send). Only inside tunnels: a plain
+    // `http://` request's `Upgrade` is stripped like any hop-by-hop header.
+    let ws = match ctx.scheme {
+        Scheme::Https => websocket::asked(&mut parts),
+        Scheme::Http => None,
+    };
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
@@ -266,6 +278,9 @@ pub async fn forward(
         allowed: &allowed,
     };
     let injected = inject::apply(&mut parts, &rewrite, secret, &shared.prepared)?;
+    if ws.is_some() {
+        websocket::restore_upgrade_headers(&mut parts.headers);
+    }
     let agent_body = body.take().expect("the agent's body is taken once, here");
     let (limited, up_state) = LimitedBody::new(
         agent_body,
@@ -281,7 +296,7 @@ pub async fn forward(
     let sent_at = Instant::now();
     let resp = shared
         .upstream
-        .send(upstream_req)
+        .send(upstream_req, allowed.route().timeout(), ws.is_some())
         .instrument(tracing::debug_span!("upstream"))
         .await;
     shared.metrics.observe_upstream(sent_at.elapsed());
@@ -308,6 +323,7 @@ pub async fn forward(
             in_flight,
             needles: injected.needles,
             credential: allowed.route().credential().unwrap_or("?").to_owned(),
+            websocket: ws,
         },
     )
 }
@@ -322,6 +338,8 @@ struct Downstream {
     needles: Option<Arc<crate::redact::Needles>>,
     /// The credential's name, for the redaction warning.
     credential: String,
+    /// The WebSocket upgrade the agent asked for, if it did.
+    websocket: Option<Asked>,
 }
 
 /// The upstream's answer on its way to the agent: head cleaned, extensions dropped, and on a
@@ -333,12 +351,37 @@ fn downstream(
     resp: Response<Incoming>,
     d: Downstream,
 ) -> Result<Response<ProxyBody>, Deny> {
-    // HTTP/2 has no 101 (RFC 9113 8.6): handed to the agent's h2 connection it would be a
-    // protocol error there, so it is the upstream's broken answer, said once, as a 502.
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && d.agent_version == http::Version::HTTP_2
-    {
-        return Err(Deny::UpstreamProtocol(
-            "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry".into(),
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(asked) = d.websocket else {
+            // SECURITY: a 101 nobody asked for would hand the agent a raw byte stream to the
+            // upstream that no policy sees (and HTTP/2 has no 101 at all, RFC 9113 8.6): the
+            // upstream's broken answer, said once, as a 502.
+            let why = if d.agent_version == http::Version::HTTP_2 {
+                "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry"
+            } else {
+                "the upstream switched protocols without being asked"
+            };
+            return Err(Deny::UpstreamProtocol(why.into()));
+        };
+        websocket::check_switch(&asked, resp.headers()).map_err(Deny::UpstreamProtocol)?;
+        let mut headers = resp.headers().clone();
+        inject::strip_response_headers(&mut headers);
+        if let Some(needles) = &d.needles {
+            if needles.redact_headers(&mut headers) {
+                warn!(credential = %d.credential, request_id = %ctx.rec.request_id(), "upstream echoed the injected credential in a header; redacted");
+                shared.metrics.record_redaction();
+            }
+        }
+        return Ok(websocket::answer(
+            resp,
+            headers,
+            websocket::Open {
+                asked,
+                shared: Arc::clone(shared),
+                claims: Arc::clone(&ctx.claims),
+                drain: ctx.drain.clone(),
+                in_flight: d.in_flight,
+            },
         ));
     }
     let (mut parts, body) = resp.into_parts();
@@ -460,9 +503,23 @@ pub fn tunnel_opened(mut rec: Record) -> Response<AuditedBody> {
     resp
 }
 
-/// An answered request: the record completes when the response body does.
-fn answer(mut rec: Record, resp: Response<ProxyBody>) -> Response<AuditedBody> {
+/// An answered request: the record completes when the response body does, or, for a
+/// WebSocket session, when the relay ends.
+fn answer(mut rec: Record, mut resp: Response<ProxyBody>) -> Response<AuditedBody> {
     rec.responded(resp.status().as_u16());
+    if let Some(session) = resp
+        .extensions_mut()
+        .remove::<websocket::Relay>()
+        .and_then(|r| r.take())
+    {
+        tokio::spawn(
+            session
+                .run(rec)
+                .instrument(tracing::debug_span!("websocket")),
+        );
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, AuditedBody::done(body));
+    }
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, AuditedBody::new(body, rec))
 }
@@ -505,6 +562,7 @@ pub async fn in_tunnel(
     authority: Arc<Authority>,
     claims: Arc<Claims>,
     req: Request<Incoming>,
+    drain: Drain,
 ) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
     let mut rec = shared.recorder.open(
@@ -518,6 +576,7 @@ pub async fn in_tunnel(
         scheme: Scheme::Https,
         authority,
         claims,
+        drain: Some(drain),
     };
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
@@ -578,6 +637,7 @@ pub async fn plain(
                 scheme: Scheme::Http,
                 authority,
                 claims,
+                drain: None,
             };
             let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
             respond(ctx.rec, outcome, body).await

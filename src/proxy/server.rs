@@ -440,13 +440,17 @@ impl Tunnel {
         let io = TokioIo::new(tls);
         let header_read_timeout = limits.header_read_timeout;
         let (authority, claims) = (self.authority.clone(), self.claims.clone());
+        let svc_drain = drain.clone();
         let service = service_fn(move |req| {
             let Tunnel {
                 authority,
                 claims,
                 shared,
             } = self.clone();
-            async move { Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req).await) }
+            let drain = svc_drain.clone();
+            async move {
+                Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req, drain).await)
+            }
         });
         if is_h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -454,6 +458,8 @@ impl Tunnel {
                 .max_concurrent_streams(100)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20)
+                // RFC 8441: WebSocket over an HTTP/2 stream (extended CONNECT).
+                .enable_connect_protocol()
                 .serve_connection(io, service);
             // HTTP/2 errors end the connection, not one request: no line of their own.
             let _ = serve_until_drained(conn, drain, "h2 tunnel").await;
@@ -462,7 +468,9 @@ impl Tunnel {
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(64 * 1024)
-                .serve_connection(io, service);
+                .serve_connection(io, service)
+                // WebSocket: after its 101 the connection belongs to `proxy::websocket`.
+                .with_upgrades();
             if let Some(e) = serve_until_drained(conn, drain, "h1 tunnel").await {
                 record_refused_head(&shared, &e, authority.to_string(), Some(&claims));
             }

@@ -293,6 +293,20 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .insert("upgrade", "websocket".parse().unwrap());
         return resp;
     }
+    if req.uri().path() == "/ws-bad-accept" {
+        // A WebSocket switch whose accept value answers some other key (RFC 6455's example
+        // key, which the tests never send).
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert(
+            "sec-websocket-accept",
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".parse().unwrap(),
+        );
+        return resp;
+    }
     if req.uri().path() == "/redirect" {
         // Points at another allowed-looking place: latchkey must pass this on, not follow it.
         let mut resp = Response::new(Full::new(Bytes::new()).boxed());
