@@ -181,9 +181,16 @@ struct ServeArgs {
     /// Address of the admin listener (/healthz, /metrics); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
-    /// How long the upstream may take to send its response head.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// How long the upstream may take to send its response head (a route's `timeout`
+    /// overrides it). Minutes, not seconds: a non-streaming LLM completion sends nothing
+    /// until it is done.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Longest silence between body bytes, in either direction, before the exchange is ended
+    /// (a route's `idle_timeout` overrides it): a stalled stream does not hold its slot
+    /// forever. Not applied to WebSocket sessions, which may idle between messages.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
     /// Verify tokens with the public keys in this JWKS or PEM file instead of the state dir's
     /// own keys (replicas that must not issue tokens). Re-read when it changes.
     #[arg(long, value_name = "FILE")]
@@ -680,6 +687,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     let defaults = Limits::default();
     cfg.limits = Limits {
         upstream_timeout: args.upstream_timeout,
+        upstream_idle_timeout: args.upstream_idle_timeout,
         max_body: args.max_body,
         max_connections: args.max_connections.unwrap_or(defaults.max_connections),
         max_unauthenticated_connections: args

@@ -59,6 +59,75 @@ impl<B: Body + Unpin, G: Unpin> Body for Holding<B, G> {
     }
 }
 
+/// A body that ends with an [`IdleTimeout`] error when its sender goes silent for longer than
+/// `idle` while it is being waited on (`--upstream-idle-timeout`, a route's `idle_timeout`).
+/// The clock runs only while the reader waits on the inner body: a reader that is slow itself
+/// (backpressure) never makes the sender look idle.
+pub struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+/// The error an [`IdleBody`] ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+impl<B> IdleBody<B> {
+    /// Wrap `inner`, allowing `idle` between its frames.
+    pub fn new(inner: B, idle: Duration) -> IdleBody<B> {
+        IdleBody {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                this.armed = false;
+                Poll::Ready(polled.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                match std::future::Future::poll(this.timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Body of every response latchkey sends to an agent, before [`AuditedBody`] wraps it.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
@@ -369,7 +438,15 @@ impl Body for AuditedBody {
                     this.finish(Outcome::Ok, None);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(Outcome::BodyError, Some("upstream_protocol")),
+            Poll::Ready(Some(Err(e))) => {
+                // A stalled upstream (see `IdleBody`) is a timeout, not a broken answer.
+                let reason = if is_idle_timeout(e.as_ref()) {
+                    "upstream_timeout"
+                } else {
+                    "upstream_protocol"
+                };
+                this.finish(Outcome::BodyError, Some(reason));
+            }
             Poll::Ready(None) => this.finish(Outcome::Ok, None),
             Poll::Pending => {}
         }
@@ -383,6 +460,18 @@ impl Body for AuditedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Whether `e` (or what it wraps) is an [`IdleTimeout`].
+fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<IdleTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl Drop for AuditedBody {

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
-use super::body::{discard, AuditedBody, Holding, LimitedBody, ProxyBody, UpState};
+use super::body::{discard, AuditedBody, Holding, IdleBody, LimitedBody, ProxyBody, UpState};
 use super::decode;
 use super::forward::{BoxError, UpstreamBody};
 use super::limits::{Admission, Slot};
@@ -282,8 +282,14 @@ pub async fn forward(
         websocket::restore_upgrade_headers(&mut parts.headers);
     }
     let agent_body = body.take().expect("the agent's body is taken once, here");
+    // An agent that stops sending mid-upload is ended like a stalled upstream: its body
+    // breaks (`bad_body`), the upstream request is aborted, the slot freed.
+    let idle = allowed
+        .route()
+        .idle_timeout()
+        .unwrap_or(shared.limits.upstream_idle_timeout);
     let (limited, up_state) = LimitedBody::new(
-        agent_body,
+        IdleBody::new(agent_body, idle),
         limit,
         ctx.rec.count_up(),
         injected.header.clone(),
@@ -324,6 +330,7 @@ pub async fn forward(
             needles: injected.needles,
             credential: allowed.route().credential().unwrap_or("?").to_owned(),
             websocket: ws,
+            idle,
         },
     )
 }
@@ -340,6 +347,8 @@ struct Downstream {
     credential: String,
     /// The WebSocket upgrade the agent asked for, if it did.
     websocket: Option<Asked>,
+    /// Longest silence between the upstream's body bytes.
+    idle: std::time::Duration,
 }
 
 /// The upstream's answer on its way to the agent: head cleaned, extensions dropped, and on a
@@ -391,8 +400,9 @@ fn downstream(
     // redaction: drop it, on every route, so HTTP/1 agents get the canonical phrase. Nothing
     // else the upstream connection attached to the response is ours to pass on either.
     parts.extensions.clear();
-    // The request stays in flight until its answer has been streamed to the agent.
-    let body = Holding::new(body, d.in_flight);
+    // The request stays in flight until its answer has been streamed to the agent; a stream
+    // that stalls longer than the idle timeout ends as `body_error` / `upstream_timeout`.
+    let body = Holding::new(IdleBody::new(body, d.idle), d.in_flight);
     let Some(needles) = d.needles else {
         return Ok(Response::from_parts(
             parts,

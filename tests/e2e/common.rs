@@ -293,6 +293,23 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .insert("upgrade", "websocket".parse().unwrap());
         return resp;
     }
+    if req.uri().path() == "/stall" {
+        // One chunk, then silence for a minute, then the end: a stream that stalls.
+        let stream = futures_util::stream::unfold(0u8, |i| async move {
+            match i {
+                0 => Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first chunk\n"))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Some((Ok(Frame::data(Bytes::from_static(b"too late\n"))), 2))
+                }
+                _ => None,
+            }
+        });
+        return Response::new(StreamBody::new(stream).boxed());
+    }
     if req.uri().path() == "/ws-bad-accept" {
         // A WebSocket switch whose accept value answers some other key (RFC 6455's example
         // key, which the tests never send).

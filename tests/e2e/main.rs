@@ -12,6 +12,7 @@ mod cli;
 mod grpc;
 mod keys;
 mod limits;
+mod longcalls;
 mod openbao;
 mod operate;
 mod proxy;
