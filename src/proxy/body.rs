@@ -365,12 +365,14 @@ where
 }
 
 /// Read (and throw away) what is left of an agent's body whose request was refused, bounded
-/// in bytes and time. Answering while the agent is still sending makes HTTP/2 reset the
-/// stream, and some clients (curl 7.88) then lose the answer; a refusal never waits long on
-/// a slow agent, though.
+/// in bytes and time, alongside the refusal (never before it): a client still writing its
+/// upload reads the answer only once it has finished writing, and dropping an unread body
+/// early closes its connection (HTTP/1.1) or resets its stream (HTTP/2) under it. Past the
+/// bound the body is dropped: a refused upload larger than this may still see its
+/// connection closed before it reads the answer, but no agent makes latchkey read without end.
 pub async fn discard<B: Body + Unpin>(mut body: B) {
-    const DISCARD_BYTES: usize = 256 * 1024;
-    const DISCARD_TIME: Duration = Duration::from_millis(500);
+    const DISCARD_BYTES: usize = 32 << 20;
+    const DISCARD_TIME: Duration = Duration::from_secs(10);
     let _ = tokio::time::timeout(DISCARD_TIME, async {
         let mut read = 0;
         while read < DISCARD_BYTES {
@@ -399,6 +401,21 @@ impl AuditedBody {
         AuditedBody {
             inner,
             record: None,
+        }
+    }
+
+    /// This body, keeping `guard` (the agent's unread request body) alive until it ends or is
+    /// dropped: the request's stream is not reset before its refusal has been sent.
+    pub fn holding(mut self, guard: Incoming) -> AuditedBody {
+        let inner = std::mem::replace(
+            &mut self.inner,
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        AuditedBody {
+            inner: Holding::new(inner, guard).boxed_unsync(),
+            record: self.record.take(),
         }
     }
 

@@ -471,31 +471,67 @@ async fn revoke_session(shared: &Shared, claims: &Claims) {
 }
 
 /// The single exit of every request: stamp the request id, and either hand the answer over
-/// with the record riding in its body (completed at the end of the stream), or refuse: read a
-/// little of the agent's unread body, log at the level the fault calls for, complete the
-/// record, and send the JSON denial.
+/// with the record riding in its body (completed at the end of the stream), or refuse: log at
+/// the level the fault calls for, complete the record, send the JSON denial at once, and deal
+/// with the agent's unread body so that the agent actually reads that denial (see
+/// [`unread_body`]). `expects_continue`: the request carried `Expect: 100-continue`.
 pub async fn respond(
-    mut rec: Record,
+    rec: Record,
     outcome: Result<Response<ProxyBody>, Deny>,
     body: Option<Incoming>,
+    expects_continue: bool,
 ) -> Response<AuditedBody> {
     let request_id = HeaderValue::from_str(rec.request_id()).ok();
     let mut resp = match outcome {
         Ok(resp) => answer(rec, resp),
         Err(deny) => {
-            if let Some(body) = body {
-                // Reading the rest may take a while; if the agent goes away meanwhile, the
-                // line still says why it was refused.
-                rec.refusing(deny.code());
-                discard(body).await;
+            let resp = refuse(rec, &deny);
+            match body {
+                Some(body) if !http_body::Body::is_end_stream(&body) => {
+                    unread_body(resp, body, expects_continue)
+                }
+                _ => resp,
             }
-            refuse(rec, &deny)
         }
     };
     if let Some(v) = request_id {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// A refusal sent while the agent's body is still unread. A client that is still uploading
+/// when the answer comes either never reads it (it writes the whole body first, as Python
+/// requests does, and meets a closed socket) or has its HTTP/2 stream reset under it (curl
+/// reports a stream error, httpx hangs). So:
+///
+/// - `Expect: 100-continue`: the agent has sent no body yet and waits. It gets the refusal
+///   instead of `100 Continue` (the body is never polled, which is what would make hyper send
+///   the 100), and the body is held until the refusal has been sent: on HTTP/1.1 the
+///   connection then closes (`Connection: close`: an unread body cannot be skipped), on
+///   HTTP/2 the stream is reset with NO_ERROR after the answer (RFC 9113 section 8.1).
+/// - Otherwise the refusal goes out at once while a task reads and throws away the rest
+///   (bounded, see [`discard`]) so the agent finishes writing and reads the answer; past the
+///   bound the connection (HTTP/1.1) or stream (HTTP/2, NO_ERROR) is closed.
+fn unread_body(
+    mut resp: Response<AuditedBody>,
+    body: Incoming,
+    expects_continue: bool,
+) -> Response<AuditedBody> {
+    if expects_continue {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp.map(|b| b.holding(body));
+    }
+    tokio::spawn(discard(body));
+    resp
+}
+
+/// Whether a request head carries `Expect: 100-continue`.
+pub fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The 200 that opens a CONNECT tunnel. Its line is complete once the answer is handed over
@@ -590,11 +626,12 @@ pub async fn in_tunnel(
     };
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
+    let expects = expects_continue(&parts.headers);
     let outcome = match check_live(&shared, &ctx, &parts) {
         Ok(()) => forward(&shared, &mut ctx, parts, &mut body).await,
         Err(deny) => Err(deny),
     };
-    respond(ctx.rec, outcome, body).await
+    respond(ctx.rec, outcome, body, expects).await
 }
 
 /// An absolute-form `http://host/path` request on the proxy connection itself. The first one
@@ -619,6 +656,7 @@ pub async fn plain(
     );
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
+    let expects = expects_continue(&parts.headers);
     let checked = (|| {
         check_head_size(&parts)?;
         if parts.uri.scheme_str() != Some("http") {
@@ -650,9 +688,9 @@ pub async fn plain(
                 drain: None,
             };
             let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
-            respond(ctx.rec, outcome, body).await
+            respond(ctx.rec, outcome, body, expects).await
         }
-        Err(deny) => respond(rec, Err(deny), body).await,
+        Err(deny) => respond(rec, Err(deny), body, expects).await,
     }
 }
 
@@ -662,10 +700,11 @@ pub async fn refuse_early(
     shared: &Shared,
     method: &Method,
     body: Option<Incoming>,
+    expects_continue: bool,
     deny: Deny,
 ) -> Response<AuditedBody> {
     let rec = shared.recorder.open(method, String::new(), String::new());
-    respond(rec, Err(deny), body).await
+    respond(rec, Err(deny), body, expects_continue).await
 }
 
 #[cfg(test)]

@@ -291,7 +291,8 @@ async fn dispatch(
             "latchkey is a forward proxy: send CONNECT host:port or an absolute-form http:// request"
                 .into(),
         );
-        request::refuse_early(&shared, &parts.method, Some(body), deny).await
+        let expects = request::expects_continue(&parts.headers);
+        request::refuse_early(&shared, &parts.method, Some(body), expects, deny).await
     }
 }
 
@@ -348,7 +349,7 @@ async fn connect(
     })();
     let (authority, claims, slot) = match checked {
         Ok(ok) => ok,
-        Err(deny) => return request::respond(rec, Err(deny), None).await,
+        Err(deny) => return request::respond(rec, Err(deny), None, false).await,
     };
     let upgrade = hyper::upgrade::on(&mut req);
     // The tunnel outlives the HTTP connection it came from: it keeps counting against the cap.

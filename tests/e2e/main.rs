@@ -22,4 +22,5 @@ mod redis;
 mod replica;
 mod sessions;
 mod tripwire;
+mod uploads;
 mod websocket;
