@@ -408,9 +408,13 @@ enum LogsCmd {
         /// Only this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// Only allow or deny.
+        /// Only allow or deny. `deny` leaves out the 407 challenges of clients that send
+        /// credentials only when asked (outcome `challenged`) unless --challenges is given.
         #[arg(long, value_parser = ["allow", "deny"])]
         decision: Option<String>,
+        /// With --decision deny, show the 407 challenges too.
+        #[arg(long)]
+        challenges: bool,
         /// Only lines newer than this, e.g. 10m.
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
@@ -487,6 +491,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             follow,
             agent,
             decision,
+            challenges,
             since,
             json,
             audit_log,
@@ -504,6 +509,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 since: since.map(|d| {
                     chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()
                 }),
+                challenges,
             };
             let colour = std::io::stdout().is_terminal();
             let mut out = std::io::stdout();

@@ -575,6 +575,10 @@ fn refuse(mut rec: Record, deny: &Deny) -> Response<AuditedBody> {
     deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
     let outcome = match deny.fault() {
         Fault::Upstream => Outcome::UpstreamFailed,
+        // No credentials at all: the 407 asks for them (git and Java send them only then).
+        // Recorded as what it is, so that real refusals are not buried under one per
+        // connection such a client opens.
+        _ if matches!(deny, Deny::TokenMissing) => Outcome::Challenged,
         // Refused after the request had started going upstream (its body broke or grew past
         // the limit mid-stream): the credential went out, the body did not complete.
         _ if rec.is_sent() => Outcome::BodyError,

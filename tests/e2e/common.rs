@@ -259,6 +259,25 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         seen.push(record.clone());
         seen.len() - 1
     };
+    if req.uri().path() == "/acme/empty.git/info/refs"
+        && req.uri().query() == Some("service=git-upload-pack")
+    {
+        // An empty repository: `git clone` succeeds on this advertisement alone.
+        let mut body = pkt_line(b"# service=git-upload-pack\n");
+        body.extend_from_slice(b"0000");
+        body.extend(pkt_line(
+            b"0000000000000000000000000000000000000000 capabilities^{}\0side-band-64k\n",
+        ));
+        body.extend_from_slice(b"0000");
+        let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+        resp.headers_mut().insert(
+            "content-type",
+            "application/x-git-upload-pack-advertisement"
+                .parse()
+                .unwrap(),
+        );
+        return resp;
+    }
     if req.uri().path().ends_with("/info/refs")
         && req.uri().query() == Some("service=git-upload-pack")
     {

@@ -8,6 +8,7 @@
 mod common;
 
 mod adversarial;
+mod challenge;
 mod cli;
 mod grpc;
 mod keys;
