@@ -464,3 +464,29 @@ fn an_http2_extended_connect_websocket_is_relayed_as_an_http11_upgrade() {
     assert!(l["bytes_down"].as_u64().unwrap() >= 15, "{l}");
     drop(agent);
 }
+
+#[test]
+fn shutdown_ends_a_live_session_and_still_writes_its_line() {
+    let (home, ws, proxy) = ws_env();
+    let token = home.issue("bot", &[]);
+    let (mut child, mut out) = hold_session(&home, &ws, &proxy, &token);
+    let started = Instant::now();
+    proxy.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the drain waited on the session"
+    );
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("closed"), "{line:?}");
+    child.wait().unwrap();
+    // Flushed before shutdown returned: no waiting.
+    let lines: Vec<Value> = home
+        .audit()
+        .into_iter()
+        .filter(|l| l["path"] == "/ws/hold")
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["outcome"], "body_error", "{}", lines[0]);
+    assert_eq!(lines[0]["reason"], "shutting_down", "{}", lines[0]);
+}
