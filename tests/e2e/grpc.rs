@@ -205,13 +205,15 @@ fn every_grpc_status_reaches_the_client_with_and_without_a_credential() {
         assert_eq!(l["route"], route, "{l}");
         assert_eq!(l["credential"], credential, "{l}");
         assert_eq!(l["decision"], "allow", "{l}");
-        let expected = if path.ends_with("/Slow") || path.ends_with("/Endless") {
-            "cancelled"
+        if path.ends_with("/Slow") {
+            // The deadline passes for both ends at once: either the client's reset arrives
+            // first (`cancelled`) or the server's own DEADLINE_EXCEEDED answer does (`ok`,
+            // a complete HTTP exchange carrying a gRPC error).
+            assert!(l["outcome"] == "cancelled" || l["outcome"] == "ok", "{l}");
+        } else if path.ends_with("/Endless") {
+            assert_eq!(l["outcome"], "cancelled", "{l}");
         } else {
-            "ok"
-        };
-        assert_eq!(l["outcome"], expected, "{l}");
-        if expected == "ok" {
+            assert_eq!(l["outcome"], "ok", "{l}");
             assert_eq!(l["status"], 200, "{l}");
         }
     }
