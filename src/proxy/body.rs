@@ -1,6 +1,11 @@
 //! Bodies on the way through: the agent's request body going up (cut off at the route's
-//! limit, counted, its trailers filtered like its head), and every response going down to the agent (counted, and carrying the
-//! request's audit record to the end of the stream).
+//! limit, counted, its trailers filtered like its head), every response going down to the
+//! agent (counted, and carrying the request's audit record to the end of the stream), the
+//! idle timeout on both, and the unread rest of a refused request's body.
+//!
+//! Every wrapper reports `is_end_stream` truthfully, before its first poll too: hyper's
+//! HTTP/2 server puts END_STREAM on the HEADERS frame only when the body says it has ended,
+//! and gRPC's trailers-only answers depend on it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};

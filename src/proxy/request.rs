@@ -7,6 +7,9 @@
 //!   -> upstream -> respond (the one place a request is refused or answered)
 //! ```
 //!
+//! A WebSocket upgrade takes the same stages (`proxy::websocket` recognises it before
+//! `decide` and relays the session after `respond`, which hands it the audit record).
+//!
 //! The facts of the request travel in one [`Ctx`]: its audit record (which completes on every
 //! path, see `audit::record`), the scheme, the checked authority and the token's claims. Each
 //! stage takes the context and what the previous stage produced, and may stop with a [`Deny`];
