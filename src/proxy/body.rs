@@ -509,7 +509,7 @@ impl Drop for AuditedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::stream;
+    use futures_util::{stream, StreamExt};
     use http_body_util::{BodyExt, StreamBody};
 
     type Chunks = StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
@@ -659,6 +659,40 @@ mod tests {
         );
         assert!(body.collect().await.is_err());
         assert!(matches!(state.get(), UpState::Exfiltration(_)));
+    }
+
+    #[tokio::test]
+    async fn a_silent_sender_ends_the_body_with_an_idle_timeout() {
+        // One chunk, then nothing ever again.
+        let frames = stream::iter(vec![Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+            b"first",
+        )))])
+        .chain(stream::pending());
+        let mut body = IdleBody::new(StreamBody::new(frames), Duration::from_millis(50));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(is_idle_timeout(err.as_ref()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_never_makes_the_sender_look_idle() {
+        let frames = stream::iter(vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ]);
+        let mut body = IdleBody::new(StreamBody::new(frames), Duration::from_millis(20));
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        // The reader dawdles past the idle time; the next chunk was there all along.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "b"
+        );
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]
