@@ -522,6 +522,7 @@ fn unread_body(
     expects_continue: bool,
 ) -> Response<AuditedBody> {
     if expects_continue {
+        // HTTP/1.1 only in effect: hyper's HTTP/2 server drops connection-specific headers.
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp.map(|b| b.holding(body));
