@@ -56,9 +56,21 @@ pub struct Ctx {
     pub authority: Arc<Authority>,
     /// The token's claims.
     pub claims: Arc<Claims>,
-    /// The tunnel's drain handle, for what outlives the request (a WebSocket session ends
-    /// when latchkey shuts down); `None` outside tunnels.
-    pub drain: Option<Drain>,
+    /// What a WebSocket session opened by this request must hold for its whole life;
+    /// `None` outside tunnels.
+    pub tunnel: Option<TunnelHold>,
+}
+
+/// What outlives a request that turns into a WebSocket session: the tunnel's drain handle (the
+/// session ends when latchkey shuts down) and its connection slots (the agent's connection
+/// counts against `--max-connections` and `--max-connections-per-agent` until the session
+/// ends, although the tunnel's HTTP connection is gone).
+#[derive(Clone)]
+pub struct TunnelHold {
+    /// Resolves when latchkey begins to shut down.
+    pub drain: Drain,
+    /// The tunnel's connection slots, released when the last holder goes.
+    pub slots: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 /// The audit line's idea of who asked.
@@ -391,7 +403,7 @@ fn downstream(
                 asked,
                 shared: Arc::clone(shared),
                 claims: Arc::clone(&ctx.claims),
-                drain: ctx.drain.clone(),
+                tunnel: ctx.tunnel.clone(),
                 in_flight: d.in_flight,
             },
         ));
@@ -616,7 +628,7 @@ pub async fn in_tunnel(
     authority: Arc<Authority>,
     claims: Arc<Claims>,
     req: Request<Incoming>,
-    drain: Drain,
+    hold: TunnelHold,
 ) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
     let mut rec = shared.recorder.open(
@@ -630,7 +642,7 @@ pub async fn in_tunnel(
         scheme: Scheme::Https,
         authority,
         claims,
-        drain: Some(drain),
+        tunnel: Some(hold),
     };
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
@@ -693,7 +705,7 @@ pub async fn plain(
                 scheme: Scheme::Http,
                 authority,
                 claims,
-                drain: None,
+                tunnel: None,
             };
             let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
             respond(ctx.rec, outcome, body, expects).await

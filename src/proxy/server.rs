@@ -355,14 +355,18 @@ async fn connect(
     // The tunnel outlives the HTTP connection it came from: it keeps counting against the cap.
     let global_slot = admission.take_slot();
     let span = tracing::debug_span!("tunnel", agent = %claims.sub, host = %authority);
+    // Held by the tunnel and by every WebSocket session opened in it, which outlive the
+    // tunnel's HTTP connection: the agent's connection counts against the caps until the
+    // last of them ends.
+    let slots: Arc<dyn std::any::Any + Send + Sync> = Arc::new((slot, global_slot));
     let tunnel = Tunnel {
         authority: Arc::new(authority),
         claims,
         shared: shared.clone(),
+        slots,
     };
     tokio::spawn(
         async move {
-            let _slots = (slot, global_slot);
             match upgrade.await {
                 Ok(upgraded) => tunnel.run(TokioIo::new(upgraded), drain).await,
                 Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
@@ -379,6 +383,8 @@ struct Tunnel {
     authority: Arc<Authority>,
     claims: Arc<Claims>,
     shared: Arc<Shared>,
+    /// The agent's connection slots (see `connect`).
+    slots: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl Tunnel {
@@ -447,10 +453,14 @@ impl Tunnel {
                 authority,
                 claims,
                 shared,
+                slots,
             } = self.clone();
-            let drain = svc_drain.clone();
+            let hold = request::TunnelHold {
+                drain: svc_drain.clone(),
+                slots,
+            };
             async move {
-                Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req, drain).await)
+                Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req, hold).await)
             }
         });
         if is_h2 {

@@ -30,6 +30,7 @@ use tracing::debug;
 
 use super::body::ProxyBody;
 use super::limits::Slot;
+use super::request::TunnelHold;
 use super::server::Drain;
 use super::Shared;
 use crate::audit::{Outcome, Record};
@@ -167,6 +168,8 @@ pub struct Session {
     shared: Arc<Shared>,
     claims: Arc<Claims>,
     drain: Option<Drain>,
+    /// The tunnel's connection slots: the agent's connection lives on in the session.
+    _slots: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// The agent's in-flight slot: a session holds an upstream connection for its whole life.
     _in_flight: Slot,
 }
@@ -186,8 +189,8 @@ pub struct Open {
     pub shared: Arc<Shared>,
     /// The token the tunnel was opened with.
     pub claims: Arc<Claims>,
-    /// The tunnel's drain handle: shutdown ends the session.
-    pub drain: Option<Drain>,
+    /// The tunnel's drain handle (shutdown ends the session) and connection slots.
+    pub tunnel: Option<TunnelHold>,
     /// The agent's in-flight slot.
     pub in_flight: Slot,
 }
@@ -222,7 +225,8 @@ pub fn answer(
             upstream: upstream_side,
             shared: open.shared,
             claims: open.claims,
-            drain: open.drain,
+            drain: open.tunnel.as_ref().map(|t| t.drain.clone()),
+            _slots: open.tunnel.map(|t| t.slots),
             _in_flight: open.in_flight,
         })))));
     resp
@@ -250,6 +254,7 @@ impl Session {
             shared,
             claims,
             mut drain,
+            _slots,
             _in_flight,
         } = self;
         let (agent, upstream) = match tokio::join!(agent, upstream) {

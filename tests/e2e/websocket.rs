@@ -490,3 +490,46 @@ fn shutdown_ends_a_live_session_and_still_writes_its_line() {
     assert_eq!(lines[0]["outcome"], "body_error", "{}", lines[0]);
     assert_eq!(lines[0]["reason"], "shutting_down", "{}", lines[0]);
 }
+
+#[test]
+fn a_live_session_keeps_counting_against_the_agents_connection_cap() {
+    let home = Home::new();
+    let ws = WsServer::start(&home);
+    let port = ws.port;
+    home.standard_policy_with(&format!(
+        r#"
+[[routes]]
+id = "ws-cred"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/ws/**"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#
+    ));
+    home.set_secret("github", SECRET);
+    let pin = format!("{API_HOST}:{port}:127.0.0.1");
+    let proxy = home.serve(&["--resolve", &pin, "--max-connections-per-agent", "1"]);
+    let token = home.issue("bot", &[]);
+    let (mut child, _out) = hold_session(&home, &ws, &proxy, &token);
+    // The session's tunnel connection is gone from hyper's view, but not from the cap's.
+    let (_, resp) = raw_connect(
+        proxy.addr,
+        &home.api_authority(),
+        Some(&format!("Bearer {token}")),
+    );
+    assert_eq!(resp.status, 429, "{}", resp.head);
+    // The session ends: its slot comes back.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually(Duration::from_secs(10), "the slot is released", || {
+        let (_, resp) = raw_connect(
+            proxy.addr,
+            &home.api_authority(),
+            Some(&format!("Bearer {token}")),
+        );
+        (resp.status == 200).then_some(())
+    });
+    let l = &session_lines(&home, "/ws/hold", 1)[0];
+    assert_eq!(l["status"], 101, "{l}");
+}
