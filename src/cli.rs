@@ -241,9 +241,16 @@ struct ServeArgs {
     /// Address of the admin listener (/healthz, /metrics); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
-    /// How long the upstream may take to send its response head.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// How long the upstream may take to send its response head (a route's `timeout`
+    /// overrides it). Minutes, not seconds: a non-streaming LLM completion sends nothing
+    /// until it is done.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Longest silence between body bytes, in either direction, before the exchange is ended
+    /// (a route's `idle_timeout` overrides it): a stalled stream does not hold its slot
+    /// forever. Not applied to WebSocket sessions, which may idle between messages.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
     /// Verify tokens with the public keys in this JWKS or PEM file instead of the state dir's
     /// own keys (replicas that must not issue tokens). Re-read when it changes.
     #[arg(long, value_name = "FILE")]
@@ -467,9 +474,13 @@ enum LogsCmd {
         /// Only this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// Only allow or deny.
+        /// Only allow or deny. `deny` leaves out the 407 challenges of clients that send
+        /// credentials only when asked (outcome `challenged`) unless --challenges is given.
         #[arg(long, value_parser = ["allow", "deny"])]
         decision: Option<String>,
+        /// With --decision deny, show the 407 challenges too.
+        #[arg(long)]
+        challenges: bool,
         /// Only lines newer than this, e.g. 10m.
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
@@ -546,6 +557,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             follow,
             agent,
             decision,
+            challenges,
             since,
             json,
             audit_log,
@@ -563,6 +575,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 since: since.map(|d| {
                     chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()
                 }),
+                challenges,
             };
             let colour = std::io::stdout().is_terminal();
             let mut out = std::io::stdout();
@@ -758,6 +771,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     let defaults = Limits::default();
     cfg.limits = Limits {
         upstream_timeout: args.upstream_timeout,
+        upstream_idle_timeout: args.upstream_idle_timeout,
         max_body: args.max_body,
         max_connections: args.max_connections.unwrap_or(defaults.max_connections),
         max_unauthenticated_connections: args

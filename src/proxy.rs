@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod limits;
 pub mod request;
 pub mod server;
+pub mod websocket;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,8 +81,11 @@ pub struct Limits {
     pub first_request_timeout: Duration,
     /// Time allowed for the TLS handshake inside a tunnel.
     pub handshake_timeout: Duration,
-    /// Time allowed for the upstream to send its response head.
+    /// Time allowed for the upstream to send its response head (a route's `timeout` wins).
     pub upstream_timeout: Duration,
+    /// Longest silence between body bytes, either way, before the exchange is ended (a
+    /// route's `idle_timeout` wins).
+    pub upstream_idle_timeout: Duration,
     /// How long graceful shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
     /// Largest request body on routes that set no `max_body`.
@@ -144,7 +148,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             first_request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
-            upstream_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(600),
+            upstream_idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(10),
             max_body: 1 << 30,
             max_connections: 4096,

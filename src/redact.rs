@@ -488,7 +488,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && !self.holding() && self.trailers.is_none()
+        // Truthful before the first poll too: hyper's HTTP/2 server sends a body that says
+        // it has ended as END_STREAM on the HEADERS frame; answering `false` for an empty
+        // inner body turns a gRPC trailers-only answer (status in one HEADERS frame) into
+        // headers plus an empty DATA frame, which gRPC clients read as a broken stream.
+        let inner_done = self.done || self.inner.is_end_stream();
+        inner_done && !self.holding() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -533,6 +538,27 @@ mod tests {
             String::from_utf8(out.to_vec()).unwrap(),
             hits.load(Ordering::SeqCst),
         )
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_says_it_has_ended_before_its_first_poll() {
+        // A gRPC trailers-only answer: hyper must see the end before polling, or the agent
+        // gets HEADERS without END_STREAM and an empty DATA frame.
+        let empty = RedactBody::new(
+            http_body_util::Empty::<Bytes>::new(),
+            needles(&["SECRETVALUE"]),
+            Box::new(|| {}),
+        );
+        assert!(empty.is_end_stream());
+        let mut full = RedactBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"abc")),
+            needles(&["SECRETVALUE"]),
+            Box::new(|| {}),
+        );
+        assert!(!full.is_end_stream());
+        let frame = full.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(full.is_end_stream());
     }
 
     #[tokio::test]

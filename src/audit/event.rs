@@ -35,6 +35,10 @@ pub enum Outcome {
     /// A body broke mid-stream: the upstream's response body, or the agent's request body
     /// after it had started going upstream (`reason` says which).
     BodyError,
+    /// The request carried no proxy credentials at all and was answered `407` with
+    /// `Proxy-Authenticate` (`decision: deny`, `reason: token_missing`): the first step of
+    /// clients that send credentials only when challenged (git, Java), not a refusal.
+    Challenged,
 }
 
 impl Outcome {
@@ -46,6 +50,7 @@ impl Outcome {
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Cancelled => "cancelled",
             Outcome::BodyError => "body_error",
+            Outcome::Challenged => "challenged",
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct TailFilter {
     pub decision: Option<Decision>,
     /// Only events at or after this time.
     pub since: Option<DateTime<Utc>>,
+    /// With `decision: deny`, also the 407 challenges (`outcome: challenged`) of clients
+    /// that send credentials only when asked; without it they are left out, so that real
+    /// refusals are not buried under one challenge per connection.
+    pub challenges: bool,
 }
 
 impl TailFilter {
@@ -41,6 +45,9 @@ impl TailFilter {
             .is_none_or(|a| e.agent.as_deref() == Some(a))
             && self.decision.is_none_or(|d| e.decision == d)
             && self.since.is_none_or(|s| e.ts >= s)
+            && (self.challenges
+                || self.decision != Some(Decision::Deny)
+                || e.outcome != Some(super::Outcome::Challenged))
     }
 }
 
@@ -55,14 +62,17 @@ pub struct TailReport {
 
 const GREEN: &str = "\x1b[32m";
 const RED: &str = "\x1b[31m";
+const YELLOW: &str = "\x1b[33m";
 const RESET: &str = "\x1b[0m";
 
 /// One readable line: time, agent (obo), method host+path, status, route, credential, reason, latency.
 /// colour = ANSI colours (green allow / red deny) when true.
 pub fn format_line(e: &AuditEvent, colour: bool) -> String {
-    let (word, paint) = match e.decision {
-        Decision::Allow => ("ALLOW", GREEN),
-        Decision::Deny => ("DENY ", RED),
+    let (word, paint) = match (e.decision, e.outcome) {
+        (Decision::Allow, _) => ("ALLOW", GREEN),
+        // A 407 asking for credentials is not a refusal: not painted like one.
+        (Decision::Deny, Some(super::Outcome::Challenged)) => ("AUTH?", YELLOW),
+        (Decision::Deny, _) => ("DENY ", RED),
     };
     let mut s = String::with_capacity(160);
     s.push_str(&e.ts_string());

@@ -405,6 +405,36 @@ fn filter_by_agent_decision_and_since() {
     assert!(since.matches(&event(6)));
 }
 
+#[test]
+fn deny_filter_leaves_out_407_challenges_unless_asked() {
+    let mut challenge = event(3);
+    challenge.outcome = Some(Outcome::Challenged);
+    challenge.status = Some(407);
+    challenge.reason = Some("token_missing".into());
+    let refusal = event(3);
+    let deny = TailFilter {
+        decision: Some(Decision::Deny),
+        ..TailFilter::default()
+    };
+    assert!(deny.matches(&refusal));
+    assert!(!deny.matches(&challenge));
+    let with = TailFilter {
+        decision: Some(Decision::Deny),
+        challenges: true,
+        ..TailFilter::default()
+    };
+    assert!(with.matches(&challenge));
+    // Unfiltered, the challenge shows, marked as what it is.
+    assert!(TailFilter::default().matches(&challenge));
+    assert!(format_line(&challenge, false).contains("AUTH?"));
+    assert!(format_line(&refusal, false).contains("DENY"));
+    // The outcome's word round-trips through the line.
+    let json = serde_json::to_string(&challenge).unwrap();
+    assert!(json.contains("\"outcome\":\"challenged\""), "{json}");
+    let back: AuditEvent = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.outcome, Some(Outcome::Challenged));
+}
+
 #[tokio::test]
 async fn tail_prints_matching_lines_and_counts_unparsable_ones() {
     let (_dir, path) = log_of(6).await;

@@ -217,6 +217,8 @@ pub struct Route {
     pub(crate) max_body: Option<u64>,
     pub(crate) rate: Option<crate::ratelimit::Rate>,
     pub(crate) scan_request: bool,
+    pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) idle_timeout: Option<std::time::Duration>,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -250,6 +252,16 @@ impl Route {
     /// The request rate limit per agent on this route (its own `rate`, else the agent file's).
     pub fn rate(&self) -> Option<crate::ratelimit::Rate> {
         self.rate
+    }
+
+    /// The route's own deadline for the upstream's response head, if it sets one.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
+    }
+
+    /// The route's own limit on silence between body bytes (either way), if it sets one.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        self.idle_timeout
     }
 
     /// Whether the agent's request is searched for credentials (the exfiltration tripwire;

@@ -96,7 +96,15 @@ struct RawRoute {
     max_body: Option<Spanned<RawSize>>,
     rate: Option<Spanned<String>>,
     scan_request: Option<Spanned<bool>>,
+    /// Longest wait for the upstream's response head, e.g. "5m" (else `--upstream-timeout`).
+    timeout: Option<Spanned<String>>,
+    /// Longest silence between body bytes, either way (else `--upstream-idle-timeout`).
+    idle_timeout: Option<Spanned<String>>,
 }
+
+/// The longest `timeout` or `idle_timeout` a route may set: past a day a "timeout" is a
+/// typo, not a deadline.
+const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A size: a number of bytes, or a string like "10MiB", "512KiB", "1GB".
 #[derive(Deserialize)]
@@ -398,6 +406,34 @@ fn compile_route(
         }
     });
 
+    let mut duration = |field: &str, raw: &Option<Spanned<String>>| {
+        let t = raw.as_ref()?;
+        match humantime::parse_duration(t.get_ref()) {
+            Ok(d) if d > Duration::ZERO && d <= MAX_ROUTE_TIMEOUT => Some(d),
+            Ok(_) => {
+                cx.error(
+                    t.span(),
+                    f(field),
+                    "must be longer than zero and at most 24h",
+                );
+                None
+            }
+            Err(e) => {
+                cx.error(
+                    t.span(),
+                    f(field),
+                    format!(
+                        "{:?} is not a duration such as \"5m\" or \"90s\": {e}",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    };
+    let timeout = duration("timeout", &r.timeout);
+    let idle_timeout = duration("idle_timeout", &r.idle_timeout);
+
     let rate = match &r.rate {
         Some(text) => match parse_rate(text.get_ref()) {
             Ok(rate) => Some(rate),
@@ -426,6 +462,8 @@ fn compile_route(
         max_body,
         rate,
         scan_request: r.scan_request.as_ref().is_none_or(|b| *b.get_ref()),
+        timeout,
+        idle_timeout,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

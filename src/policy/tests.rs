@@ -1217,3 +1217,33 @@ fn scan_request_that_is_not_a_boolean_is_refused() {
         d.iter().map(ToString::to_string).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn route_timeouts_are_typed_at_load() {
+    let p = load(&route_with(&format!(
+        "{BASE}\ntimeout = \"5m\"\nidle_timeout = \"90s\""
+    )));
+    let r = &p.routes()[0];
+    assert_eq!(r.timeout(), Some(std::time::Duration::from_secs(300)));
+    assert_eq!(r.idle_timeout(), Some(std::time::Duration::from_secs(90)));
+    let none = load(&route_with(BASE));
+    assert_eq!(none.routes()[0].timeout(), None);
+    assert_eq!(none.routes()[0].idle_timeout(), None);
+}
+
+#[test]
+fn bad_route_timeouts_are_refused_with_their_field() {
+    for (field, value, needle) in [
+        ("timeout", "\"forever\"", "not a duration"),
+        ("timeout", "\"0s\"", "longer than zero"),
+        ("timeout", "\"3d\"", "at most 24h"),
+        ("idle_timeout", "\"5 minutes please\"", "not a duration"),
+        ("idle_timeout", "\"0ms\"", "longer than zero"),
+    ] {
+        assert_refused(
+            &route_with(&format!("{BASE}\n{field} = {value}")),
+            &format!("routes[0].{field}"),
+            needle,
+        );
+    }
+}

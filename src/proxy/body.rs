@@ -1,6 +1,11 @@
 //! Bodies on the way through: the agent's request body going up (cut off at the route's
-//! limit, counted, its trailers filtered like its head), and every response going down to the agent (counted, and carrying the
-//! request's audit record to the end of the stream).
+//! limit, counted, its trailers filtered like its head), every response going down to the
+//! agent (counted, and carrying the request's audit record to the end of the stream), the
+//! idle timeout on both, and the unread rest of a refused request's body.
+//!
+//! Every wrapper reports `is_end_stream` truthfully, before its first poll too: hyper's
+//! HTTP/2 server puts END_STREAM on the HEADERS frame only when the body says it has ended,
+//! and gRPC's trailers-only answers depend on it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -48,6 +53,75 @@ impl<B: Body + Unpin, G: Unpin> Body for Holding<B, G> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that ends with an [`IdleTimeout`] error when its sender goes silent for longer than
+/// `idle` while it is being waited on (`--upstream-idle-timeout`, a route's `idle_timeout`).
+/// The clock runs only while the reader waits on the inner body: a reader that is slow itself
+/// (backpressure) never makes the sender look idle.
+pub struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+/// The error an [`IdleBody`] ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+impl<B> IdleBody<B> {
+    /// Wrap `inner`, allowing `idle` between its frames.
+    pub fn new(inner: B, idle: Duration) -> IdleBody<B> {
+        IdleBody {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                this.armed = false;
+                Poll::Ready(polled.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                match std::future::Future::poll(this.timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -296,12 +370,14 @@ where
 }
 
 /// Read (and throw away) what is left of an agent's body whose request was refused, bounded
-/// in bytes and time. Answering while the agent is still sending makes HTTP/2 reset the
-/// stream, and some clients (curl 7.88) then lose the answer; a refusal never waits long on
-/// a slow agent, though.
+/// in bytes and time, alongside the refusal (never before it): a client still writing its
+/// upload reads the answer only once it has finished writing, and dropping an unread body
+/// early closes its connection (HTTP/1.1) or resets its stream (HTTP/2) under it. Past the
+/// bound the body is dropped: a refused upload larger than this may still see its
+/// connection closed before it reads the answer, but no agent makes latchkey read without end.
 pub async fn discard<B: Body + Unpin>(mut body: B) {
-    const DISCARD_BYTES: usize = 256 * 1024;
-    const DISCARD_TIME: Duration = Duration::from_millis(500);
+    const DISCARD_BYTES: usize = 32 << 20;
+    const DISCARD_TIME: Duration = Duration::from_secs(10);
     let _ = tokio::time::timeout(DISCARD_TIME, async {
         let mut read = 0;
         while read < DISCARD_BYTES {
@@ -330,6 +406,21 @@ impl AuditedBody {
         AuditedBody {
             inner,
             record: None,
+        }
+    }
+
+    /// This body, keeping `guard` (the agent's unread request body) alive until it ends or is
+    /// dropped: the request's stream is not reset before its refusal has been sent.
+    pub fn holding(mut self, guard: Incoming) -> AuditedBody {
+        let inner = std::mem::replace(
+            &mut self.inner,
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        AuditedBody {
+            inner: Holding::new(inner, guard).boxed_unsync(),
+            record: self.record.take(),
         }
     }
 
@@ -369,7 +460,15 @@ impl Body for AuditedBody {
                     this.finish(Outcome::Ok, None);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(Outcome::BodyError, Some("upstream_protocol")),
+            Poll::Ready(Some(Err(e))) => {
+                // A stalled upstream (see `IdleBody`) is a timeout, not a broken answer.
+                let reason = if is_idle_timeout(e.as_ref()) {
+                    "upstream_timeout"
+                } else {
+                    "upstream_protocol"
+                };
+                this.finish(Outcome::BodyError, Some(reason));
+            }
             Poll::Ready(None) => this.finish(Outcome::Ok, None),
             Poll::Pending => {}
         }
@@ -385,6 +484,18 @@ impl Body for AuditedBody {
     }
 }
 
+/// Whether `e` (or what it wraps) is an [`IdleTimeout`].
+fn is_idle_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<IdleTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 impl Drop for AuditedBody {
     fn drop(&mut self) {
         // A body with nothing left (an empty body hyper never polled, or one whose last
@@ -398,7 +509,7 @@ impl Drop for AuditedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::stream;
+    use futures_util::{stream, StreamExt};
     use http_body_util::{BodyExt, StreamBody};
 
     type Chunks = StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
@@ -548,6 +659,40 @@ mod tests {
         );
         assert!(body.collect().await.is_err());
         assert!(matches!(state.get(), UpState::Exfiltration(_)));
+    }
+
+    #[tokio::test]
+    async fn a_silent_sender_ends_the_body_with_an_idle_timeout() {
+        // One chunk, then nothing ever again.
+        let frames = stream::iter(vec![Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+            b"first",
+        )))])
+        .chain(stream::pending());
+        let mut body = IdleBody::new(StreamBody::new(frames), Duration::from_millis(50));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(is_idle_timeout(err.as_ref()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_never_makes_the_sender_look_idle() {
+        let frames = stream::iter(vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ]);
+        let mut body = IdleBody::new(StreamBody::new(frames), Duration::from_millis(20));
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        // The reader dawdles past the idle time; the next chunk was there all along.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "b"
+        );
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]

@@ -254,6 +254,9 @@ fn io_err(msg: &'static str) -> std::io::Error {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<PinnedConnector>, UpstreamBody>,
+    /// HTTP/1.1 only (ALPN `http/1.1`), for WebSocket upgrades: a 101 and the byte stream
+    /// after it exist only in HTTP/1.1, and the pooled client above may pick HTTP/2.
+    upgrades: Client<HttpsConnector<PinnedConnector>, UpstreamBody>,
     response_timeout: Duration,
 }
 
@@ -286,6 +289,19 @@ impl Upstream {
             open: Pool::default(),
             max_open: max_connections,
         };
+        let https1 = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp.clone());
+        let upgrades = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // A connection that upgraded leaves the pool anyway; one that answered the upgrade
+            // with a refusal is not worth keeping for the next one.
+            .pool_max_idle_per_host(0)
+            .build(https1);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -303,13 +319,27 @@ impl Upstream {
             .build(https);
         Ok(Upstream {
             client,
+            upgrades,
             response_timeout,
         })
     }
 
-    /// Send one request and wait for the response head. Bodies stream both ways.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+    /// Send one request and wait for the response head (at most `head_timeout`, the route's
+    /// own or `--upstream-timeout`). Bodies stream both ways. An `upgrade` request goes over
+    /// HTTP/1.1 on a connection of its own, which the response's upgrade then takes over.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        head_timeout: Option<Duration>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, Failed> {
+        let client = if upgrade {
+            &self.upgrades
+        } else {
+            &self.client
+        };
+        let wait = head_timeout.unwrap_or(self.response_timeout);
+        match tokio::time::timeout(wait, client.request(req)).await {
             // The wait covers connecting too, so the request may or may not have gone out:
             // count it as sent (the audit line must never understate what went upstream).
             Err(_) => Err(Failed {

@@ -165,6 +165,7 @@ pub async fn handle(
     admission: &Admission,
 ) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
+    let expects = request::expects_continue(&parts.headers);
     let raw_rest = split_target(parts.uri.path()).map_or("", |(_, rest)| rest);
     // The host is unknown until the route is: the line gets it once the target is checked.
     let mut rec = shared
@@ -182,11 +183,13 @@ pub async fn handle(
                 authority: Arc::new(admitted.authority),
                 claims: admitted.claims,
                 route: Some(admitted.route),
+                // No WebSocket in gateway mode: its `Upgrade` is stripped as hop-by-hop.
+                tunnel: None,
             };
             let outcome = request::forward(&shared, &mut ctx, admitted.parts, &mut body).await;
-            request::respond(ctx.rec, outcome, body).await
+            request::respond(ctx.rec, outcome, body, expects).await
         }
-        Err(deny) => request::respond(rec, Err(deny), body).await,
+        Err(deny) => request::respond(rec, Err(deny), body, expects).await,
     }
 }
 

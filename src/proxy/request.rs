@@ -7,6 +7,9 @@
 //!   -> upstream -> respond (the one place a request is refused or answered)
 //! ```
 //!
+//! A WebSocket upgrade takes the same stages (`proxy::websocket` recognises it before
+//! `decide` and relays the session after `respond`, which hands it the audit record).
+//!
 //! The facts of the request travel in one [`Ctx`]: its audit record (which completes on every
 //! path, see `audit::record`), the scheme, the checked authority and the token's claims. Each
 //! stage takes the context and what the previous stage produced, and may stop with a [`Deny`];
@@ -22,10 +25,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
-use super::body::{discard, AuditedBody, Holding, LimitedBody, ProxyBody, UpState};
+use super::body::{discard, AuditedBody, Holding, IdleBody, LimitedBody, ProxyBody, UpState};
 use super::decode;
 use super::forward::{BoxError, UpstreamBody};
 use super::limits::{Admission, Slot};
+use super::server::Drain;
+use super::websocket::{self, Asked};
 use super::Shared;
 use crate::audit::record::Who;
 use crate::audit::{Outcome, Record};
@@ -55,6 +60,21 @@ pub struct Ctx {
     /// Gateway mode: the route the URL named (`/gw/<id>/...`); only it decides. `None` in
     /// proxy mode, where the first matching route of the bound host does.
     pub route: Option<Arc<Route>>,
+    /// What a WebSocket session opened by this request must hold for its whole life;
+    /// `None` outside tunnels.
+    pub tunnel: Option<TunnelHold>,
+}
+
+/// What outlives a request that turns into a WebSocket session: the tunnel's drain handle (the
+/// session ends when latchkey shuts down) and its connection slots (the agent's connection
+/// counts against `--max-connections` and `--max-connections-per-agent` until the session
+/// ends, although the tunnel's HTTP connection is gone).
+#[derive(Clone)]
+pub struct TunnelHold {
+    /// Resolves when latchkey begins to shut down.
+    pub drain: Drain,
+    /// The tunnel's connection slots, released when the last holder goes.
+    pub slots: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 /// The audit line's idea of who asked.
@@ -258,6 +278,13 @@ pub async fn forward(
     mut parts: Parts,
     body: &mut Option<Incoming>,
 ) -> Result<Response<ProxyBody>, Deny> {
+    // A WebSocket upgrade (HTTP/1.1) or extended CONNECT (HTTP/2, rewritten to its GET here,
+    // so policy sees the method an HTTP/1.1 agent would send). Only inside tunnels: a plain
+    // `http://` request's and a gateway request's `Upgrade` is stripped like any hop-by-hop header.
+    let ws = match (ctx.scheme, &ctx.tunnel) {
+        (Scheme::Https, Some(_)) => websocket::asked(&mut parts),
+        _ => None,
+    };
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
     let credential = shared
@@ -287,8 +314,14 @@ pub async fn forward(
         allowed: &allowed,
     };
     let agent_body = body.take().expect("the agent's body is taken once, here");
+    // An agent that stops sending mid-upload is ended like a stalled upstream: its body
+    // breaks (`bad_body`), the upstream request is aborted, the slot freed.
+    let idle = allowed
+        .route()
+        .idle_timeout()
+        .unwrap_or(shared.limits.upstream_idle_timeout);
     let (limited, up_state) = LimitedBody::new(
-        agent_body,
+        IdleBody::new(agent_body, idle),
         limit,
         ctx.rec.count_up(),
         inject::injected_header(allowed.route()).cloned(),
@@ -314,6 +347,9 @@ pub async fn forward(
             (limited, None)
         }
     };
+    if ws.is_some() {
+        websocket::restore_upgrade_headers(&mut parts.headers);
+    }
     let upstream_req = Request::from_parts(parts, upstream_body);
     // From here the credential may be on the wire: a cancelled or failed exchange is still
     // `decision: allow`.
@@ -321,7 +357,7 @@ pub async fn forward(
     let sent_at = Instant::now();
     let resp = shared
         .upstream
-        .send(upstream_req)
+        .send(upstream_req, allowed.route().timeout(), ws.is_some())
         .instrument(tracing::debug_span!("upstream"))
         .await;
     shared.metrics.observe_upstream(sent_at.elapsed());
@@ -348,6 +384,8 @@ pub async fn forward(
             in_flight,
             needles,
             credential: allowed.route().credential().unwrap_or("?").to_owned(),
+            websocket: ws,
+            idle,
         },
     )
 }
@@ -362,6 +400,10 @@ struct Downstream {
     needles: Option<Arc<crate::redact::Needles>>,
     /// The credential's name, for the redaction warning.
     credential: String,
+    /// The WebSocket upgrade the agent asked for, if it did.
+    websocket: Option<Asked>,
+    /// Longest silence between the upstream's body bytes.
+    idle: std::time::Duration,
 }
 
 /// The upstream's answer on its way to the agent: head cleaned, extensions dropped, and on a
@@ -373,12 +415,37 @@ fn downstream(
     resp: Response<Incoming>,
     d: Downstream,
 ) -> Result<Response<ProxyBody>, Deny> {
-    // HTTP/2 has no 101 (RFC 9113 8.6): handed to the agent's h2 connection it would be a
-    // protocol error there, so it is the upstream's broken answer, said once, as a 502.
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && d.agent_version == http::Version::HTTP_2
-    {
-        return Err(Deny::UpstreamProtocol(
-            "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry".into(),
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(asked) = d.websocket else {
+            // SECURITY: a 101 nobody asked for would hand the agent a raw byte stream to the
+            // upstream that no policy sees (and HTTP/2 has no 101 at all, RFC 9113 8.6): the
+            // upstream's broken answer, said once, as a 502.
+            let why = if d.agent_version == http::Version::HTTP_2 {
+                "the upstream answered 101 Switching Protocols, which HTTP/2 cannot carry"
+            } else {
+                "the upstream switched protocols without being asked"
+            };
+            return Err(Deny::UpstreamProtocol(why.into()));
+        };
+        websocket::check_switch(&asked, resp.headers()).map_err(Deny::UpstreamProtocol)?;
+        let mut headers = resp.headers().clone();
+        inject::strip_response_headers(&mut headers);
+        if let Some(needles) = &d.needles {
+            if needles.redact_headers(&mut headers) {
+                warn!(credential = %d.credential, request_id = %ctx.rec.request_id(), "upstream echoed the injected credential in a header; redacted");
+                shared.metrics.record_redaction();
+            }
+        }
+        return Ok(websocket::answer(
+            resp,
+            headers,
+            websocket::Open {
+                asked,
+                shared: Arc::clone(shared),
+                claims: Arc::clone(&ctx.claims),
+                tunnel: ctx.tunnel.clone(),
+                in_flight: d.in_flight,
+            },
         ));
     }
     let (mut parts, body) = resp.into_parts();
@@ -388,8 +455,9 @@ fn downstream(
     // redaction: drop it, on every route, so HTTP/1 agents get the canonical phrase. Nothing
     // else the upstream connection attached to the response is ours to pass on either.
     parts.extensions.clear();
-    // The request stays in flight until its answer has been streamed to the agent.
-    let body = Holding::new(body, d.in_flight);
+    // The request stays in flight until its answer has been streamed to the agent; a stream
+    // that stalls longer than the idle timeout ends as `body_error` / `upstream_timeout`.
+    let body = Holding::new(IdleBody::new(body, d.idle), d.in_flight);
     let Some(needles) = d.needles else {
         return Ok(Response::from_parts(
             parts,
@@ -458,31 +526,68 @@ async fn revoke_session(shared: &Shared, claims: &Claims) {
 }
 
 /// The single exit of every request: stamp the request id, and either hand the answer over
-/// with the record riding in its body (completed at the end of the stream), or refuse: read a
-/// little of the agent's unread body, log at the level the fault calls for, complete the
-/// record, and send the JSON denial.
+/// with the record riding in its body (completed at the end of the stream), or refuse: log at
+/// the level the fault calls for, complete the record, send the JSON denial at once, and deal
+/// with the agent's unread body so that the agent actually reads that denial (see
+/// [`unread_body`]). `expects_continue`: the request carried `Expect: 100-continue`.
 pub async fn respond(
-    mut rec: Record,
+    rec: Record,
     outcome: Result<Response<ProxyBody>, Deny>,
     body: Option<Incoming>,
+    expects_continue: bool,
 ) -> Response<AuditedBody> {
     let request_id = HeaderValue::from_str(rec.request_id()).ok();
     let mut resp = match outcome {
         Ok(resp) => answer(rec, resp),
         Err(deny) => {
-            if let Some(body) = body {
-                // Reading the rest may take a while; if the agent goes away meanwhile, the
-                // line still says why it was refused.
-                rec.refusing(deny.code());
-                discard(body).await;
+            let resp = refuse(rec, &deny);
+            match body {
+                Some(body) if !http_body::Body::is_end_stream(&body) => {
+                    unread_body(resp, body, expects_continue)
+                }
+                _ => resp,
             }
-            refuse(rec, &deny)
         }
     };
     if let Some(v) = request_id {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// A refusal sent while the agent's body is still unread. A client that is still uploading
+/// when the answer comes either never reads it (it writes the whole body first, as Python
+/// requests does, and meets a closed socket) or has its HTTP/2 stream reset under it (curl
+/// reports a stream error, httpx hangs). So:
+///
+/// - `Expect: 100-continue`: the agent has sent no body yet and waits. It gets the refusal
+///   instead of `100 Continue` (the body is never polled, which is what would make hyper send
+///   the 100), and the body is held until the refusal has been sent: on HTTP/1.1 the
+///   connection then closes (`Connection: close`: an unread body cannot be skipped), on
+///   HTTP/2 the stream is reset with NO_ERROR after the answer (RFC 9113 section 8.1).
+/// - Otherwise the refusal goes out at once while a task reads and throws away the rest
+///   (bounded, see [`discard`]) so the agent finishes writing and reads the answer; past the
+///   bound the connection (HTTP/1.1) or stream (HTTP/2, NO_ERROR) is closed.
+fn unread_body(
+    mut resp: Response<AuditedBody>,
+    body: Incoming,
+    expects_continue: bool,
+) -> Response<AuditedBody> {
+    if expects_continue {
+        // HTTP/1.1 only in effect: hyper's HTTP/2 server drops connection-specific headers.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp.map(|b| b.holding(body));
+    }
+    tokio::spawn(discard(body));
+    resp
+}
+
+/// Whether a request head carries `Expect: 100-continue`.
+pub fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The 200 that opens a CONNECT tunnel. Its line is complete once the answer is handed over
@@ -500,9 +605,23 @@ pub fn tunnel_opened(mut rec: Record) -> Response<AuditedBody> {
     resp
 }
 
-/// An answered request: the record completes when the response body does.
-fn answer(mut rec: Record, resp: Response<ProxyBody>) -> Response<AuditedBody> {
+/// An answered request: the record completes when the response body does, or, for a
+/// WebSocket session, when the relay ends.
+fn answer(mut rec: Record, mut resp: Response<ProxyBody>) -> Response<AuditedBody> {
     rec.responded(resp.status().as_u16());
+    if let Some(session) = resp
+        .extensions_mut()
+        .remove::<websocket::Relay>()
+        .and_then(|r| r.take())
+    {
+        tokio::spawn(
+            session
+                .run(rec)
+                .instrument(tracing::debug_span!("websocket")),
+        );
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, AuditedBody::done(body));
+    }
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, AuditedBody::new(body, rec))
 }
@@ -512,6 +631,10 @@ fn refuse(mut rec: Record, deny: &Deny) -> Response<AuditedBody> {
     deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
     let outcome = match deny.fault() {
         Fault::Upstream => Outcome::UpstreamFailed,
+        // No credentials at all: the 407 asks for them (git and Java send them only then).
+        // Recorded as what it is, so that real refusals are not buried under one per
+        // connection such a client opens.
+        _ if matches!(deny, Deny::TokenMissing(AuthStage::Proxy)) => Outcome::Challenged,
         // Refused after the request had started going upstream (its body broke or grew past
         // the limit mid-stream): the credential went out, the body did not complete.
         _ if rec.is_sent() => Outcome::BodyError,
@@ -545,6 +668,7 @@ pub async fn in_tunnel(
     authority: Arc<Authority>,
     claims: Arc<Claims>,
     req: Request<Incoming>,
+    hold: TunnelHold,
 ) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
     let mut rec = shared.recorder.open(
@@ -559,14 +683,16 @@ pub async fn in_tunnel(
         authority,
         claims,
         route: None,
+        tunnel: Some(hold),
     };
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
+    let expects = expects_continue(&parts.headers);
     let outcome = match check_live(&shared, &ctx, &parts) {
         Ok(()) => forward(&shared, &mut ctx, parts, &mut body).await,
         Err(deny) => Err(deny),
     };
-    respond(ctx.rec, outcome, body).await
+    respond(ctx.rec, outcome, body, expects).await
 }
 
 /// An absolute-form `http://host/path` request on the proxy connection itself. The first one
@@ -591,6 +717,7 @@ pub async fn plain(
     );
     shared.recorder.sink().ready().await;
     let mut body = Some(body);
+    let expects = expects_continue(&parts.headers);
     let checked = (|| {
         check_head_size(&parts)?;
         if parts.uri.scheme_str() != Some("http") {
@@ -620,11 +747,12 @@ pub async fn plain(
                 authority,
                 claims,
                 route: None,
+                tunnel: None,
             };
             let outcome = forward(&shared, &mut ctx, parts, &mut body).await;
-            respond(ctx.rec, outcome, body).await
+            respond(ctx.rec, outcome, body, expects).await
         }
-        Err(deny) => respond(rec, Err(deny), body).await,
+        Err(deny) => respond(rec, Err(deny), body, expects).await,
     }
 }
 
@@ -634,10 +762,11 @@ pub async fn refuse_early(
     shared: &Shared,
     method: &Method,
     body: Option<Incoming>,
+    expects_continue: bool,
     deny: Deny,
 ) -> Response<AuditedBody> {
     let rec = shared.recorder.open(method, String::new(), String::new());
-    respond(rec, Err(deny), body).await
+    respond(rec, Err(deny), body, expects_continue).await
 }
 
 #[cfg(test)]

@@ -357,7 +357,8 @@ async fn dispatch(
              request, or use gateway mode: /gw/<route-id>/<path>"
                 .into(),
         );
-        request::refuse_early(&shared, &parts.method, Some(body), deny).await
+        let expects = request::expects_continue(&parts.headers);
+        request::refuse_early(&shared, &parts.method, Some(body), expects, deny).await
     }
 }
 
@@ -414,20 +415,24 @@ async fn connect(
     })();
     let (authority, claims, slot) = match checked {
         Ok(ok) => ok,
-        Err(deny) => return request::respond(rec, Err(deny), None).await,
+        Err(deny) => return request::respond(rec, Err(deny), None, false).await,
     };
     let upgrade = hyper::upgrade::on(&mut req);
     // The tunnel outlives the HTTP connection it came from: it keeps counting against the cap.
     let global_slot = admission.take_slot();
     let span = tracing::debug_span!("tunnel", agent = %claims.sub, host = %authority);
+    // Held by the tunnel and by every WebSocket session opened in it, which outlive the
+    // tunnel's HTTP connection: the agent's connection counts against the caps until the
+    // last of them ends.
+    let slots: Arc<dyn std::any::Any + Send + Sync> = Arc::new((slot, global_slot));
     let tunnel = Tunnel {
         authority: Arc::new(authority),
         claims,
         shared: shared.clone(),
+        slots,
     };
     tokio::spawn(
         async move {
-            let _slots = (slot, global_slot);
             match upgrade.await {
                 Ok(upgraded) => tunnel.run(TokioIo::new(upgraded), drain).await,
                 Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
@@ -444,6 +449,8 @@ struct Tunnel {
     authority: Arc<Authority>,
     claims: Arc<Claims>,
     shared: Arc<Shared>,
+    /// The agent's connection slots (see `connect`).
+    slots: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl Tunnel {
@@ -506,13 +513,21 @@ impl Tunnel {
         let io = TokioIo::new(tls);
         let header_read_timeout = limits.header_read_timeout;
         let (authority, claims) = (self.authority.clone(), self.claims.clone());
+        let svc_drain = drain.clone();
         let service = service_fn(move |req| {
             let Tunnel {
                 authority,
                 claims,
                 shared,
+                slots,
             } = self.clone();
-            async move { Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req).await) }
+            let hold = request::TunnelHold {
+                drain: svc_drain.clone(),
+                slots,
+            };
+            async move {
+                Ok::<_, Infallible>(request::in_tunnel(shared, authority, claims, req, hold).await)
+            }
         });
         if is_h2 {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -520,6 +535,8 @@ impl Tunnel {
                 .max_concurrent_streams(100)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20)
+                // RFC 8441: WebSocket over an HTTP/2 stream (extended CONNECT).
+                .enable_connect_protocol()
                 .serve_connection(io, service);
             // HTTP/2 errors end the connection, not one request: no line of their own.
             let _ = serve_until_drained(conn, drain, "h2 tunnel").await;
@@ -528,7 +545,9 @@ impl Tunnel {
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(64 * 1024)
-                .serve_connection(io, service);
+                .serve_connection(io, service)
+                // WebSocket: after its 101 the connection belongs to `proxy::websocket`.
+                .with_upgrades();
             if let Some(e) = serve_until_drained(conn, drain, "h1 tunnel").await {
                 record_refused_head(&shared, &e, authority.to_string(), Some(&claims));
             }

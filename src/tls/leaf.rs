@@ -146,7 +146,9 @@ impl LeafCache {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too: curl --http1.0 offers only that, and rustls refuses a handshake
+        // whose ALPN list shares nothing with ours; the tunnel serves it as HTTP/1.x.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         Ok(Arc::new(config))
     }
 
@@ -508,20 +510,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn alpn_offers_h2_then_http11() {
+    async fn alpn_offers_h2_then_http11_then_http10() {
         let (_dir, ca) = ca();
         let leaves = LeafCache::try_new(Arc::clone(&ca), 100).unwrap();
         let server = leaves.server_config("api.example.test").await.unwrap();
         assert_eq!(
             server.alpn_protocols,
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()]
         );
         let mut only_h1 = (*client_config(&ca)).clone();
         only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let (alpn, _) = handshake(server, Arc::new(only_h1), "api.example.test")
+        let (alpn, _) = handshake(server.clone(), Arc::new(only_h1), "api.example.test")
             .await
             .unwrap();
         assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        // curl --http1.0 offers only `http/1.0`.
+        let mut only_h10 = (*client_config(&ca)).clone();
+        only_h10.alpn_protocols = vec![b"http/1.0".to_vec()];
+        let (alpn, _) = handshake(server, Arc::new(only_h10), "api.example.test")
+            .await
+            .unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.0"[..]));
     }
 
     #[tokio::test]

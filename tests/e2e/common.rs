@@ -267,6 +267,25 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
         seen.push(record.clone());
         seen.len() - 1
     };
+    if req.uri().path() == "/acme/empty.git/info/refs"
+        && req.uri().query() == Some("service=git-upload-pack")
+    {
+        // An empty repository: `git clone` succeeds on this advertisement alone.
+        let mut body = pkt_line(b"# service=git-upload-pack\n");
+        body.extend_from_slice(b"0000");
+        body.extend(pkt_line(
+            b"0000000000000000000000000000000000000000 capabilities^{}\0side-band-64k\n",
+        ));
+        body.extend_from_slice(b"0000");
+        let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+        resp.headers_mut().insert(
+            "content-type",
+            "application/x-git-upload-pack-advertisement"
+                .parse()
+                .unwrap(),
+        );
+        return resp;
+    }
     if req.uri().path().ends_with("/info/refs")
         && req.uri().query() == Some("service=git-upload-pack")
     {
@@ -302,6 +321,37 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<E
             .insert("connection", "upgrade".parse().unwrap());
         resp.headers_mut()
             .insert("upgrade", "websocket".parse().unwrap());
+        return resp;
+    }
+    if req.uri().path() == "/stall" {
+        // One chunk, then silence for a minute, then the end: a stream that stalls.
+        let stream = futures_util::stream::unfold(0u8, |i| async move {
+            match i {
+                0 => Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first chunk\n"))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Some((Ok(Frame::data(Bytes::from_static(b"too late\n"))), 2))
+                }
+                _ => None,
+            }
+        });
+        return Response::new(StreamBody::new(stream).boxed());
+    }
+    if req.uri().path() == "/ws-bad-accept" {
+        // A WebSocket switch whose accept value answers some other key (RFC 6455's example
+        // key, which the tests never send).
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert(
+            "sec-websocket-accept",
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".parse().unwrap(),
+        );
         return resp;
     }
     if req.uri().path() == "/redirect" {
@@ -729,6 +779,10 @@ pub struct Home {
     pub dir: tempfile::TempDir,
     pub upstream: Upstream,
     pub upstream_ca: PathBuf,
+    /// The upstream's leaf certificate and key (PEM files), for upstreams a test starts
+    /// itself (gRPC, WebSocket servers in Python).
+    pub upstream_cert: PathBuf,
+    pub upstream_key: PathBuf,
 }
 
 impl Home {
@@ -738,11 +792,17 @@ impl Home {
         let pki = UpstreamPki::new();
         let upstream_ca = dir.path().join("upstream-ca.pem");
         std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
+        let upstream_cert = dir.path().join("upstream-cert.pem");
+        let upstream_key = dir.path().join("upstream-key.pem");
+        std::fs::write(&upstream_cert, &pki.cert_pem).unwrap();
+        std::fs::write(&upstream_key, &pki.key_pem).unwrap();
         let upstream = Upstream::start(&pki);
         Home {
             dir,
             upstream,
             upstream_ca,
+            upstream_cert,
+            upstream_key,
         }
     }
 

@@ -506,6 +506,37 @@ fn absolute_form_and_a_foreign_host_header_cannot_choose_the_upstream() {
 }
 
 #[test]
+fn an_upgrade_asked_of_the_gateway_is_stripped_and_never_reaches_the_upstream() {
+    // WebSocket is served inside tunnels only; in gateway mode `Upgrade` and `Connection`
+    // are hop-by-hop like any other, so the upstream sees a plain GET and answers it.
+    let (home, proxy, token) = gw_ready(&[]);
+    let r = raw(
+        &proxy,
+        "GET",
+        "/gw/openai/v1/models",
+        &[
+            &bearer(&token),
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = home
+        .upstream
+        .seen()
+        .pop()
+        .expect("the upstream got the GET");
+    assert!(seen.header("upgrade").is_none(), "{seen:?}");
+    assert!(seen.header("connection").is_none(), "{seen:?}");
+    let line = line_for(&home, "/v1/models");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["outcome"], "ok");
+}
+
+#[test]
 fn a_huge_path_and_a_non_gateway_origin_form_request_are_refused() {
     let (home, proxy, token) = gw_ready(&[]);
     let huge = format!("/gw/openai/v1/{}", "a".repeat(70 * 1024));

@@ -8,10 +8,13 @@
 mod common;
 
 mod adversarial;
+mod challenge;
 mod cli;
 mod gateway;
+mod grpc;
 mod keys;
 mod limits;
+mod longcalls;
 mod openbao;
 mod operate;
 mod proxy;
@@ -22,3 +25,5 @@ mod replica;
 mod run;
 mod sessions;
 mod tripwire;
+mod uploads;
+mod websocket;

@@ -596,3 +596,34 @@ fn a_100_mib_upload_streams_with_bounded_memory() {
         "peak RSS {hwm_kib} KiB while uploading 100 MiB"
     );
 }
+
+#[test]
+fn curl_http10_is_served_in_the_tunnel() {
+    // curl --http1.0 offers only ALPN `http/1.0`; latchkey used to refuse the handshake.
+    let (home, proxy, token) = ready_with(&[]);
+    let c = home.curl(
+        &proxy,
+        &token,
+        &[
+            "--http1.0",
+            "-H",
+            &format!("Authorization: Bearer {AGENT_OWN}"),
+        ],
+        &home.api_url("/repos/acme/backend/issues/10"),
+    );
+    assert_eq!((c.exit, c.status), (0, 200), "{c:?}");
+    assert!(c.headers.contains("HTTP/1.0 200"), "{}", c.headers);
+    assert_eq!(c.json()["path"], "/repos/acme/backend/issues/10");
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert!(!seen[0].everything().contains(AGENT_OWN));
+    let lines = home.wait_audit(2);
+    let line = lines.iter().find(|l| l["method"] == "GET").unwrap();
+    assert_eq!(line["outcome"], "ok");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "issues-read");
+}
