@@ -842,6 +842,22 @@ async fn issue_token(
     Ok((zeroize::Zeroizing::new(token), claims))
 }
 
+/// The access key id `latchkey run` gives AWS clients: they sign with placeholder keys and
+/// latchkey signs again with the real ones (the `aws_sigv4` credential kind).
+pub const AWS_PLACEHOLDER_KEY_ID: &str = "latchkey";
+/// The placeholder secret access key (not a secret: every agent gets the same one).
+pub const AWS_PLACEHOLDER_SECRET: &str = "latchkey-placeholder-secret-not-a-real-key";
+
+/// Give AWS CLIs and SDKs placeholder credentials (and no session token or profile of the
+/// user's), so they sign every request and latchkey can re-sign it.
+fn aws_placeholder_env(cmd: &mut tokio::process::Command) {
+    cmd.env("AWS_ACCESS_KEY_ID", AWS_PLACEHOLDER_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_SECURITY_TOKEN")
+        .env_remove("AWS_PROFILE");
+}
+
 async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<ExitCode> {
     let proxy = match args.proxy {
         Some(p) => p
@@ -893,6 +909,7 @@ async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<Exit
         cmd.env(var, &bundle_path);
     }
     cmd.env("LATCHKEY_SESSION", &claims.jti);
+    aws_placeholder_env(&mut cmd);
     let spawned = cmd.spawn();
     let status = match spawned {
         Ok(child) => wait_forwarding_signals(child).await,
