@@ -179,7 +179,7 @@ id = "ok"
 host = "h.com"
 methods = ["GET"]
 paths = ["/a//b"]
-credential = "c"
+credential = "bad name"
 "#;
     let d = errors(text);
     let got: Vec<(Option<usize>, &str)> = d.iter().map(|d| (d.line, d.field.as_str())).collect();
