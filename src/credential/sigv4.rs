@@ -451,7 +451,11 @@ struct QuerySignature {
 fn query_signature(query: &str) -> Result<Option<QuerySignature>, Deny> {
     let mut algorithm = None;
     let (mut credential, mut signed, mut expires, mut signature) = (None, None, None, None);
+    let mut v2 = false;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == "AWSAccessKeyId" {
+            v2 = true;
+        }
         let slot = match k.to_ascii_lowercase().as_str() {
             "x-amz-algorithm" => &mut algorithm,
             "x-amz-credential" => &mut credential,
@@ -467,6 +471,13 @@ fn query_signature(query: &str) -> Result<Option<QuerySignature>, Deny> {
         }
     }
     if algorithm.is_none() && signature.is_none() && credential.is_none() {
+        if v2 {
+            return Err(Deny::CannotSign(
+                "SigV2 presigned URLs (AWSAccessKeyId=...) are not supported; presign with \
+                 SigV4 (boto3: signature_version=\"s3v4\")"
+                    .to_owned(),
+            ));
+        }
         return Ok(None);
     }
     if algorithm.as_deref() != Some(ALGORITHM) {

@@ -208,19 +208,18 @@ impl Assumer {
             .transport
             .as_ref()
             .ok_or("no connection to STS in this command")?;
-        let body = {
-            let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("Action", "AssumeRole")
-                .append_pair("Version", "2011-06-15")
-                .append_pair("RoleArn", &self.role.arn)
-                .append_pair("RoleSessionName", session)
-                .append_pair("DurationSeconds", &self.role.duration.as_secs().to_string())
-                .append_pair("Policy", policy);
-            if let Some(id) = &self.role.external_id {
-                form.append_pair("ExternalId", id);
-            }
-            Bytes::from(form.finish())
-        };
+        let mut pairs = vec![
+            ("Action", "AssumeRole".to_owned()),
+            ("Version", "2011-06-15".to_owned()),
+            ("RoleArn", self.role.arn.clone()),
+            ("RoleSessionName", session.to_owned()),
+            ("DurationSeconds", self.role.duration.as_secs().to_string()),
+            ("Policy", policy.to_owned()),
+        ];
+        if let Some(id) = &self.role.external_id {
+            pairs.push(("ExternalId", id.clone()));
+        }
+        let body = Bytes::from(form_body(&pairs));
         let uri = self.role.endpoint.clone();
         let mut parts = http::Request::post(uri.clone())
             .header(
@@ -295,6 +294,31 @@ impl Assumer {
             .map_err(|_| "the STS answer has no valid Expiration".to_owned())?;
         Ok((Keys::new(&id, &secret, Some(&token)), expires))
     }
+}
+
+/// An `application/x-www-form-urlencoded` body encoded as the AWS SDKs encode it (every
+/// byte but letters, digits and `-_.~` escaped, space as `+`), so a service that re-encodes
+/// the parsed form to check the signature gets the same bytes.
+fn form_body(pairs: &[(&str, String)]) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        for (j, text) in [k.as_bytes(), v.as_bytes()].into_iter().enumerate() {
+            if j == 1 {
+                out.push('=');
+            }
+            for &b in text {
+                match b {
+                    b' ' => out.push('+'),
+                    b if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) => out.push(b as char),
+                    b => out.push_str(&format!("%{b:02X}")),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The text of the first `<name>...</name>` element, XML entities decoded.
