@@ -458,3 +458,157 @@ fn a_request_signed_for_another_region_or_unsigned_is_refused_before_moto() {
         "{lines:?}"
     );
 }
+
+/// One request as latchkey sends it upstream after re-signing `agent` (method, target,
+/// headers, body) for `host` with `keys`.
+fn latchkey_resigns(
+    host: &str,
+    agent: http::Request<Vec<u8>>,
+    keys: &latchkey::credential::sigv4::Keys,
+) -> (http::request::Parts, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use latchkey::credential::sigv4::{resign, AgentSignature};
+    use latchkey::policy::{AgentPolicy, Grant, Scheme};
+    let policy = AgentPolicy::from_toml(
+        std::path::Path::new("x.toml"),
+        &format!(
+            "agent = \"x\"\n[[routes]]\nid = \"r\"\nhost = \"{host}\"\nmethods = [\"GET\", \"PUT\", \"POST\"]\npaths = [\"/**\"]\ncredential = \"aws\"\n"
+        ),
+    )
+    .unwrap();
+    let authority = latchkey::authority::Authority::parse(host, Some(443)).unwrap();
+    let (mut parts, data) = agent.into_parts();
+    let path = latchkey::policy::normalize(parts.uri.path()).unwrap().into_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let allowed = policy
+        .decide(Scheme::Https, &authority, &parts.method, &path, Grant::ALL)
+        .unwrap();
+    let rewrite = latchkey::inject::Rewrite {
+        scheme: Scheme::Https,
+        authority: &authority,
+        path: &path,
+        query: query.as_deref(),
+        allowed: &allowed,
+    };
+    let signature = AgentSignature::read(&parts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let body = http_body_util::Full::new(bytes::Bytes::from(data))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let sent = rt.block_on(async {
+        let out = resign(&mut parts, &rewrite, body, &signature, keys, std::time::SystemTime::now())
+            .await
+            .unwrap();
+        out.collect().await.unwrap().to_bytes().to_vec()
+    });
+    (parts, sent)
+}
+
+#[test]
+fn latchkey_signs_as_botocore_does() {
+    use latchkey::credential::sigv4::Keys;
+    let zeros = "0".repeat(64);
+    let secret = "real/secret+key==";
+    let header_auth = |scope: &str, signed: &str| {
+        format!("AWS4-HMAC-SHA256 Credential=latchkey/20240101/{scope}/aws4_request, SignedHeaders={signed}, Signature={zeros}")
+    };
+    let chunk = format!("5;chunk-signature={zeros}\r\nhello\r\n0;chunk-signature={zeros}\r\n\r\n");
+    let cases: Vec<(&str, &str, http::Request<Vec<u8>>, Option<&str>)> = vec![
+        (
+            "s3.amazonaws.com",
+            "s3",
+            http::Request::put("/data/a%20b%2Bc~d.txt?x-id=PutObject&tagging=")
+                .header("authorization", header_auth("us-east-1/s3", "content-type;host;x-amz-content-sha256;x-amz-date;x-amz-meta-note"))
+                .header("x-amz-date", "20240101T000000Z")
+                .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+                .header("content-type", "text/plain")
+                .header("x-amz-meta-note", "  spaced   value ")
+                .body(b"hello".to_vec())
+                .unwrap(),
+            None,
+        ),
+        (
+            "s3.amazonaws.com",
+            "s3",
+            http::Request::put("/data/streamed.bin")
+                .header("authorization", header_auth("us-east-1/s3", "content-encoding;content-length;host;x-amz-content-sha256;x-amz-date;x-amz-decoded-content-length"))
+                .header("x-amz-date", "20240101T000000Z")
+                .header("x-amz-content-sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
+                .header("content-encoding", "aws-chunked")
+                .header("x-amz-decoded-content-length", "5")
+                .header("content-length", chunk.len().to_string())
+                .body(chunk.clone().into_bytes())
+                .unwrap(),
+            Some("temporary-session-token/with+chars="),
+        ),
+        (
+            "sqs.eu-west-1.amazonaws.com",
+            "sqs",
+            http::Request::post("/123456789012/queue")
+                .header("authorization", header_auth("eu-west-1/sqs", "content-type;host;x-amz-date"))
+                .header("x-amz-date", "20240101T000000Z")
+                .header("content-type", "application/x-www-form-urlencoded; charset=utf-8")
+                .body(b"Action=SendMessage&MessageBody=hello%20world&Version=2012-11-05".to_vec())
+                .unwrap(),
+            None,
+        ),
+        (
+            "s3.amazonaws.com",
+            "s3",
+            http::Request::get(format!("/data/report%201.csv?response-content-type=text%2Fcsv&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=latchkey%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature={zeros}"))
+                .body(Vec::new())
+                .unwrap(),
+            Some("temporary-session-token/with+chars="),
+        ),
+    ];
+    let mut json_cases = Vec::new();
+    let mut ours = Vec::new();
+    for (host, service, agent, token) in cases {
+        let keys = Keys::new("AKIDREAL", secret, token);
+        let (parts, sent) = latchkey_resigns(host, agent, &keys);
+        let query = parts.headers.get("authorization").is_none();
+        let signature = if query {
+            let q = parts.uri.query().unwrap();
+            q.split('&')
+                .find_map(|p| p.strip_prefix("X-Amz-Signature="))
+                .unwrap()
+                .to_owned()
+        } else {
+            let auth = parts.headers["authorization"].to_str().unwrap();
+            auth.split("Signature=").nth(1).unwrap().to_owned()
+        };
+        ours.push(signature);
+        let headers: serde_json::Map<String, Value> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.to_str().unwrap())))
+            .collect();
+        json_cases.push(serde_json::json!({
+            "method": parts.method.as_str(),
+            "url": parts.uri.to_string(),
+            "headers": headers,
+            "body": base64_std(&sent),
+            "secret": secret,
+            "service": service,
+            "region": if service == "sqs" { "eu-west-1" } else { "us-east-1" },
+            "query": query,
+        }));
+    }
+    let mut child = Command::new("python3")
+        .arg(script("botocore_check.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&json_cases).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let botocore: Vec<String> = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(ours, botocore);
+}
