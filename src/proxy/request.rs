@@ -279,7 +279,7 @@ pub async fn forward(
     let limited = limited.boxed_unsync() as UpstreamBody;
     let (upstream_body, needles) = match &credential {
         Some(credential) => {
-            let applied = credential
+            let applied = match credential
                 .apply(Outgoing {
                     parts: &mut parts,
                     rewrite: &rewrite,
@@ -287,7 +287,20 @@ pub async fn forward(
                     claims: &ctx.claims,
                     prepared: shared.credentials.prepared(),
                 })
-                .await?;
+                .await
+            {
+                Ok(applied) => applied,
+                // A kind that reads the body to sign it (hmac, SigV4 of a non-S3 body) sees
+                // the limit or the tripwire as a broken body: say which it was.
+                Err(Deny::BadBody) => {
+                    return Err(match up_state.get() {
+                        UpState::OverLimit => Deny::BodyTooLarge(limit),
+                        UpState::Exfiltration(hit) => tripped(shared, ctx, hit).await,
+                        _ => Deny::BadBody,
+                    })
+                }
+                Err(deny) => return Err(deny),
+            };
             ctx.rec.credential_used(credential.kind(), applied.detail);
             (applied.body, applied.needles)
         }

@@ -478,7 +478,9 @@ fn latchkey_resigns(
     .unwrap();
     let authority = latchkey::authority::Authority::parse(host, Some(443)).unwrap();
     let (mut parts, data) = agent.into_parts();
-    let path = latchkey::policy::normalize(parts.uri.path()).unwrap().into_owned();
+    let path = latchkey::policy::normalize(parts.uri.path())
+        .unwrap()
+        .into_owned();
     let query = parts.uri.query().map(str::to_owned);
     let allowed = policy
         .decide(Scheme::Https, &authority, &parts.method, &path, Grant::ALL)
@@ -491,14 +493,23 @@ fn latchkey_resigns(
         allowed: &allowed,
     };
     let signature = AgentSignature::read(&parts).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let body = http_body_util::Full::new(bytes::Bytes::from(data))
         .map_err(|never| match never {})
         .boxed_unsync();
     let sent = rt.block_on(async {
-        let out = resign(&mut parts, &rewrite, body, &signature, keys, std::time::SystemTime::now())
-            .await
-            .unwrap();
+        let out = resign(
+            &mut parts,
+            &rewrite,
+            body,
+            &signature,
+            keys,
+            std::time::SystemTime::now(),
+        )
+        .await
+        .unwrap();
         out.collect().await.unwrap().to_bytes().to_vec()
     });
     (parts, sent)
@@ -611,4 +622,193 @@ fn latchkey_signs_as_botocore_does() {
     assert!(out.status.success(), "{}", stderr(&out));
     let botocore: Vec<String> = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(ours, botocore);
+}
+
+/// The HMAC-verifying upstream (`aws/hmac_upstream.py`).
+struct HmacUpstream {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for HmacUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CB_KEY_ID: &str = "cb-key-id-1";
+const CB_SECRET_B64: &str = "c2VrcmV0LWNvaW5iYXNlLWhtYWMta2V5LTAxMjM0NTY3";
+const CB_PASSPHRASE: &str = "pass-phrase-secret-42";
+const STRIPE_SECRET: &str = "whsec_stripeLikeSecret0123456789";
+
+#[test]
+fn hmac_schemes_are_signed_as_a_verifying_upstream_expects() {
+    let mut child = Command::new("python3")
+        .arg(script("hmac_upstream.py"))
+        .args([CB_KEY_ID, CB_SECRET_B64, CB_PASSPHRASE, STRIPE_SECRET])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let upstream = HmacUpstream {
+        port: line.trim().parse().expect("the upstream prints its port"),
+        child,
+    };
+    let port = upstream.port;
+    let home = Home::new();
+    home.write_policy(
+        "bot.toml",
+        &format!(
+            r#"agent = "bot"
+max_ttl = "1h"
+
+[[routes]]
+id = "coinbase"
+host = "hmac.test:{port}"
+methods = ["GET", "POST"]
+paths = ["/coinbase/**"]
+credential = "coinbase"
+insecure_http = true
+max_body = "4KiB"
+
+[[routes]]
+id = "stripe"
+host = "hmac.test:{port}"
+methods = ["POST"]
+paths = ["/stripe/**"]
+credential = "stripe"
+insecure_http = true
+"#
+        ),
+    );
+    set_typed(
+        &home,
+        "coinbase",
+        "hmac",
+        &format!(
+            r#"kind = "hmac"
+algorithm = "sha256"
+encoding = "base64"
+key_encoding = "base64"
+timestamp = "unix"
+message = "{{timestamp}}{{method}}{{path_query}}{{body}}"
+
+[headers]
+CB-ACCESS-KEY = "{CB_KEY_ID}"
+CB-ACCESS-SIGN = "{{signature}}"
+CB-ACCESS-TIMESTAMP = "{{timestamp}}"
+CB-ACCESS-PASSPHRASE = "{{secret.passphrase}}"
+
+[secret]
+key = "{CB_SECRET_B64}"
+passphrase = "{CB_PASSPHRASE}"
+"#
+        ),
+    );
+    set_typed(
+        &home,
+        "stripe",
+        "hmac",
+        &format!(
+            r#"kind = "hmac"
+message = "{{timestamp}}.{{body}}"
+
+[headers]
+Stripe-Signature = "t={{timestamp}},v1={{signature}}"
+
+[secret]
+key = "{STRIPE_SECRET}"
+"#
+        ),
+    );
+    let out = home.run(&["policy", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy = home.serve(&["--resolve", &format!("hmac.test:{port}:127.0.0.1")]);
+    let token = home.issue("bot", &[]);
+    let proxy_arg = proxy.url_with(&token);
+    let curl = |args: &[&str], path: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--noproxy",
+                "",
+                "--proxy",
+                &proxy_arg,
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .args(args)
+            .arg(format!("http://hmac.test:{port}{path}"))
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    let mut seen = String::new();
+    for (args, path) in [
+        (
+            vec!["-d", r#"{"size":"0.01","side":"buy"}"#],
+            "/coinbase/orders?client=1&x=a%20b",
+        ),
+        (vec![], "/coinbase/accounts"),
+        // The agent's own signature headers are replaced, not trusted.
+        (
+            vec!["-H", "CB-ACCESS-SIGN: forged", "-H", "CB-ACCESS-KEY: other"],
+            "/coinbase/accounts",
+        ),
+        (vec!["-d", r#"{"type":"invoice.paid"}"#], "/stripe/webhook"),
+        (
+            vec!["-H", "Stripe-Signature: t=1,v1=forged", "-d", "x"],
+            "/stripe/webhook",
+        ),
+    ] {
+        let out = curl(&args, path);
+        assert!(
+            out.ends_with("200") && out.contains("\"ok\": true"),
+            "{path}: {out}"
+        );
+        seen.push_str(&out);
+    }
+    // A body over the route's limit is refused, never signed over a part of it.
+    let big = "x".repeat(8192);
+    let out = curl(
+        &["-H", "Transfer-Encoding: chunked", "-d", &big],
+        "/coinbase/orders",
+    );
+    assert!(out.ends_with("413"), "{out}");
+    seen.push_str(&out);
+    // A body carrying a stored secret is caught by the tripwire while the kind reads it.
+    let leak = format!("leak={STRIPE_SECRET}");
+    let out = curl(
+        &["-H", "Transfer-Encoding: chunked", "-d", &leak],
+        "/stripe/webhook",
+    );
+    assert!(
+        out.ends_with("403") && out.contains("secret_in_request"),
+        "{out}"
+    );
+    assert!(!out.contains(STRIPE_SECRET));
+    let lines = home.wait_audit(7);
+    assert_eq!(lines[6]["reason"], "secret_in_request", "{}", lines[6]);
+    for l in &lines[..5] {
+        assert_eq!(l["credential_kind"], "hmac", "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+    }
+    assert_eq!(lines[5]["reason"], "body_too_large", "{}", lines[5]);
+    assert_no_key_material(
+        &home,
+        &proxy,
+        &seen,
+        &[
+            CB_SECRET_B64,
+            "sekret-coinbase-hmac-key-01234567",
+            CB_PASSPHRASE,
+            STRIPE_SECRET,
+        ],
+    );
 }
