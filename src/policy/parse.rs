@@ -381,13 +381,12 @@ fn compile_route(
     // A credential without `inject` is one whose kind puts itself on the request (a
     // signature); whether the credential's kind fits the route is asked at `policy check`
     // and again per request (`Credential::fits`).
-    match (&r.credential, &r.inject) {
-        (None, Some(inj)) => cx.error(
+    if let (None, Some(inj)) = (&r.credential, &r.inject) {
+        cx.error(
             inj.span(),
             f("inject"),
             "`inject` needs a `credential` naming the secret to inject",
-        ),
-        _ => {}
+        );
     }
 
     let max_body = r.max_body.as_ref().and_then(|m| {

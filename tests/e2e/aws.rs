@@ -515,6 +515,9 @@ fn latchkey_resigns(
     (parts, sent)
 }
 
+/// Host, service, the agent's request, the session token latchkey holds.
+type CrossCheck<'a> = (&'a str, &'a str, http::Request<Vec<u8>>, Option<&'a str>);
+
 #[test]
 fn latchkey_signs_as_botocore_does() {
     use latchkey::credential::sigv4::Keys;
@@ -524,7 +527,7 @@ fn latchkey_signs_as_botocore_does() {
         format!("AWS4-HMAC-SHA256 Credential=latchkey/20240101/{scope}/aws4_request, SignedHeaders={signed}, Signature={zeros}")
     };
     let chunk = format!("5;chunk-signature={zeros}\r\nhello\r\n0;chunk-signature={zeros}\r\n\r\n");
-    let cases: Vec<(&str, &str, http::Request<Vec<u8>>, Option<&str>)> = vec![
+    let cases: Vec<CrossCheck> = vec![
         (
             "s3.amazonaws.com",
             "s3",

@@ -356,8 +356,7 @@ async fn unsupported_signatures_and_modes_are_refused_with_a_reason() {
             SystemTime::now(),
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(err.code(), "cannot_sign", "{err}");
         assert!(err.to_string().contains(why), "{err} lacks {why}");
         assert!(!err.to_string().contains("real-secret"), "{err}");
@@ -498,11 +497,7 @@ async fn broken_chunk_framing_ends_the_body_with_an_error() {
         (good.clone(), 9, "x-amz-decoded-content-length"),
         (good.clone(), 11, "x-amz-decoded-content-length"),
         ([&good[..], b"extra"].concat(), 10, "follow the final chunk"),
-        (
-            format!("4;chunk-signature=abc\r\n0123\r\n").into_bytes(),
-            4,
-            "64 hex",
-        ),
+        (b"4;chunk-signature=abc\r\n0123\r\n".to_vec(), 4, "64 hex"),
         (
             format!("zz;chunk-signature={sig}\r\n").into_bytes(),
             4,
