@@ -815,3 +815,116 @@ key = "{STRIPE_SECRET}"
         ],
     );
 }
+
+#[test]
+fn latchkey_run_gives_aws_clients_placeholder_keys_only() {
+    let moto = Moto::start();
+    let (home, _proxy, _token) = setup(&moto, &long_term_doc(&moto), "");
+    let endpoint = format!("http://s3.moto.test:{}", moto.port);
+    let run = |cmd: &[&str]| {
+        let out = home
+            .cmd()
+            .args(["run", "--agent", "bot", "--"])
+            .args(cmd)
+            .env("LK_ENDPOINT", &endpoint)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            // What the user's shell may hold: never handed to the agent.
+            .env("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "users-own-secret-key")
+            .env("AWS_SESSION_TOKEN", "users-own-session-token")
+            .env_remove("LK_PROXY")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    };
+    let env = run(&["env"]);
+    assert!(
+        env.lines().any(|l| l == "AWS_ACCESS_KEY_ID=latchkey"),
+        "{env}"
+    );
+    assert!(env
+        .lines()
+        .any(|l| l == format!("AWS_SECRET_ACCESS_KEY={PLACEHOLDER_SECRET}")));
+    assert!(
+        !env.contains("AWS_SESSION_TOKEN") && !env.contains("users-own"),
+        "{env}"
+    );
+    let v: Value = serde_json::from_str(
+        run(&["python3", script("agent.py").to_str().unwrap(), "basic"]).trim(),
+    )
+    .unwrap();
+    assert_eq!(v["got"], "hello through latchkey", "{v}");
+    let listed = run(&[
+        "aws",
+        "s3api",
+        "list-objects-v2",
+        "--bucket",
+        "data",
+        "--endpoint-url",
+        &endpoint,
+    ]);
+    assert!(listed.contains("hello.txt"), "{listed}");
+    let lines = home.audit();
+    assert!(
+        lines.len() >= 4 && lines.iter().all(|l| l["decision"] == "allow"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn trace_logging_never_shows_the_key_or_the_session_token() {
+    let mut moto = Moto::start();
+    let doc = format!(
+        "kind = \"aws_sigv4\"\naccess_key_id = \"{}\"\nrole_arn = \"{}\"\nsts_endpoint = \"http://sts.moto.test:{}\"\n\n[secret]\nsecret_access_key = \"{}\"\n",
+        moto.access_key_id, moto.role_arn, moto.port, moto.secret
+    );
+    let home = Home::new();
+    let port = moto.port;
+    home.write_policy(
+        "bot.toml",
+        &format!(
+            "agent = \"bot\"\n[[routes]]\nid = \"s3\"\nhost = \"s3.moto.test:{port}\"\nmethods = [\"GET\", \"PUT\"]\npaths = [\"/data\", \"/data/**\"]\ncredential = \"aws\"\nservice = \"s3\"\ninsecure_http = true\n"
+        ),
+    );
+    set_typed(&home, "aws", "aws_sigv4", &doc);
+    // The real binary, with every target at trace (aws-sigv4 traces canonical requests).
+    let proxy = home.serve_env(
+        &[
+            "--resolve",
+            &format!("s3.moto.test:{port}:127.0.0.1"),
+            "--resolve",
+            &format!("sts.moto.test:{port}:127.0.0.1"),
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    let token = home.issue("bot", &[]);
+    let (v, seen) = agent(&proxy, &token, &moto, &["basic"]);
+    assert_eq!(v["got"], "hello through latchkey", "{v}");
+    let sessions: Value = serde_json::from_str(&moto.ask("sessions")).unwrap();
+    let session = &sessions[0];
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the log has the requests",
+        || proxy.log().contains("route=\"s3\"").then_some(()),
+    );
+    let log = proxy.log();
+    assert!(log.contains(" TRACE "), "trace logging is on: {log}");
+    assert_no_key_material(
+        &home,
+        &proxy,
+        &seen,
+        &[
+            &moto.secret,
+            session["session_token"].as_str().unwrap(),
+            session["secret_access_key"].as_str().unwrap(),
+        ],
+    );
+}

@@ -16,9 +16,10 @@ import requests
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-PROXY = os.environ["LK_PROXY"]
+# Under `latchkey run`, HTTP_PROXY is in the environment and LK_PROXY is not set.
+PROXY = os.environ.get("LK_PROXY")
 ENDPOINT = os.environ["LK_ENDPOINT"]
-PROXIES = {"http": PROXY}
+PROXIES = {"http": PROXY} if PROXY else None
 ZEROS = "0" * 64
 
 
