@@ -61,8 +61,14 @@ fn empty() -> latchkey::credential::Body {
 fn bench_resign(c: &mut Criterion) {
     let policy = policy();
     let authority = Authority::parse("data.s3.us-east-1.amazonaws.com", Some(443)).unwrap();
-    let keys = Keys::new("AKIAREALKEYEXAMPLE00", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", Some("session-token-example"));
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let keys = Keys::new(
+        "AKIAREALKEYEXAMPLE00",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        Some("session-token-example"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("sigv4");
     for (name, query) in [("resign_header", false), ("resign_presigned", true)] {
         let template = agent_get(query);
@@ -83,7 +89,14 @@ fn bench_resign(c: &mut Criterion) {
                 };
                 let agent = AgentSignature::read(&parts).unwrap();
                 let body = rt
-                    .block_on(resign(&mut parts, &rewrite, empty(), &agent, &keys, SystemTime::now()))
+                    .block_on(resign(
+                        &mut parts,
+                        &rewrite,
+                        empty(),
+                        &agent,
+                        &keys,
+                        SystemTime::now(),
+                    ))
                     .unwrap();
                 black_box((parts, body));
             })
@@ -99,9 +112,14 @@ fn bench_resign(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(data.len() as u64));
     group.bench_function("chunks_1MiB", |b| {
         b.iter(|| {
-            let chunks: Vec<Bytes> = encoded.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+            let chunks: Vec<Bytes> = encoded
+                .chunks(16 << 10)
+                .map(Bytes::copy_from_slice)
+                .collect();
             let stream = futures_util::stream::iter(
-                chunks.into_iter().map(|c| Ok::<_, latchkey::credential::BoxError>(http_body::Frame::data(c))),
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, latchkey::credential::BoxError>(http_body::Frame::data(c))),
             );
             let body = http_body_util::StreamBody::new(stream).boxed_unsync();
             let key = ChunkKey {

@@ -382,7 +382,9 @@ impl HttpBody for HashCheck {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Without a length the check runs when the inner body says it has ended: the
+        // framing layer must poll until then, not stop at a hint.
+        self.left == Some(0) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

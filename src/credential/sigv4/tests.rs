@@ -459,6 +459,18 @@ async fn a_declared_hash_is_checked_before_the_last_byte_goes_out() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
+    // Without a Content-Length (chunked), the check runs when the body ends.
+    let err = resign_for(
+        "s3.amazonaws.com",
+        "",
+        s3_put(&bad, &[]),
+        Bytes::from_static(b"hello world"),
+        &test_keys(),
+        SystemTime::now(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
 }
 
 /// Feed `agent_body` to a chunk signer and return how it ends.
