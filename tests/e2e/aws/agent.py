@@ -136,6 +136,33 @@ def step(name, args):
         )
         back = c.get_object(Bucket="data", Key="trailer.bin")["Body"].read() if r.ok else b""
         return {"status": r.status_code, "body": r.text[:300], "same": back == data}
+    if name == "wrong-hash":
+        # A declared x-amz-content-sha256 that is not the body's: latchkey must cut the body
+        # off before its last byte, so the upstream never stores it.
+        data = b"the body that was sent"
+        date = now()
+        signed = "content-length;host;x-amz-content-sha256;x-amz-date"
+        try:
+            r = requests.put(
+                f"{ENDPOINT}/data/wrong-hash.txt",
+                data=data,
+                proxies=PROXIES,
+                headers={
+                    "x-amz-date": date,
+                    "x-amz-content-sha256": hashlib.sha256(b"another body").hexdigest(),
+                    "authorization": agent_auth(date, signed),
+                },
+                timeout=30,
+            )
+            status, text = r.status_code, r.text[:300]
+        except requests.RequestException as e:
+            status, text = None, str(e)
+        try:
+            c.head_object(Bucket="data", Key="wrong-hash.txt")
+            stored = True
+        except Exception:  # noqa: BLE001
+            stored = False
+        return {"status": status, "body": text, "stored": stored}
     if name == "presigned-v2":
         url = c.generate_presigned_url(
             "get_object", Params={"Bucket": "data", "Key": "hello.txt"}, ExpiresIn=300
