@@ -588,6 +588,45 @@ mod tests {
     }
 
     #[test]
+    fn every_message_placeholder_fills_in() {
+        let c = HmacCredential {
+            name: "x".into(),
+            algorithm: Algorithm::Sha512,
+            encoding: Encoding::Base64,
+            timestamp: Timestamp::Iso8601,
+            message: parse_template(
+                "{method}|{host}|{path}|{query}|{path_query}|{header.X-Nonce}|{header.absent}|{body_sha256}|{{}}",
+                Context::Message,
+            )
+            .unwrap(),
+            key: Zeroizing::new(b"k".to_vec()),
+            headers: Vec::new(),
+            needles: None,
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-nonce", HeaderValue::from_static("n1"));
+        let msg = c.message(&MessageInput {
+            method: "GET",
+            host: "api.example.com:443",
+            path: "/v1/orders",
+            query: Some("a=1"),
+            headers: &headers,
+            body: b"",
+            timestamp: "t",
+        });
+        assert_eq!(
+            String::from_utf8(msg).unwrap(),
+            "GET|api.example.com:443|/v1/orders|a=1|/v1/orders?a=1|n1||e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855|{}"
+        );
+        // SHA-512, base64: 88 characters.
+        assert_eq!(c.sign(b"m").len(), 88);
+        assert_eq!(
+            c.timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(86_400)),
+            "1970-01-02T00:00:00Z"
+        );
+    }
+
+    #[test]
     fn stripe_like_signature_matches_an_independent_computation() {
         let c = HmacCredential {
             name: "s".into(),

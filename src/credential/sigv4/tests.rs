@@ -630,3 +630,36 @@ fn documents_are_checked_and_errors_name_no_secret() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn the_kind_fits_routes_without_inject_and_a_role_needs_a_service() {
+    use crate::credential::Kind;
+    let doc = |extra: &str| {
+        crate::secrets::typed::parse_text(&format!(
+            "kind = \"aws_sigv4\"\naccess_key_id = \"AKIDREAL\"\n{extra}[secret]\nsecret_access_key = \"k\"\n"
+        ))
+        .unwrap()
+    };
+    let plain = SigV4Kind::new(None).build("aws", &doc("")).unwrap();
+    let role = SigV4Kind::new(None)
+        .build("aws", &doc("role_arn = \"arn:aws:iam::1:role/r\"\n"))
+        .unwrap();
+    let no_service = policy("s3.amazonaws.com", "");
+    let with_service = policy("s3.amazonaws.com", "service = \"s3\"");
+    let with_inject = policy(
+        "s3.amazonaws.com",
+        "inject = { header = \"x-k\", value = \"{secret}\" }",
+    );
+    assert!(plain.fits(&no_service.routes()[0]).is_ok());
+    assert!(plain
+        .fits(&with_inject.routes()[0])
+        .unwrap_err()
+        .contains("remove the route's `inject`"));
+    assert!(role
+        .fits(&no_service.routes()[0])
+        .unwrap_err()
+        .contains("`service`"));
+    assert!(role.fits(&with_service.routes()[0]).is_ok());
+    assert_eq!(plain.kind(), "aws_sigv4");
+    assert_eq!(plain.tripwire_kind(), Some(tripwire::Kind::Aws));
+}
