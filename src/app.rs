@@ -364,8 +364,10 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
         .await
         .doing(|| format!("cannot open the audit log {}", audit_path.display()))?;
-    let credentials =
-        crate::credential::Credentials::new(secrets.clone(), crate::credential::kinds());
+    let credentials = crate::credential::Credentials::new(
+        secrets.clone(),
+        crate::credential::kinds_with(Arc::new(UpstreamTransport(upstream.clone()))),
+    );
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),
         keys,
@@ -609,6 +611,42 @@ async fn reload_loop(
                 Err(e) => tracing::error!(error = %e, "cannot read the policy directory"),
             }
         }
+    }
+}
+
+/// Credential kinds reach their own endpoints (STS) through the proxy's upstream client: the
+/// same roots, `--resolve` pins, private-address guard and response timeout as agent traffic.
+struct UpstreamTransport(Upstream);
+
+/// The most of a credential endpoint's answer latchkey reads (an STS answer is ~2 KiB).
+const MAX_FETCHED: usize = 1 << 20;
+
+impl crate::credential::Transport for UpstreamTransport {
+    fn fetch(
+        &self,
+        req: http::Request<crate::credential::Body>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<crate::credential::Fetched, String>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let resp = self
+                .0
+                .send(req, None, false)
+                .await
+                .map_err(|f| f.deny.to_string())?;
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_FETCHED)
+                .collect()
+                .await
+                .map_err(|e| format!("its answer could not be read: {e}"))?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, body))
+        })
     }
 }
 

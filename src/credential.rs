@@ -15,6 +15,8 @@
 //! field: errors and audit details name the credential and say what went wrong.
 
 mod fixed;
+pub mod hmac;
+pub mod sigv4;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -136,7 +138,7 @@ pub enum KindError {
 }
 
 /// Kind names accepted by `secret set --kind` and in typed documents.
-pub const KNOWN_KINDS: &[&str] = &["static"];
+pub const KNOWN_KINDS: &[&str] = &["static", "aws_sigv4", "hmac"];
 
 /// Builds credentials of one kind from their typed documents. A kind with shared state (an
 /// HTTP client for token endpoints, a Redis handle for refresh locks) holds it here.
@@ -149,9 +151,37 @@ pub trait Kind: Send + Sync + 'static {
 }
 
 /// The kinds latchkey knows, without any runtime state (for `secret set --kind` and
-/// `policy check`, which build credentials to validate them).
+/// `policy check`, which build credentials to validate them): a kind that needs to reach an
+/// endpoint (STS) answers `credential_unavailable` if one of these is ever applied.
 pub fn kinds() -> Vec<Box<dyn Kind>> {
-    Vec::new()
+    vec![
+        Box::new(sigv4::SigV4Kind::new(None)),
+        Box::new(hmac::HmacKind),
+    ]
+}
+
+/// The kinds `serve` uses: those that call endpoints of their own (STS) do it through
+/// `transport`, the proxy's upstream client (its roots, `--resolve` pins and private-address
+/// guard).
+pub fn kinds_with(transport: Arc<dyn Transport>) -> Vec<Box<dyn Kind>> {
+    vec![
+        Box::new(sigv4::SigV4Kind::new(Some(transport))),
+        Box::new(hmac::HmacKind),
+    ]
+}
+
+/// A response latchkey's own call got (to STS, a token endpoint): status, head, whole body.
+pub type Fetched = http::Response<Bytes>;
+
+/// How credential kinds reach the endpoints they need (an STS, a token endpoint): the
+/// proxy's upstream client, handed in by `app` so this module does not depend on `proxy`.
+pub trait Transport: Send + Sync + 'static {
+    /// Send `req` and read the whole response (bounded by the implementation). `Err` is one
+    /// sentence saying why there is no response.
+    fn fetch(
+        &self,
+        req: http::Request<Body>,
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, String>> + Send + '_>>;
 }
 
 /// Build a credential from its stored value with `kinds`.

@@ -234,6 +234,21 @@ pub enum Deny {
     /// tripwire.
     #[error("the request carries {0}; latchkey does not let a credential leave this way")]
     SecretInRequest(Leak),
+    /// A route with a signing credential (`aws_sigv4`, `hmac`) matched, but latchkey cannot
+    /// sign this request correctly (no agent signature to replace, an unsupported algorithm
+    /// or payload mode, broken `aws-chunked` framing): it is refused, never sent half-signed.
+    #[error("latchkey cannot sign this request: {0}")]
+    CannotSign(String),
+    /// The agent signed the request for a service or region other than the route's
+    /// `service` / `region`.
+    #[error("the request is signed for {signed}, but route {route} allows only {allowed}")]
+    SigningScopeNotAllowed {
+        route: String,
+        /// `service/region` from the agent's credential scope.
+        signed: String,
+        /// What the route names.
+        allowed: String,
+    },
 }
 
 impl Deny {
@@ -256,8 +271,9 @@ impl Deny {
             | Deny::MethodNotAllowed { .. }
             | Deny::UnknownRoute { .. }
             | Deny::GatewayWildcard { .. }
-            | Deny::SecretInRequest(_) => StatusCode::FORBIDDEN,
-            Deny::BadPath(_) | Deny::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | Deny::SecretInRequest(_)
+            | Deny::SigningScopeNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Deny::BadPath(_) | Deny::BadRequest(_) | Deny::CannotSign(_) => StatusCode::BAD_REQUEST,
             Deny::SecretUnavailable(_) | Deny::CredentialUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -313,6 +329,8 @@ impl Deny {
             Deny::RateLimited { .. } => "rate_limited",
             Deny::StateUnavailable => "state_unavailable",
             Deny::SecretInRequest(_) => "secret_in_request",
+            Deny::CannotSign(_) => "cannot_sign",
+            Deny::SigningScopeNotAllowed { .. } => "signing_scope_not_allowed",
         }
     }
 
@@ -534,6 +552,12 @@ mod tests {
             Deny::StateUnavailable,
             Deny::SecretInRequest(Leak::Stored("billing".into())),
             Deny::SecretInRequest(Leak::Format("github")),
+            Deny::CannotSign("no SigV4 signature to replace".into()),
+            Deny::SigningScopeNotAllowed {
+                route: "s3".into(),
+                signed: "sqs/us-east-1".into(),
+                allowed: "s3/eu-west-1".into(),
+            },
         ]
     }
 

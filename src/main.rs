@@ -11,7 +11,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // SECURITY: aws-sigv4 traces canonical requests, session tokens included;
+                // its target stays off whatever RUST_LOG asks for.
+                .add_directive("aws_sigv4=off".parse().expect("a valid directive")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -126,11 +126,22 @@ impl NoProxy {
 #[derive(Debug, Clone)]
 pub struct AgentEnv {
     vars: Vec<(&'static str, OsString)>,
+    removed: &'static [&'static str],
 }
+
+/// The access key id `latchkey run` gives AWS clients: they sign with placeholder keys and
+/// latchkey signs again with the real ones (the `aws_sigv4` credential kind).
+pub const AWS_PLACEHOLDER_KEY_ID: &str = "latchkey";
+/// The placeholder secret access key (not a secret: every agent gets the same one).
+pub const AWS_PLACEHOLDER_SECRET: &str = "latchkey-placeholder-secret-not-a-real-key";
+
+/// The user's AWS session token and profile are removed, so an AWS client signs with the
+/// placeholder keys only and never carries a real credential of the user's.
+const AWS_REMOVED: &[&str] = &["AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"];
 
 impl AgentEnv {
     /// The CA bundle variables (all pointing at `bundle`), the merged `NO_PROXY`,
-    /// `NODE_USE_ENV_PROXY=1` and `LATCHKEY_SESSION`.
+    /// `NODE_USE_ENV_PROXY=1`, `LATCHKEY_SESSION` and placeholder AWS keys.
     pub fn new(bundle: &Path, no_proxy: &NoProxy, session: &str) -> AgentEnv {
         let mut vars: Vec<(&'static str, OsString)> = CA_BUNDLE_VARS
             .iter()
@@ -143,13 +154,22 @@ impl AgentEnv {
         // only when this is set; older Node ignores it (see README "Clients").
         vars.push(("NODE_USE_ENV_PROXY", "1".into()));
         vars.push(("LATCHKEY_SESSION", session.into()));
-        AgentEnv { vars }
+        vars.push(("AWS_ACCESS_KEY_ID", AWS_PLACEHOLDER_KEY_ID.into()));
+        vars.push(("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET.into()));
+        AgentEnv {
+            vars,
+            removed: AWS_REMOVED,
+        }
     }
 
-    /// Set every variable on `cmd`, overriding inherited values.
+    /// Set every variable on `cmd`, overriding inherited values, and remove the user's AWS
+    /// session token and profile.
     pub fn apply(&self, cmd: &mut tokio::process::Command) {
         for (name, value) in &self.vars {
             cmd.env(name, value);
+        }
+        for name in self.removed {
+            cmd.env_remove(name);
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::{Applied, Apply, Credential, Outgoing};
+use crate::deny::Deny;
 use crate::inject;
 use crate::policy::Route;
 use crate::secrets::Secret;
@@ -30,8 +31,8 @@ impl Credential for Fixed {
     }
 
     fn fits(&self, route: &Route) -> Result<(), String> {
-        // Policy load already refuses a credential without an `inject` form; say it again in
-        // this kind's words for routes built any other way.
+        // Policy load accepts a credential without `inject` (signing kinds need none);
+        // `policy check` asks here, and `apply` refuses such a route per request.
         match route.inject() {
             Some(_) => Ok(()),
             None => Err("a static credential needs an `inject` form on the route".into()),
@@ -43,6 +44,15 @@ impl Credential for Fixed {
     }
 
     fn apply<'a>(&'a self, out: Outgoing<'a>) -> Apply<'a> {
+        if out.rewrite.allowed.route().inject().is_none() {
+            // SECURITY: never forward a credentialed route's request with nothing on it
+            // silently: say which credential cannot be used and why.
+            return Apply::ready(Err(Deny::CredentialUnavailable(format!(
+                "{}: a static credential needs an `inject` form on route {}",
+                out.rewrite.allowed.route().credential().unwrap_or("?"),
+                out.rewrite.allowed.route().id()
+            ))));
+        }
         let result = inject::apply(
             out.parts,
             out.rewrite,

@@ -98,6 +98,20 @@ pub enum Inject {
     },
 }
 
+/// The signing scope a route allows (`service`, `region`, `actions`), for credential kinds
+/// that sign requests: the agent's own signature must name this service and region, and a
+/// role assumed for the route is scoped down to these actions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signing {
+    /// The service the request must be signed for (`s3`, `sqs`...), if the route names one.
+    pub service: Option<Box<str>>,
+    /// The region the request must be signed for (`eu-west-1`...), if the route names one.
+    pub region: Option<Box<str>>,
+    /// Explicit IAM actions (`s3:GetObject`...) for a role assumed for this route; empty =
+    /// derived from the route's methods.
+    pub actions: Box<[Box<str>]>,
+}
+
 /// Which port a host pattern applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PortSpec {
@@ -219,6 +233,7 @@ pub struct Route {
     pub(crate) scan_request: bool,
     pub(crate) timeout: Option<std::time::Duration>,
     pub(crate) idle_timeout: Option<std::time::Duration>,
+    pub(crate) signing: Signing,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -268,6 +283,12 @@ impl Route {
     /// `scan_request = false` turns it off, for bulk uploads).
     pub fn scan_request(&self) -> bool {
         self.scan_request
+    }
+
+    /// What a signing credential kind (`aws_sigv4`) may sign on this route: the service,
+    /// region and actions the route names (`service`, `region`, `actions`).
+    pub fn signing(&self) -> &Signing {
+        &self.signing
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

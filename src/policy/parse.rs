@@ -15,7 +15,9 @@ use http::{HeaderName, Method};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::matcher::{AgentPolicy, HostPattern, Inject, PathPattern, PortSpec, Route, Seg};
+use super::matcher::{
+    AgentPolicy, HostPattern, Inject, PathPattern, PortSpec, Route, Seg, Signing,
+};
 use super::path::normalize;
 use crate::authority::parse_host_port;
 use crate::ratelimit::{parse_rate, Rate};
@@ -100,6 +102,13 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     /// Longest silence between body bytes, either way (else `--upstream-idle-timeout`).
     idle_timeout: Option<Spanned<String>>,
+    /// The service a signing credential (`aws_sigv4`) signs for: the agent's signature must
+    /// name it.
+    service: Option<Spanned<String>>,
+    /// The region a signing credential signs for: the agent's signature must name it.
+    region: Option<Spanned<String>>,
+    /// Explicit IAM actions for a role assumed for this route.
+    actions: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// The longest `timeout` or `idle_timeout` a route may set: past a day a "timeout" is a
@@ -377,18 +386,15 @@ fn compile_route(
 
     let inject = r.inject.as_ref().and_then(|inj| compile_inject(cx, i, inj));
 
-    match (&r.credential, &r.inject) {
-        (Some(c), None) => cx.error(
-            c.span(),
-            f("credential"),
-            "a credential needs an `inject` telling where to put it",
-        ),
-        (None, Some(inj)) => cx.error(
+    // A credential without `inject` is one whose kind puts itself on the request (a
+    // signature); whether the credential's kind fits the route is asked at `policy check`
+    // and again per request (`Credential::fits`).
+    if let (None, Some(inj)) = (&r.credential, &r.inject) {
+        cx.error(
             inj.span(),
             f("inject"),
             "`inject` needs a `credential` naming the secret to inject",
-        ),
-        _ => {}
+        );
     }
 
     let max_body = r.max_body.as_ref().and_then(|m| {
@@ -445,6 +451,8 @@ fn compile_route(
         None => default_rate,
     };
 
+    let signing = compile_signing(cx, i, r);
+
     if cx.diags.len() > before {
         return None;
     }
@@ -464,9 +472,85 @@ fn compile_route(
         scan_request: r.scan_request.as_ref().is_none_or(|b| *b.get_ref()),
         timeout,
         idle_timeout,
+        signing,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })
+}
+
+/// `service`, `region` and `actions` of a route: lower-case names, and actions of the form
+/// `service:Action` for the route's own service.
+fn compile_signing(cx: &mut Ctx<'_>, i: usize, r: &RawRoute) -> Signing {
+    let f = |name: &str| format!("routes[{i}].{name}");
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let mut signing = Signing::default();
+    for (field, raw, slot) in [
+        ("service", &r.service, &mut signing.service),
+        ("region", &r.region, &mut signing.region),
+    ] {
+        if let Some(v) = raw {
+            if name_ok(v.get_ref()) {
+                *slot = Some(v.get_ref().as_str().into());
+            } else {
+                cx.error(
+                    v.span(),
+                    f(field),
+                    format!(
+                        "{:?} is not a valid {field} name (lower-case letters, digits and '-')",
+                        v.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(actions) = &r.actions {
+        let Some(service) = &r.service else {
+            cx.error(
+                actions.span(),
+                f("actions"),
+                "`actions` needs the route's `service` (the actions are that service's)",
+            );
+            return signing;
+        };
+        let mut out = Vec::new();
+        for (k, a) in actions.get_ref().iter().enumerate() {
+            let text = a.get_ref();
+            let ok = text.split_once(':').is_some_and(|(svc, action)| {
+                svc == service.get_ref()
+                    && !action.is_empty()
+                    && action
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'*')
+            });
+            if ok {
+                out.push(text.as_str().into());
+            } else {
+                cx.error(
+                    a.span(),
+                    f(&format!("actions[{k}]")),
+                    format!(
+                        "{text:?} is not an action of service {:?} (write \"{}:ActionName\")",
+                        service.get_ref(),
+                        service.get_ref()
+                    ),
+                );
+            }
+        }
+        if out.is_empty() && actions.get_ref().is_empty() {
+            cx.error(
+                actions.span(),
+                f("actions"),
+                "must list at least one action",
+            );
+        }
+        signing.actions = out.into_boxed_slice();
+    }
+    signing
 }
 
 fn compile_inject(cx: &mut Ctx<'_>, i: usize, inj: &Spanned<RawInject>) -> Option<Inject> {

@@ -179,7 +179,7 @@ id = "ok"
 host = "h.com"
 methods = ["GET"]
 paths = ["/a//b"]
-credential = "c"
+credential = "bad name"
 "#;
     let d = errors(text);
     let got: Vec<(Option<usize>, &str)> = d.iter().map(|d| (d.line, d.field.as_str())).collect();
@@ -412,11 +412,49 @@ fn unsafe_path_pattern_is_refused() {
 }
 
 #[test]
-fn credential_without_inject_is_refused() {
+fn credential_without_inject_loads_for_kinds_that_sign() {
+    // A signing kind (aws_sigv4, hmac) puts itself on the request; whether the stored
+    // credential's kind fits a route without `inject` is `Credential::fits`'s question.
+    let p = load(&route_with(&format!("{BASE}\ncredential = \"c\"")));
+    assert_eq!(p.routes()[0].credential(), Some("c"));
+    assert!(p.routes()[0].inject().is_none());
+}
+
+#[test]
+fn signing_scope_fields_load_and_bad_ones_are_named() {
+    let p = load(&route_with(&format!(
+        "{BASE}\ncredential = \"aws\"\nservice = \"s3\"\nregion = \"eu-west-1\"\nactions = [\"s3:GetObject\", \"s3:List*\"]"
+    )));
+    let s = p.routes()[0].signing();
+    assert_eq!(s.service.as_deref(), Some("s3"));
+    assert_eq!(s.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(s.actions.len(), 2);
     assert_refused(
-        &route_with(&format!("{BASE}\ncredential = \"c\"")),
-        "routes[0].credential",
-        "needs an `inject`",
+        &route_with(&format!("{BASE}\nservice = \"S3\"")),
+        "routes[0].service",
+        "not a valid service name",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\nregion = \"eu west\"")),
+        "routes[0].region",
+        "not a valid region name",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\nactions = [\"s3:GetObject\"]")),
+        "routes[0].actions",
+        "needs the route's `service`",
+    );
+    assert_refused(
+        &route_with(&format!(
+            "{BASE}\nservice = \"s3\"\nactions = [\"iam:CreateUser\"]"
+        )),
+        "routes[0].actions[0]",
+        "not an action of service",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\nservice = \"s3\"\nactions = []")),
+        "routes[0].actions",
+        "at least one action",
     );
 }
 

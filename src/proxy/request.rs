@@ -306,6 +306,7 @@ pub async fn forward(
     }
     let query = parts.uri.query().map(str::to_owned);
     let agent_version = parts.version;
+    let head = parts.method == http::Method::HEAD;
     let rewrite = Rewrite {
         scheme: ctx.scheme,
         authority: &ctx.authority,
@@ -330,7 +331,7 @@ pub async fn forward(
     let limited = limited.boxed_unsync() as UpstreamBody;
     let (upstream_body, needles) = match &credential {
         Some(credential) => {
-            let applied = credential
+            let applied = match credential
                 .apply(Outgoing {
                     parts: &mut parts,
                     rewrite: &rewrite,
@@ -338,7 +339,20 @@ pub async fn forward(
                     claims: &ctx.claims,
                     prepared: shared.credentials.prepared(),
                 })
-                .await?;
+                .await
+            {
+                Ok(applied) => applied,
+                // A kind that reads the body to sign it (hmac, SigV4 of a non-S3 body) sees
+                // the limit or the tripwire as a broken body: say which it was.
+                Err(Deny::BadBody) => {
+                    return Err(match up_state.get() {
+                        UpState::OverLimit => Deny::BodyTooLarge(limit),
+                        UpState::Exfiltration(hit) => tripped(shared, ctx, hit).await,
+                        _ => Deny::BadBody,
+                    })
+                }
+                Err(deny) => return Err(deny),
+            };
             ctx.rec.credential_used(credential.kind(), applied.detail);
             (applied.body, applied.needles)
         }
@@ -381,6 +395,7 @@ pub async fn forward(
         resp,
         Downstream {
             agent_version,
+            head,
             in_flight,
             needles,
             credential: allowed.route().credential().unwrap_or("?").to_owned(),
@@ -394,6 +409,8 @@ pub async fn forward(
 struct Downstream {
     /// The HTTP version the agent speaks (HTTP/2 cannot carry a 101).
     agent_version: http::Version,
+    /// A HEAD request: its answer's `Content-Length` is the resource's size, not a body's.
+    head: bool,
     /// The agent's in-flight slot, held until the answer has been streamed.
     in_flight: Slot,
     /// The injected credential's forms, when the route has one.
@@ -472,8 +489,11 @@ fn downstream(
         warn!(%credential, %request_id, "upstream echoed the injected credential in a header; redacted");
         shared.metrics.record_redaction();
     }
-    // The length may change; let the framing layer re-frame.
-    parts.headers.remove(header::CONTENT_LENGTH);
+    // The length may change; let the framing layer re-frame. A HEAD answer has no body to
+    // redact, and its length is the resource's (S3 object sizes, download planning).
+    if !d.head {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     // SECURITY: we asked for `identity`; an upstream that compressed anyway is decoded so
     // the echo cannot hide in gzip, br or zstd, and one we cannot decode is refused.
     let body = decode::decoded(&mut parts.headers, body)?;

@@ -8,6 +8,7 @@
 mod common;
 
 mod adversarial;
+mod aws;
 mod challenge;
 mod cli;
 mod gateway;
