@@ -151,6 +151,11 @@ struct ServeArgs {
     /// session: `refuse` the request, or also `revoke` the session (its token) at once.
     #[arg(long, value_enum, default_value_t = crate::tripwire::OnExfiltration::Refuse)]
     on_exfiltration: crate::tripwire::OnExfiltration,
+    /// The longest a request waits for its credential to mint a token (an OAuth refresh, a
+    /// GitHub App installation token) before it is answered 503 credential_unavailable; the
+    /// minting itself goes on in the background.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    credential_wait: Duration,
     /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
     max_body: u64,
@@ -705,6 +710,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     };
     cfg.verify_keys = args.verify_keys;
     cfg.on_exfiltration = args.on_exfiltration;
+    cfg.credential_wait = args.credential_wait;
     cfg.allow_private_upstreams = args.allow_private_upstreams;
     cfg.secrets = args.backend.config()?;
     cfg.redis = state.redis.clone().map(|url| RedisConfig {

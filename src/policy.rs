@@ -189,10 +189,7 @@ impl Policies {
     /// One diagnostic per credentialed route that `check` (given the credential's name and
     /// the route) finds something to say about: e.g. a credential whose kind does not fit
     /// the route's inject form, as `policy check` asks each credential kind.
-    pub fn credential_diagnostics(
-        &self,
-        check: &CredentialCheck<'_>,
-    ) -> Vec<Diagnostic> {
+    pub fn credential_diagnostics(&self, check: &CredentialCheck<'_>) -> Vec<Diagnostic> {
         let mut out = Vec::new();
         for policy in self.agents.values() {
             for (i, route) in policy.routes.iter().enumerate() {

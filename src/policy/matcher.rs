@@ -202,6 +202,9 @@ fn split_segment(r: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// GitHub App permissions of a route: (name, level) pairs sorted by name.
+pub type Permissions = Box<[(Box<str>, Box<str>)]>;
+
 /// One compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -217,6 +220,8 @@ pub struct Route {
     pub(crate) max_body: Option<u64>,
     pub(crate) rate: Option<crate::ratelimit::Rate>,
     pub(crate) scan_request: bool,
+    pub(crate) per_user: bool,
+    pub(crate) permissions: Option<Permissions>,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -256,6 +261,18 @@ impl Route {
     /// `scan_request = false` turns it off, for bulk uploads).
     pub fn scan_request(&self) -> bool {
         self.scan_request
+    }
+
+    /// Whether the credential is the delegating user's own connection (`per_user = true`):
+    /// resolved from the token's `obo` claim.
+    pub fn per_user(&self) -> bool {
+        self.per_user
+    }
+
+    /// Explicit GitHub App permissions (`permissions = { issues = "read" }`), sorted by
+    /// name, when the route gives them.
+    pub fn permissions(&self) -> Option<&[(Box<str>, Box<str>)]> {
+        self.permissions.as_deref()
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).
