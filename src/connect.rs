@@ -586,6 +586,12 @@ async fn device_flow(
     if !scope.is_empty() {
         pairs.push(("scope", &scope));
     }
+    // A confidential client authenticates at the device endpoint too (RFC 8628 3.1).
+    let secret_text =
+        client_secret.map(|s| Zeroizing::new(String::from_utf8_lossy(s.expose()).into_owned()));
+    if let Some(s) = &secret_text {
+        pairs.push(("client_secret", s));
+    }
     let answer = endpoints
         .post(
             device_uri,

@@ -11,6 +11,7 @@ mod adversarial;
 mod cli;
 mod keys;
 mod limits;
+mod oauth;
 mod openbao;
 mod operate;
 mod proxy;
