@@ -327,7 +327,7 @@ fn code_flow_with_pkce_connects_and_requests_carry_the_access_token() {
     assert_eq!(r.status, 200, "{}", r.body);
     // The upstream got the access token of the connection, not the agent's header; the agent
     // saw it redacted.
-    assert_eq!(upstream_tokens(&home, "/oauth/"), [issued.clone()]);
+    assert_eq!(upstream_tokens(&home, "/oauth/"), [issued.as_str()]);
     assert!(!r.body.contains(&issued));
     // The cached token: no refresh for a token with an hour left.
     let r = home.curl(&proxy, &token, &[], &home.api_url("/oauth/again"));
@@ -336,6 +336,17 @@ fn code_flow_with_pkce_connects_and_requests_carry_the_access_token() {
     let lines = wait_requests(&home, 2);
     assert_eq!(lines[0]["credential_kind"], "oauth2", "{:?}", lines[0]);
     assert_eq!(lines[0]["credential"], "acme");
+    // An agent that somehow holds the connection's access token cannot send it anywhere:
+    // the tripwire knows every secret value of the stored connection.
+    let r = home.curl(
+        &proxy,
+        &token,
+        &["-H", &format!("x-smuggle: {issued}")],
+        &home.api_url("/oauth/smuggle"),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["reason"], "secret_in_request");
+    assert!(!r.body.contains(&issued));
     // connections list: name, provider, scopes, expiry, health, and no token anywhere.
     let listed = home.run_ok(&["connections", "list"]);
     assert!(
