@@ -57,9 +57,8 @@ inject = { header = "authorization", value = "Bearer {secret}" }
 fn connection_doc(user: Option<&str>) -> String {
     let expires = chrono::Utc::now() + chrono::Duration::hours(1);
     let refresh = chrono::Utc::now() + chrono::Duration::minutes(55);
-    let fmt = |t: chrono::DateTime<chrono::Utc>| {
-        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    };
+    let fmt =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     format!(
         "kind = \"oauth2\"\nconnection = \"acme\"\n{}token_url = \"https://auth.example.com/token\"\nclient_id = \"c\"\naccess_token_expires_at = \"{}\"\naccess_token_refresh_at = \"{}\"\n[secret]\nclient_secret = \"cs-0123456789\"\nrefresh_token = \"rt-0123456789abcdef\"\naccess_token = \"at-R4nd0mL00k1ngT0k3nV4lue0123456789ab\"\n",
         user.map(|u| format!("user = \"{u}\"\n")).unwrap_or_default(),
@@ -176,7 +175,10 @@ fn kinds(c: &mut Criterion) {
         // Sanity: our credential replaced the agent's.
         let (parts, _) = rt.block_on(one());
         let sent = parts.headers["authorization"].to_str().unwrap().to_owned();
-        assert!(sent.starts_with("Bearer ") && !sent.contains("agent-own"), "{sent}");
+        assert!(
+            sent.starts_with("Bearer ") && !sent.contains("agent-own"),
+            "{sent}"
+        );
         group.bench_function(name, |b| {
             b.iter_batched(|| (), |()| rt.block_on(one()), BatchSize::SmallInput)
         });

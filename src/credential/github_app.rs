@@ -324,7 +324,15 @@ impl GithubApp {
                 body,
             )
             .await
-            .map_err(|e| format!("the GitHub API {e}"))?;
+            .map_err(|e| {
+                tracing::warn!(credential = %self.name, error = %e, "the GitHub API cannot be used");
+                match e {
+                    endpoint::EndpointError::Timeout(..) => {
+                        "the GitHub API did not answer in time".to_owned()
+                    }
+                    _ => "the GitHub API cannot be reached".to_owned(),
+                }
+            })?;
         if !answer.status.is_success() {
             return Err(format!(
                 "the GitHub API refused the installation token ({})",

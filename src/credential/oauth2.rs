@@ -710,7 +710,7 @@ impl Job {
             }
             Err(e) => {
                 tracing::warn!(credential = %self.name, error = %e, "cannot mint an access token");
-                return Err(Failure::Unavailable(e.to_string()));
+                return Err(Failure::Unavailable(e.agent_detail()));
             }
         };
         let token = Token::minted(minted.access_token, now_ms(), minted.expires_in);
@@ -832,6 +832,29 @@ pub enum MintError {
     /// Anything else that is not a token response.
     #[error("its token endpoint answered {0}")]
     Bad(String),
+}
+
+impl MintError {
+    /// One phrase for the agent's `credential_unavailable` detail: what failed, without the
+    /// endpoint's address (that goes to the operator's log with the full error).
+    pub fn agent_detail(&self) -> String {
+        match self {
+            MintError::Endpoint(EndpointError::Timeout(..)) => {
+                "its token endpoint did not answer in time".into()
+            }
+            MintError::Endpoint(EndpointError::Unreachable(..)) => {
+                "its token endpoint cannot be reached".into()
+            }
+            MintError::Endpoint(EndpointError::BadUrl { .. } | EndpointError::BadCa { .. }) => {
+                "its token endpoint is not configured usably".into()
+            }
+            MintError::Endpoint(EndpointError::BadAnswer(_)) => {
+                "its token endpoint's answer could not be read".into()
+            }
+            MintError::Refused(code) => format!("its token endpoint refused ({code})"),
+            MintError::Bad(what) => format!("its token endpoint answered {what}"),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -1016,6 +1039,27 @@ mod tests {
             .err()
             .unwrap();
         assert!(!html.to_string().contains("at-1"));
+    }
+
+    #[test]
+    fn the_agent_is_not_told_the_token_endpoints_address() {
+        let e = MintError::Endpoint(EndpointError::Unreachable(
+            "https://auth.internal:8443/token".into(),
+            "connection refused".into(),
+        ));
+        assert!(!e.agent_detail().contains("auth.internal"));
+        assert!(
+            e.to_string().contains("auth.internal"),
+            "the operator's log has it"
+        );
+        let t = MintError::Endpoint(EndpointError::Timeout(
+            "https://auth.internal/token".into(),
+            Duration::from_secs(15),
+        ));
+        assert_eq!(
+            t.agent_detail(),
+            "its token endpoint did not answer in time"
+        );
     }
 
     #[test]
