@@ -68,6 +68,11 @@ const BACKOFF: Duration = Duration::from_secs(2);
 /// How long a replica's refresh lock lives in Redis: longer than one endpoint exchange plus
 /// the write, short enough that a crashed replica does not block the others for long.
 const LOCK_TTL: Duration = Duration::from_secs(20);
+/// How many failed Redis calls a refresh retries before it goes on without the lock.
+const LOCK_TRIES: u32 = 3;
+/// After `invalid_grant` with replicas, how long to look for a refresh token another replica
+/// rotated in before the connection is called broken.
+const RACE_WINDOW: Duration = Duration::from_secs(1);
 /// How often a replica waiting for another's refresh looks for the new token.
 const POLL: Duration = Duration::from_millis(50);
 /// Refresh at most this long before expiry (or a quarter of the lifetime, if shorter).
@@ -593,6 +598,7 @@ impl Job {
         let nonce = hex::encode(rand::random::<[u8; 16]>());
         let deadline = Instant::now() + LOCK_TTL;
         let seen = self.conn.current.load_full();
+        let mut errors = 0;
         loop {
             let got: Result<Option<String>, _> = redis
                 .query(
@@ -629,9 +635,16 @@ impl Job {
                     }
                     tokio::time::sleep(POLL).await;
                 }
+                Err(e) if errors < LOCK_TRIES => {
+                    // A slow answer is not an outage: ask again before going without the lock.
+                    errors += 1;
+                    tracing::debug!(credential = %self.name, error = %e, "Redis did not take the token refresh lock; trying again");
+                    tokio::time::sleep(POLL).await;
+                }
                 Err(e) => {
                     // SECURITY: without the lock two replicas may refresh at once; with a
-                    // rotating provider one of them then gets invalid_grant. Serving on is
+                    // rotating provider the loser's invalid_grant is then recognised as a
+                    // lost race (`refresh_now`), not a broken connection. Serving on is
                     // still better than refusing every request while Redis is down.
                     tracing::warn!(credential = %self.name, error = %e, "Redis is unreachable; refreshing the token without the cross-replica lock");
                     return self.refresh_now().await;
@@ -705,6 +718,12 @@ impl Job {
             Err(MintError::Refused(code))
                 if code == "invalid_grant" && spec.grant == Grant::Refresh =>
             {
+                // Another process may have used (and rotated away) this refresh token a
+                // moment ago: then the store soon holds its successor, and this is a lost
+                // race, not a broken connection.
+                if let Some(adopted) = self.rotated_elsewhere(&spec).await {
+                    return adopted;
+                }
                 self.mark_broken(&spec, &mut doc).await;
                 return Err(Failure::Broken);
             }
@@ -733,6 +752,36 @@ impl Job {
             ));
         }
         Ok((Arc::new(token), false))
+    }
+
+    /// After `invalid_grant`: whether the stored refresh token changed from the one `spec`
+    /// sent (looked at for a moment when replicas share the store, at once otherwise), and
+    /// if so the stored token (or a retry later).
+    async fn rotated_elsewhere(&self, spec: &Spec) -> Option<Result<(Arc<Token>, bool), Failure>> {
+        let sent = spec.refresh_token.as_ref().map(fingerprint);
+        let until = Instant::now()
+            + if self.runtime.redis.is_some() {
+                RACE_WINDOW
+            } else {
+                Duration::ZERO
+            };
+        loop {
+            if let Ok((now_spec, _)) = self.read().await {
+                if now_spec.refresh_token.as_ref().map(fingerprint) != sent {
+                    let now = now_ms();
+                    return Some(match now_spec.access {
+                        Some(t) if !t.due(now) => Ok((Arc::new(t), true)),
+                        _ => Err(Failure::Unavailable(
+                            "its refresh token was rotated by another replica; retry".into(),
+                        )),
+                    });
+                }
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     async fn mark_broken(&self, spec: &Spec, doc: &mut TypedDoc) {
