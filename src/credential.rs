@@ -11,6 +11,11 @@
 //! [`Kind`] that builds it. Built credentials are cached per name and stored value, so the
 //! per-request cost of a static credential is one map lookup and an `Arc` clone.
 //!
+//! Kinds that mint (`oauth2`, `oauth2_client_credentials`: `oauth2`; `github_app`) share a
+//! [`Runtime`] (token endpoint client, secret backend, Redis, metrics, the request wait) and
+//! keep their tokens in memory across rebuilds. A `per_user` route resolves the connection of
+//! the token's `obo` user. `endpoint` is their HTTP client.
+//!
 //! This module must never put a secret value into an error, a log line, a span or an audit
 //! field: errors and audit details name the credential and say what went wrong.
 
