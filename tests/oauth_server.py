@@ -7,7 +7,7 @@ token is revoked when a new one is issued), client credentials, and the device a
 grant (RFC 8628). Test controls (loopback only, test use only):
 
   GET  /authorize?...&approve_as=USER   auto-approves as USER and redirects (the headless
-                                        browser stand-in follows the redirect)
+                                        browser stand-in follows the redirect); &deny=1 refuses
   POST /device/approve  user_code=..&user=..   approves a device code
   POST /control   JSON {"lifetime": s, "slow": s, "broken": bool, "revoke_refresh": bool}
   GET  /stats     counts per grant type, tokens issued, and which refresh tokens are live
@@ -287,6 +287,9 @@ server.register_endpoint(DeviceEndpoint)
 
 @app.route("/authorize", methods=["GET"])
 def authorize():
+    if request.args.get("deny"):
+        # The user refuses: Authlib redirects with error=access_denied.
+        return server.create_authorization_response(grant_user=None)
     user = request.args.get("approve_as")
     if not user:
         return "test server: add approve_as=USER to approve", 400

@@ -361,6 +361,43 @@ fn code_flow_with_pkce_connects_and_requests_carry_the_access_token() {
 }
 
 #[test]
+fn a_refused_authorisation_stores_nothing_and_says_why() {
+    let server = AuthServer::start(3600);
+    let home = Home::new();
+    let mut child = home
+        .cmd()
+        .args(["connect", "acme", "--provider", "generic", "--no-browser"])
+        .args(["--authorize-url", &server.0.url("/authorize")])
+        .args(["--token-url", &server.0.url("/token")])
+        .args(["--client-id", CLIENT_ID, "--timeout", "30s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no URL printed");
+        if let Some(u) = line.trim().strip_prefix("http://") {
+            break format!("http://{u}");
+        }
+    };
+    let page = Command::new("curl")
+        .args(["-sS", "-L", "--noproxy", "*", "--max-time", "20"])
+        .arg(format!("{url}&deny=1"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&page.stdout).contains("not made"));
+    let out = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    assert!(!out.status.success());
+    assert!(rest.contains("access_denied"), "{rest}");
+    assert_eq!(server.count("authorization_code"), 0);
+    assert!(connections(&home).is_empty());
+}
+
+#[test]
 fn device_flow_connects_a_headless_host() {
     let server = AuthServer::start(3600);
     let home = Home::new();
