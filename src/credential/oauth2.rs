@@ -183,7 +183,8 @@ pub struct Conn {
     inflight: Mutex<Option<(u64, Inflight)>>,
     generation: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<(Instant, Failure)>>,
-    broken_for: Mutex<Option<[u8; 32]>>,
+    /// Read on every request: lock-free.
+    broken_for: ArcSwapOption<[u8; 32]>,
 }
 
 impl Conn {
@@ -401,12 +402,10 @@ impl OAuth2 {
         if self.spec.broken {
             return true;
         }
-        let refused = *self
-            .conn
-            .broken_for
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        refused.is_some() && refused == self.refresh_print
+        match (&*self.conn.broken_for.load(), &self.refresh_print) {
+            (Some(refused), Some(ours)) => **refused == *ours,
+            _ => false,
+        }
     }
 
     fn unavailable(&self, why: &str) -> Deny {
@@ -786,11 +785,7 @@ impl Job {
 
     async fn mark_broken(&self, spec: &Spec, doc: &mut TypedDoc) {
         if let Some(rt) = &spec.refresh_token {
-            *self
-                .conn
-                .broken_for
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(fingerprint(rt));
+            self.conn.broken_for.store(Some(Arc::new(fingerprint(rt))));
         }
         let how = match &spec.user {
             Some(u) => format!(
