@@ -128,12 +128,28 @@ fn connect_code(
     user: Option<&str>,
     approve_as: &str,
 ) -> String {
+    connect_with(home, server, name, user, approve_as, true)
+}
+
+/// [`connect_code`]; with `full` false, only the name (and user): the endpoints, client and
+/// secret must come from the stored connection being remade.
+fn connect_with(
+    home: &Home,
+    server: &AuthServer,
+    name: &str,
+    user: Option<&str>,
+    approve_as: &str,
+    full: bool,
+) -> String {
     let mut cmd = home.cmd();
-    cmd.args(["connect", name, "--provider", "generic", "--no-browser"])
-        .args(["--authorize-url", &server.0.url("/authorize")])
-        .args(["--token-url", &server.0.url("/token")])
-        .args(["--client-id", CLIENT_ID, "--client-secret-stdin"])
-        .args(["--scopes", "repo read:org", "--timeout", "30s"]);
+    cmd.args(["connect", name, "--no-browser", "--timeout", "30s"]);
+    if full {
+        cmd.args(["--provider", "generic"])
+            .args(["--authorize-url", &server.0.url("/authorize")])
+            .args(["--token-url", &server.0.url("/token")])
+            .args(["--client-id", CLIENT_ID, "--client-secret-stdin"])
+            .args(["--scopes", "repo read:org"]);
+    }
     if let Some(u) = user {
         cmd.args(["--user", u]);
     }
@@ -143,12 +159,13 @@ fn connect_code(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{CLIENT_SECRET}\n").as_bytes())
-        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if full {
+        stdin
+            .write_all(format!("{CLIENT_SECRET}\n").as_bytes())
+            .unwrap();
+    }
+    drop(stdin);
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut said = String::new();
     let url = loop {
@@ -587,8 +604,9 @@ fn invalid_grant_breaks_the_connection_until_it_is_made_again() {
         .starts_with("broken"));
     let lines = wait_requests(&home, 2);
     assert_eq!(lines[0]["reason"], "connection_missing");
-    // Reconnecting (same client, from the stored connection) makes it work again.
-    connect_code(&home, &server, "acme", None, "alice");
+    // Reconnecting with nothing but the name (endpoints, client id and client secret come
+    // from the stored connection) makes it work again.
+    connect_with(&home, &server, "acme", None, "alice", false);
     let r = home.curl(&proxy, &token, &[], &home.api_url("/oauth/z"));
     assert_eq!(r.status, 200, "{}", r.body);
 }
@@ -758,7 +776,10 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 "#
     ));
     connect_code(&home, &server, "acme", Some("alice"), "alice");
-    connect_code(&home, &server, "acme", Some("bob"), "bob");
+    // The operator's own connection of the name is the template a user's connection takes
+    // its endpoints and client from: bob gives nothing but his name.
+    connect_code(&home, &server, "acme", None, "operator");
+    connect_with(&home, &server, "acme", Some("bob"), "bob", false);
     let check = home.run(&["policy", "check"]);
     assert!(check.status.success(), "{}", stderr(&check));
     assert!(
