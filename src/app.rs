@@ -81,6 +81,9 @@ pub struct ServeConfig {
     pub redis: Option<RedisConfig>,
     /// What a request caught carrying a credential costs its session.
     pub on_exfiltration: crate::tripwire::OnExfiltration,
+    /// The longest a request waits for a credential to mint a token (an OAuth refresh, a
+    /// GitHub App installation token) before it is answered 503 `credential_unavailable`.
+    pub credential_wait: Duration,
 }
 
 /// `--redis` and its grace period.
@@ -115,6 +118,7 @@ impl ServeConfig {
             secrets: BackendConfig::File,
             redis: None,
             on_exfiltration: Default::default(),
+            credential_wait: crate::credential::DEFAULT_WAIT,
         }
     }
 
@@ -364,9 +368,25 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
         .await
         .doing(|| format!("cannot open the audit log {}", audit_path.display()))?;
+    let runtime = Arc::new(crate::credential::Runtime {
+        endpoints: Arc::new(
+            crate::credential::endpoint::Endpoints::new(
+                &cfg.upstream_ca,
+                crate::credential::ENDPOINT_TIMEOUT,
+            )
+            .doing(|| "cannot build the token endpoint client".to_owned())?,
+        ),
+        secrets: secrets.clone(),
+        redis: shared_state.clone(),
+        metrics: metrics.clone(),
+        wait: cfg.credential_wait,
+    });
     let credentials = crate::credential::Credentials::new(
         secrets.clone(),
-        crate::credential::kinds_with(Arc::new(UpstreamTransport(upstream.clone()))),
+        crate::credential::serving_kinds(
+            runtime,
+            Some(Arc::new(UpstreamTransport(upstream.clone()))),
+        ),
     );
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),

@@ -111,9 +111,81 @@ enum Command {
     /// variables at latchkey, pass its exit code through, revoke the token when it exits.
     #[command(long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
+    /// Connect an OAuth provider once (authorization code with PKCE in a browser, or the
+    /// device flow with --device) and store the connection for routes to use.
+    Connect(Box<ConnectArgs>),
+    /// Show stored OAuth connections and GitHub App credentials.
+    #[command(subcommand)]
+    Connections(ConnectionsCmd),
     /// Internal to `run --contain`: the side that runs inside the network namespace.
     #[command(name = run::contain::INNER_SUBCOMMAND, hide = true)]
     ContainInner(ContainInnerArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Connection name, as routes refer to it (`credential = "NAME"`).
+    name: String,
+    /// Make the connection of this user (for routes with `per_user = true`, chosen by the
+    /// token's on-behalf-of user).
+    #[arg(long)]
+    user: Option<String>,
+    /// Provider preset: github, google or generic [default: NAME when it is a preset, or the
+    /// provider of the connection being remade].
+    #[arg(long)]
+    provider: Option<String>,
+    /// Authorization endpoint (code flow).
+    #[arg(long, value_name = "URL")]
+    authorize_url: Option<String>,
+    /// Token endpoint.
+    #[arg(long, value_name = "URL")]
+    token_url: Option<String>,
+    /// Device authorization endpoint (--device).
+    #[arg(long, value_name = "URL")]
+    device_url: Option<String>,
+    /// Scopes to ask for, separated by spaces or commas.
+    #[arg(long)]
+    scopes: Option<String>,
+    /// The OAuth app's client id [default: that of the connection being remade, or of the
+    /// operator's connection NAME for a --user connection].
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Read the OAuth app's client secret from standard input.
+    #[arg(long, conflicts_with = "client_secret_from")]
+    client_secret_stdin: bool,
+    /// Take the OAuth app's client secret from this stored (static) secret.
+    #[arg(long, value_name = "SECRET_NAME")]
+    client_secret_from: Option<String>,
+    /// Use the device authorization grant (RFC 8628): for hosts without a browser.
+    #[arg(long)]
+    device: bool,
+    /// Port of the one-shot redirect listener on 127.0.0.1 (0: any free port; register
+    /// http://127.0.0.1/callback with the provider, which must allow any loopback port).
+    #[arg(long, default_value_t = 0)]
+    redirect_port: u16,
+    /// Only print the URL; do not try to open a browser.
+    #[arg(long)]
+    no_browser: bool,
+    /// How long to wait for the authorisation.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Extra PEM file of roots trusted for the token endpoint's TLS (repeatable).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    upstream_ca: Vec<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnectionsCmd {
+    /// Name, provider, user, scopes, expiry and health of each connection; never a token.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
 }
 
 /// `latchkey run --help`: what the command's environment becomes.
@@ -211,6 +283,11 @@ struct ServeArgs {
     /// session: `refuse` the request, or also `revoke` the session (its token) at once.
     #[arg(long, value_enum, default_value_t = crate::tripwire::OnExfiltration::Refuse)]
     on_exfiltration: crate::tripwire::OnExfiltration,
+    /// The longest a request waits for its credential to mint a token (an OAuth refresh, a
+    /// GitHub App installation token) before it is answered 503 credential_unavailable; the
+    /// minting itself goes on in the background.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    credential_wait: Duration,
     /// Largest request body accepted on routes that set no max_body (e.g. 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
     max_body: u64,
@@ -619,6 +696,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Run(args) => run_agent(&dirs, &state, args).await,
+        Command::Connect(args) => connect(&dirs, *args).await,
+        Command::Connections(ConnectionsCmd::List { json, backend }) => {
+            connections_list(&dirs, &backend, json).await
+        }
         Command::ContainInner(args) => Ok(run::contain::inner(run::contain::InnerArgs {
             socket: args.socket,
             ready: args.ready,
@@ -791,6 +872,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     };
     cfg.verify_keys = args.verify_keys;
     cfg.on_exfiltration = args.on_exfiltration;
+    cfg.credential_wait = args.credential_wait;
     cfg.allow_private_upstreams = args.allow_private_upstreams;
     cfg.secrets = args.backend.config()?;
     cfg.redis = state.redis.clone().map(|url| RedisConfig {
@@ -798,6 +880,109 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         grace: state.redis_grace,
     });
     Ok(cfg)
+}
+
+async fn connect(dirs: &Dirs, args: ConnectArgs) -> Result<ExitCode> {
+    let store = args.backend.open(dirs)?;
+    let client_secret = if args.client_secret_stdin {
+        let mut line = zeroize::Zeroizing::new(String::new());
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("cannot read the client secret from standard input")?;
+        let trimmed = line.trim_end_matches(['\r', '\n']);
+        if trimmed.is_empty() {
+            bail!("--client-secret-stdin read an empty line");
+        }
+        Some(Secret::new(trimmed.as_bytes().to_vec()))
+    } else if let Some(name) = &args.client_secret_from {
+        let value = store
+            .get(name)
+            .await
+            .map_err(|e| anyhow!("cannot read secret {name}: {e}"))?
+            .ok_or_else(|| anyhow!("--client-secret-from {name}: no such secret"))?;
+        Some(Secret::new(value.expose().to_vec()))
+    } else {
+        None
+    };
+    let req = crate::connect::ConnectRequest {
+        name: args.name.clone(),
+        user: args.user.clone(),
+        provider: args.provider,
+        authorize_url: args.authorize_url,
+        token_url: args.token_url,
+        device_url: args.device_url,
+        scopes: args.scopes.map(|s| {
+            s.split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }),
+        client_id: args.client_id,
+        client_secret,
+        device: args.device,
+        redirect_port: args.redirect_port,
+        open_browser: !args.no_browser,
+        timeout: args.timeout,
+        extra_roots: args.upstream_ca,
+    };
+    let mut say = std::io::stderr();
+    let done = crate::connect::connect(req, &store, &mut say)
+        .await
+        .with_context(|| format!("cannot connect {}", args.name))?;
+    println!(
+        "connected {}{} (stored as {}); scopes: {}; access token expires: {}",
+        args.name,
+        args.user
+            .as_deref()
+            .map(|u| format!(" for user {u}"))
+            .unwrap_or_default(),
+        done.secret_name,
+        if done.scopes.is_empty() {
+            "-".to_owned()
+        } else {
+            done.scopes.join(" ")
+        },
+        done.expires_at.as_deref().unwrap_or("never"),
+    );
+    if !done.refreshable && done.expires_at.is_some() {
+        eprintln!("warning: the provider issued no refresh token; the connection stops working when the access token expires");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connections_list(dirs: &Dirs, backend: &BackendArgs, json: bool) -> Result<ExitCode> {
+    let store = backend.open(dirs)?;
+    let rows = crate::connect::list(&store).await?;
+    if json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        eprintln!("no connections stored in {}", store.describe());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<10} {:<12} {:<24} {:<26} HEALTH",
+        "NAME", "PROVIDER", "USER", "SCOPES", "EXPIRES"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<10} {:<12} {:<24} {:<26} {}",
+            r.name,
+            r.provider,
+            r.user.as_deref().unwrap_or("-"),
+            if r.scopes.is_empty() {
+                "-".to_owned()
+            } else {
+                r.scopes.join(" ")
+            },
+            r.expires_at.as_deref().unwrap_or("-"),
+            r.health
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn secret(dirs: &Dirs, args: SecretArgs) -> Result<ExitCode> {

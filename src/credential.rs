@@ -11,25 +11,35 @@
 //! [`Kind`] that builds it. Built credentials are cached per name and stored value, so the
 //! per-request cost of a static credential is one map lookup and an `Arc` clone.
 //!
+//! Kinds that mint (`oauth2`, `oauth2_client_credentials`: `oauth2`; `github_app`) share a
+//! [`Runtime`] (token endpoint client, secret backend, Redis, metrics, the request wait) and
+//! keep their tokens in memory across rebuilds. A `per_user` route resolves the connection of
+//! the token's `obo` user. `endpoint` is their HTTP client.
+//!
 //! This module must never put a secret value into an error, a log line, a span or an audit
 //! field: errors and audit details name the credential and say what went wrong.
 
+pub mod endpoint;
 mod fixed;
+pub mod github_app;
 pub mod hmac;
+pub mod oauth2;
 pub mod sigv4;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::auth::Claims;
-use crate::deny::Deny;
+use crate::deny::{Deny, Missing, MissingWhy};
 use crate::inject::{PreparedCache, Rewrite};
+use crate::metrics::Metrics;
 use crate::policy::Route;
 use crate::redact::Needles;
 use crate::secrets::typed::{self, Stored, TypedDoc};
@@ -138,7 +148,36 @@ pub enum KindError {
 }
 
 /// Kind names accepted by `secret set --kind` and in typed documents.
-pub const KNOWN_KINDS: &[&str] = &["static", "aws_sigv4", "hmac"];
+pub const KNOWN_KINDS: &[&str] = &[
+    "static",
+    "aws_sigv4",
+    "hmac",
+    oauth2::OAUTH2,
+    oauth2::CLIENT_CREDENTIALS,
+    github_app::GITHUB_APP,
+];
+
+/// What kinds that mint tokens need while serving: the client for token endpoints, the
+/// secret backend (to persist a rotated refresh token and read another replica's), Redis (one
+/// refresh at a time across replicas), the metrics, and how long a request may wait.
+pub struct Runtime {
+    /// Token endpoints (system roots plus `--upstream-ca`).
+    pub endpoints: Arc<endpoint::Endpoints>,
+    /// The configured secret backend.
+    pub secrets: Arc<Secrets>,
+    /// Shared state when `--redis` is given.
+    pub redis: Option<Arc<crate::redis::Redis>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The longest a request waits for a token to be minted before it is answered 503
+    /// `credential_unavailable` (the minting goes on in the background).
+    pub wait: Duration,
+}
+
+/// How long a request waits for a token by default.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// How long one token endpoint exchange may take (in the background).
+pub const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Builds credentials of one kind from their typed documents. A kind with shared state (an
 /// HTTP client for token endpoints, a Redis handle for refresh locks) holds it here.
@@ -151,21 +190,40 @@ pub trait Kind: Send + Sync + 'static {
 }
 
 /// The kinds latchkey knows, without any runtime state (for `secret set --kind` and
-/// `policy check`, which build credentials to validate them): a kind that needs to reach an
-/// endpoint (STS) answers `credential_unavailable` if one of these is ever applied.
+/// `policy check`, which build credentials to validate them): a kind that must reach an
+/// endpoint (a token endpoint, STS) answers `credential_unavailable` if one of these is ever
+/// applied.
 pub fn kinds() -> Vec<Box<dyn Kind>> {
     vec![
+        Box::new(oauth2::OAuth2Kind::new(oauth2::Grant::Refresh, None)),
+        Box::new(oauth2::OAuth2Kind::new(
+            oauth2::Grant::ClientCredentials,
+            None,
+        )),
+        Box::new(github_app::GithubAppKind::new(None)),
         Box::new(sigv4::SigV4Kind::new(None)),
         Box::new(hmac::HmacKind),
     ]
 }
 
-/// The kinds `serve` uses: those that call endpoints of their own (STS) do it through
-/// `transport`, the proxy's upstream client (its roots, `--resolve` pins and private-address
-/// guard).
-pub fn kinds_with(transport: Arc<dyn Transport>) -> Vec<Box<dyn Kind>> {
+/// The kinds latchkey serves with: those that mint tokens share `runtime`; those that call
+/// endpoints through the proxy's own upstream client (STS: its roots, `--resolve` pins and
+/// private-address guard) use `transport` (without one they answer `credential_unavailable`).
+pub fn serving_kinds(
+    runtime: Arc<Runtime>,
+    transport: Option<Arc<dyn Transport>>,
+) -> Vec<Box<dyn Kind>> {
     vec![
-        Box::new(sigv4::SigV4Kind::new(Some(transport))),
+        Box::new(oauth2::OAuth2Kind::new(
+            oauth2::Grant::Refresh,
+            Some(runtime.clone()),
+        )),
+        Box::new(oauth2::OAuth2Kind::new(
+            oauth2::Grant::ClientCredentials,
+            Some(runtime.clone()),
+        )),
+        Box::new(github_app::GithubAppKind::new(Some(runtime))),
+        Box::new(sigv4::SigV4Kind::new(transport)),
         Box::new(hmac::HmacKind),
     ]
 }
@@ -254,16 +312,41 @@ impl Credentials {
     /// route injects nothing. Waits on the secret backend at most for its bounded fetch.
     /// A missing credential, or a backend that cannot answer, is `SecretUnavailable`; a stored
     /// form that cannot be built is `CredentialUnavailable`.
+    ///
+    /// A `per_user` route resolves the connection of the token's `obo` user
+    /// ([`oauth2::connection_secret_name`]); a user without one is `ConnectionMissing`,
+    /// naming the command that makes it.
     pub async fn resolve(
         &self,
         route: &Route,
-        _claims: &Claims,
+        claims: &Claims,
     ) -> Result<Option<Arc<dyn Credential>>, Deny> {
-        let Some(name) = route.credential() else {
+        let Some(connection) = route.credential() else {
             return Ok(None);
+        };
+        let missing = |user: Option<&str>, why| {
+            Deny::ConnectionMissing(Missing {
+                connection: connection.to_owned(),
+                user: user.map(str::to_owned),
+                why,
+            })
+        };
+        let per_user;
+        let (name, user) = if route.per_user() {
+            let user = claims
+                .obo
+                .as_deref()
+                .ok_or_else(|| missing(None, MissingWhy::NoUser))?;
+            // A user name that cannot be part of a secret name cannot have connected.
+            per_user = oauth2::connection_secret_name(connection, Some(user))
+                .ok_or_else(|| missing(Some(user), MissingWhy::NeverConnected))?;
+            (per_user.as_str(), Some(user))
+        } else {
+            (connection, None)
         };
         let secret = match self.secrets.get(name).await {
             Ok(Some(secret)) => secret,
+            Ok(None) if user.is_some() => return Err(missing(user, MissingWhy::NeverConnected)),
             Ok(None) => return Err(Deny::SecretUnavailable(name.to_owned())),
             Err(e) => {
                 // Our fault, not the agent's: the operator gets the cause, the agent one phrase.

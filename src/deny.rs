@@ -84,6 +84,58 @@ impl std::fmt::Display for Leak {
     }
 }
 
+/// Which OAuth connection a request needed and why it cannot be used (`connection_missing`).
+/// Holds names only: the connection, the user, the cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    /// The connection (the route's credential name).
+    pub connection: String,
+    /// The delegating user on a `per_user` route.
+    pub user: Option<String>,
+    /// Why: never connected, or broken by the provider.
+    pub why: MissingWhy,
+}
+
+/// Why a connection cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingWhy {
+    /// No connection was ever made (nothing stored under its name).
+    NeverConnected,
+    /// The route acts per user and the token names no user (`obo`).
+    NoUser,
+    /// The provider refused the stored refresh token (`invalid_grant`): revoked, expired or
+    /// rotated away; only a new authorisation helps.
+    Broken,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.connection;
+        match (&self.why, &self.user) {
+            (MissingWhy::NoUser, _) => write!(
+                f,
+                "connection {c} is made per user and this token acts for no user; issue the                  token with --on-behalf-of USER, and that user runs: latchkey connect {c} --user USER"
+            ),
+            (MissingWhy::NeverConnected, Some(u)) => write!(
+                f,
+                "user {u} has not connected {c}; to connect, run: latchkey connect {c} --user {u}"
+            ),
+            (MissingWhy::NeverConnected, None) => write!(
+                f,
+                "{c} is not connected; to connect, run: latchkey connect {c}"
+            ),
+            (MissingWhy::Broken, Some(u)) => write!(
+                f,
+                "the connection {c} of user {u} was refused by its provider (invalid_grant);                  to reconnect, run: latchkey connect {c} --user {u}"
+            ),
+            (MissingWhy::Broken, None) => write!(
+                f,
+                "the connection {c} was refused by its provider (invalid_grant); to reconnect,                  run: latchkey connect {c}"
+            ),
+        }
+    }
+}
+
 /// A refusal. Each variant says when it fires; `status` and `code` are the only mapping to
 /// what the agent sees and what the audit log records.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -175,6 +227,13 @@ pub enum Deny {
     /// did not answer in time. The detail names the credential and the cause, never a value.
     #[error("credential {0}")]
     CredentialUnavailable(String),
+    /// The route acts with an OAuth connection that does not exist or no longer works: the
+    /// delegating user (or the operator) never ran `latchkey connect`, the token names no
+    /// user on a `per_user` route, or the provider refused the refresh token
+    /// (`invalid_grant`). The detail names the command that makes (or remakes) the
+    /// connection, never a token.
+    #[error("{0}")]
+    ConnectionMissing(Missing),
     /// Connecting to the upstream failed (refused, DNS, unreachable).
     #[error("the upstream could not be reached: {0}")]
     UpstreamUnreachable(String),
@@ -272,6 +331,7 @@ impl Deny {
             | Deny::UnknownRoute { .. }
             | Deny::GatewayWildcard { .. }
             | Deny::SecretInRequest(_)
+            | Deny::ConnectionMissing(_)
             | Deny::SigningScopeNotAllowed { .. } => StatusCode::FORBIDDEN,
             Deny::BadPath(_) | Deny::BadRequest(_) | Deny::CannotSign(_) => StatusCode::BAD_REQUEST,
             Deny::SecretUnavailable(_) | Deny::CredentialUnavailable(_) => {
@@ -315,6 +375,7 @@ impl Deny {
             Deny::BadRequest(_) => "bad_request",
             Deny::SecretUnavailable(_) => "secret_unavailable",
             Deny::CredentialUnavailable(_) => "credential_unavailable",
+            Deny::ConnectionMissing(_) => "connection_missing",
             Deny::UpstreamUnreachable(_) => "upstream_unreachable",
             Deny::UpstreamTls(_) => "upstream_tls",
             Deny::UpstreamTimeout => "upstream_timeout",
@@ -558,6 +619,11 @@ mod tests {
                 signed: "sqs/us-east-1".into(),
                 allowed: "s3/eu-west-1".into(),
             },
+            Deny::ConnectionMissing(Missing {
+                connection: "github".into(),
+                user: Some("alice".into()),
+                why: MissingWhy::NeverConnected,
+            }),
         ]
     }
 
@@ -618,6 +684,32 @@ mod tests {
         assert!(d.to_string().contains("stored credential billing"));
         let d = Deny::SecretInRequest(Leak::Format("github"));
         assert!(d.to_string().contains("github credential"));
+    }
+
+    #[test]
+    fn connection_missing_is_403_and_names_the_command() {
+        let d = Deny::ConnectionMissing(Missing {
+            connection: "github".into(),
+            user: Some("alice".into()),
+            why: MissingWhy::NeverConnected,
+        });
+        assert_eq!(d.status(), 403);
+        assert_eq!(d.code(), "connection_missing");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert!(d
+            .to_string()
+            .contains("latchkey connect github --user alice"));
+        let d = Deny::ConnectionMissing(Missing {
+            connection: "google".into(),
+            user: None,
+            why: MissingWhy::Broken,
+        });
+        let text = d.to_string();
+        assert!(text.contains("invalid_grant"), "{text}");
+        assert!(text.ends_with("latchkey connect google"), "{text}");
+        let v: serde_json::Value = serde_json::from_slice(d.to_response("r").body()).unwrap();
+        assert_eq!(v["reason"], "connection_missing");
+        assert_eq!(v["error"], "denied");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod authority;
 pub mod cli;
+pub mod connect;
 pub mod credential;
 pub mod deny;
 pub mod fsutil;

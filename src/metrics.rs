@@ -30,6 +30,9 @@ pub struct Metrics {
     rate_fallbacks: AtomicU64,
     /// Requests the exfiltration tripwire refused, by agent and kind (`stored` or a format).
     exfiltrations: DashMap<(String, &'static str), AtomicU64>,
+    /// Token lifecycle events of minting credentials, by credential name and event
+    /// (`refreshed`, `adopted`, `refresh_failed`, `broken`).
+    credential_events: DashMap<(String, &'static str), AtomicU64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -124,6 +127,22 @@ impl Metrics {
             .entry((agent.to_owned(), kind))
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a token lifecycle event of a minting credential (`refreshed`: this replica got a
+    /// new token; `adopted`: another replica's; `refresh_failed`; `broken`: `invalid_grant`).
+    pub fn record_credential_event(&self, credential: &str, event: &'static str) {
+        self.credential_events
+            .entry((credential.to_owned(), event))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count of one credential event (tests, `connections list`).
+    pub fn credential_events(&self, credential: &str, event: &'static str) -> u64 {
+        self.credential_events
+            .get(&(credential.to_owned(), event))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Count a rate-limit decision made locally because Redis failed.
@@ -229,6 +248,21 @@ impl Metrics {
                 out,
                 "latchkey_exfiltration_attempts_total{{agent=\"{}\",kind=\"{kind}\"}} {v}",
                 escape(&agent)
+            );
+        }
+        out.push_str("# HELP latchkey_credential_events_total Token lifecycle events of minting credentials (refreshed, adopted from another replica, refresh_failed, broken by invalid_grant), by credential.\n");
+        out.push_str("# TYPE latchkey_credential_events_total counter\n");
+        let mut rows: Vec<((String, &'static str), u64)> = self
+            .credential_events
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for ((credential, event), v) in rows {
+            let _ = writeln!(
+                out,
+                "latchkey_credential_events_total{{credential=\"{}\",event=\"{event}\"}} {v}",
+                escape(&credential)
             );
         }
         scalar(

@@ -171,9 +171,11 @@ impl Policies {
     }
 
     /// Warnings for credentials the store does not hold (policy check).
+    /// A `per_user` route's credential is made by each user (`latchkey connect NAME --user
+    /// U`), so it is not looked for under its bare name.
     pub fn missing_credentials(&self, known: &dyn Fn(&str) -> bool) -> Vec<Diagnostic> {
         self.credential_diagnostics(&|name, route| {
-            (!known(name)).then(|| {
+            (!route.per_user() && !known(name)).then(|| {
                 (
                     Severity::Warning,
                     format!(

@@ -198,6 +198,21 @@ impl Secrets {
         }
     }
 
+    /// The value of `name` as the backend holds it now: the file store re-reads a changed
+    /// file (as `get` does), OpenBao is asked directly, past the cache (bounded by its own
+    /// timeout), and the cache is dropped so the next `get` sees the same. For the rare reads
+    /// that must see another replica's write (a refreshed OAuth token).
+    pub async fn get_fresh(&self, name: &str) -> Result<Option<Arc<Secret>>, BackendError> {
+        match self {
+            Secrets::File(store) => SecretStore::get(store, name).map_err(BackendError::File),
+            Secrets::OpenBao(cache) => {
+                let value = SecretBackend::get(cache.backend(), name).await?;
+                cache.invalidate(name).await;
+                Ok(value)
+            }
+        }
+    }
+
     /// Sets `name` to `value` in the backend (and drops this process's cached copy).
     pub async fn set(&self, name: &str, value: Secret) -> Result<(), BackendError> {
         match self {

@@ -216,6 +216,9 @@ fn split_segment(r: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// GitHub App permissions of a route: (name, level) pairs sorted by name.
+pub type Permissions = Box<[(Box<str>, Box<str>)]>;
+
 /// One compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -234,6 +237,8 @@ pub struct Route {
     pub(crate) timeout: Option<std::time::Duration>,
     pub(crate) idle_timeout: Option<std::time::Duration>,
     pub(crate) signing: Signing,
+    pub(crate) per_user: bool,
+    pub(crate) permissions: Option<Permissions>,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -283,6 +288,18 @@ impl Route {
     /// `scan_request = false` turns it off, for bulk uploads).
     pub fn scan_request(&self) -> bool {
         self.scan_request
+    }
+
+    /// Whether the credential is the delegating user's own connection (`per_user = true`):
+    /// resolved from the token's `obo` claim.
+    pub fn per_user(&self) -> bool {
+        self.per_user
+    }
+
+    /// Explicit GitHub App permissions (`permissions = { issues = "read" }`), sorted by
+    /// name, when the route gives them.
+    pub fn permissions(&self) -> Option<&[(Box<str>, Box<str>)]> {
+        self.permissions.as_deref()
     }
 
     /// What a signing credential kind (`aws_sigv4`) may sign on this route: the service,

@@ -109,6 +109,10 @@ struct RawRoute {
     region: Option<Spanned<String>>,
     /// Explicit IAM actions for a role assumed for this route.
     actions: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The credential is a connection made per delegating user (the token's `obo`).
+    per_user: Option<Spanned<bool>>,
+    /// GitHub App permissions for the installation tokens minted for this route.
+    permissions: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
 }
 
 /// The longest `timeout` or `idle_timeout` a route may set: past a day a "timeout" is a
@@ -452,6 +456,60 @@ fn compile_route(
     };
 
     let signing = compile_signing(cx, i, r);
+    let per_user = r.per_user.as_ref().is_some_and(|b| *b.get_ref());
+    if let (Some(b), None) = (&r.per_user, &r.credential) {
+        if *b.get_ref() {
+            cx.error(
+                b.span(),
+                f("per_user"),
+                "`per_user` needs a `credential` naming the connection users make",
+            );
+        }
+    }
+    let permissions = r.permissions.as_ref().and_then(|p| {
+        if r.credential.is_none() {
+            cx.error(
+                p.span(),
+                f("permissions"),
+                "`permissions` needs a `credential` (a github_app) to mint tokens with",
+            );
+            return None;
+        }
+        if p.get_ref().is_empty() {
+            cx.error(
+                p.span(),
+                f("permissions"),
+                "must name at least one permission, e.g. { issues = \"read\" }",
+            );
+            return None;
+        }
+        let mut out = Vec::new();
+        for (name, level) in p.get_ref() {
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !name_ok {
+                cx.error(
+                    p.span(),
+                    f(&format!("permissions.{name}")),
+                    format!("{name:?} is not a permission name (lowercase letters, digits, '_')"),
+                );
+            }
+            if !matches!(level.get_ref().as_str(), "read" | "write" | "admin") {
+                cx.error(
+                    level.span(),
+                    f(&format!("permissions.{name}")),
+                    format!(
+                        "{:?} is not a permission level (read, write or admin)",
+                        level.get_ref()
+                    ),
+                );
+            }
+            out.push((name.as_str().into(), level.get_ref().as_str().into()));
+        }
+        Some(out.into_boxed_slice())
+    });
 
     if cx.diags.len() > before {
         return None;
@@ -473,6 +531,8 @@ fn compile_route(
         timeout,
         idle_timeout,
         signing,
+        per_user,
+        permissions,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

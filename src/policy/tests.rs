@@ -1285,3 +1285,57 @@ fn bad_route_timeouts_are_refused_with_their_field() {
         );
     }
 }
+
+const CREDENTIALED: &str =
+    "credential = \"github\"\ninject = { header = \"authorization\", value = \"Bearer {secret}\" }";
+
+#[test]
+fn per_user_and_permissions_load_and_default_off() {
+    let p = load(&route_with(&format!("{BASE}\n{CREDENTIALED}")));
+    assert!(!p.routes()[0].per_user());
+    assert!(p.routes()[0].permissions().is_none());
+    let p = load(&route_with(&format!(
+        "{BASE}\n{CREDENTIALED}\nper_user = true\npermissions = {{ issues = \"read\", contents = \"write\" }}"
+    )));
+    assert!(p.routes()[0].per_user());
+    let perms: Vec<(&str, &str)> = p.routes()[0]
+        .permissions()
+        .unwrap()
+        .iter()
+        .map(|(n, l)| (&**n, &**l))
+        .collect();
+    assert_eq!(perms, [("contents", "write"), ("issues", "read")]);
+}
+
+#[test]
+fn per_user_and_permissions_without_a_credential_or_with_bad_levels_are_refused() {
+    assert_refused(
+        &route_with(&format!("{BASE}\nper_user = true")),
+        "routes[0].per_user",
+        "needs a `credential`",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\npermissions = {{ issues = \"read\" }}")),
+        "routes[0].permissions",
+        "needs a `credential`",
+    );
+    assert_refused(
+        &route_with(&format!(
+            "{BASE}\n{CREDENTIALED}\npermissions = {{ issues = \"everything\" }}"
+        )),
+        "routes[0].permissions.issues",
+        "read, write or admin",
+    );
+    assert_refused(
+        &route_with(&format!("{BASE}\n{CREDENTIALED}\npermissions = {{}}")),
+        "routes[0].permissions",
+        "at least one",
+    );
+    assert_refused(
+        &route_with(&format!(
+            "{BASE}\n{CREDENTIALED}\npermissions = {{ \"Issues!\" = \"read\" }}"
+        )),
+        "routes[0].permissions.Issues!",
+        "not a permission name",
+    );
+}

@@ -16,6 +16,7 @@ mod grpc;
 mod keys;
 mod limits;
 mod longcalls;
+mod oauth;
 mod openbao;
 mod operate;
 mod proxy;

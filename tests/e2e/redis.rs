@@ -11,13 +11,13 @@ use std::time::Duration;
 use crate::common::*;
 
 /// A `redis-server` on a free loopback port, with no persistence, killed on drop.
-struct RedisServer {
+pub struct RedisServer {
     child: Option<Child>,
     port: u16,
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub fn start() -> RedisServer {
         RedisServer::start_on(dead_port())
     }
 
@@ -39,7 +39,7 @@ impl RedisServer {
         server
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
