@@ -75,6 +75,29 @@ pub struct ServeConfig {
     pub redis: Option<RedisConfig>,
     /// What a request caught carrying a credential costs its session.
     pub on_exfiltration: crate::tripwire::OnExfiltration,
+    /// Human approvals: how long a request is held, how many per agent, who hears of them.
+    pub approval: ApprovalConfig,
+}
+
+/// `--approval-timeout`, `--approval-queue`, `--approval-webhook`.
+#[derive(Debug, Clone)]
+pub struct ApprovalConfig {
+    /// Longest a request waits for a person's decision before 403 approval_timeout.
+    pub timeout: Duration,
+    /// Most requests one agent may have held at once (the excess: 429 approval_queue_full).
+    pub queue: usize,
+    /// Where each pending approval is announced (JSON POST), if anywhere.
+    pub webhook: Option<String>,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> ApprovalConfig {
+        ApprovalConfig {
+            timeout: Duration::from_secs(300),
+            queue: 16,
+            webhook: None,
+        }
+    }
 }
 
 /// `--redis` and its grace period.
@@ -107,6 +130,7 @@ impl ServeConfig {
             secrets: BackendConfig::File,
             redis: None,
             on_exfiltration: Default::default(),
+            approval: ApprovalConfig::default(),
         }
     }
 
@@ -345,6 +369,35 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
     let (audit, audit_writer) = AuditSink::open_rotating(&audit_path, Some(cfg.audit_rotation))
         .await
         .doing(|| format!("cannot open the audit log {}", audit_path.display()))?;
+    let recorder = Arc::new(Recorder::new(
+        audit,
+        metrics.clone(),
+        cfg.replica_id.clone(),
+    ));
+    if cfg.approval.queue == 0 {
+        return Err(StartError {
+            what: "--approval-queue must be at least 1".into(),
+            source: None,
+        });
+    }
+    let webhook = match &cfg.approval.webhook {
+        Some(url) => Some(Arc::new(
+            crate::approval::notify::Webhook::try_new(url)
+                .doing(|| "cannot use the approval webhook".to_owned())?,
+        )),
+        None => None,
+    };
+    let holds = Arc::new(crate::approval::Holds::new(
+        Arc::new(crate::approval::Store::new(
+            &cfg.state_dir,
+            shared_state.clone(),
+        )),
+        recorder.clone(),
+        webhook,
+        cfg.approval.timeout,
+        cfg.approval.queue,
+        cfg.replica_id.clone(),
+    ));
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),
         keys,
@@ -352,11 +405,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         secrets,
         leaves,
         upstream,
-        recorder: Arc::new(Recorder::new(
-            audit,
-            metrics.clone(),
-            cfg.replica_id.clone(),
-        )),
+        recorder,
         limits: cfg.limits.clone(),
         policies_dir: cfg.policies.clone(),
         metrics,
@@ -366,6 +415,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         tripwire: ArcSwap::from_pointee(tripwire),
         on_exfiltration: cfg.on_exfiltration,
         redis: shared_state.clone(),
+        holds: holds.clone(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -409,6 +459,12 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
                 drain.stopped(),
             )
             .await
+        }));
+    }
+    {
+        let mut drain = drain.clone();
+        tasks.push(tokio::spawn(async move {
+            holds.watch(async move { drain.stopped().await }).await
         }));
     }
     if let Some(l) = admin_listener {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use matcher::{AgentPolicy, Allowed, Grant, Inject, Route, Scheme};
+pub use matcher::{AgentPolicy, Allowed, Approval, Grant, Inject, Route, Scheme};
 pub use parse::{Diagnostic, Severity};
 pub use path::normalize;
 

@@ -4,6 +4,7 @@
 //! upstream's compression where redaction must read the body); `forward` the upstream client.
 
 pub mod admin;
+pub mod approve;
 pub mod body;
 pub mod decode;
 pub mod forward;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub on_exfiltration: crate::tripwire::OnExfiltration,
     /// The shared state, when `--redis` is given (to publish a revocation).
     pub redis: Option<Arc<crate::redis::Redis>>,
+    /// Requests held for a person's approval, and the store of approvals.
+    pub holds: Arc<crate::approval::Holds>,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.

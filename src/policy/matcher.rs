@@ -202,6 +202,18 @@ fn split_segment(r: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// The human decision a route needs (`approval = ...` in the policy file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Approval {
+    /// None: a valid token is enough.
+    #[default]
+    None,
+    /// A token for the route exists only after a person approved the session grant.
+    Session,
+    /// Each matching request is held until a person approves that exact request.
+    Request,
+}
+
 /// One compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -217,6 +229,7 @@ pub struct Route {
     pub(crate) max_body: Option<u64>,
     pub(crate) rate: Option<crate::ratelimit::Rate>,
     pub(crate) scan_request: bool,
+    pub(crate) approval: Approval,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -256,6 +269,12 @@ impl Route {
     /// `scan_request = false` turns it off, for bulk uploads).
     pub fn scan_request(&self) -> bool {
         self.scan_request
+    }
+
+    /// Which human decision the route needs: none, an approved session (grant), or each
+    /// request approved.
+    pub fn approval(&self) -> Approval {
+        self.approval
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

@@ -15,7 +15,9 @@ use http::{HeaderName, Method};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::matcher::{AgentPolicy, HostPattern, Inject, PathPattern, PortSpec, Route, Seg};
+use super::matcher::{
+    AgentPolicy, Approval, HostPattern, Inject, PathPattern, PortSpec, Route, Seg,
+};
 use super::path::normalize;
 use crate::authority::parse_host_port;
 use crate::ratelimit::{parse_rate, Rate};
@@ -79,6 +81,8 @@ struct RawPolicy {
     max_ttl: Option<Spanned<String>>,
     /// Default request rate for every route that sets none, e.g. "120/min".
     rate: Option<Spanned<String>>,
+    /// `"session"`: every route's tokens exist only after a human approved the grant.
+    approval: Option<Spanned<String>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -96,6 +100,8 @@ struct RawRoute {
     max_body: Option<Spanned<RawSize>>,
     rate: Option<Spanned<String>>,
     scan_request: Option<Spanned<bool>>,
+    /// `"session"` or `"request"` (human in the loop).
+    approval: Option<Spanned<String>>,
 }
 
 /// A size: a number of bytes, or a string like "10MiB", "512KiB", "1GB".
@@ -254,6 +260,31 @@ impl AgentPolicy {
                 }
             });
 
+        let default_approval = match &raw.approval {
+            None => Approval::None,
+            Some(a) => match a.get_ref().as_str() {
+                "session" => Approval::Session,
+                "none" => Approval::None,
+                "request" => {
+                    cx.error(
+                        a.span(),
+                        "approval",
+                        "\"request\" is set per route (each held request names one route); \
+                         the agent level takes \"session\" or \"none\"",
+                    );
+                    Approval::None
+                }
+                other => {
+                    cx.error(
+                        a.span(),
+                        "approval",
+                        format!("{other:?} is not an approval kind: use \"session\" or \"none\""),
+                    );
+                    Approval::None
+                }
+            },
+        };
+
         let mut routes = Vec::with_capacity(raw.routes.len());
         let mut seen_ids: HashMap<&str, (usize, usize)> = HashMap::new();
         for (i, raw_route) in raw.routes.iter().enumerate() {
@@ -270,7 +301,7 @@ impl AgentPolicy {
                 seen_ids.insert(id, (i, id_line));
             }
             let line = cx.lines.line(raw_route.span().start);
-            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate) {
+            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate, default_approval) {
                 routes.push(Arc::new(route));
             }
         }
@@ -296,6 +327,7 @@ fn compile_route(
     line: usize,
     r: &RawRoute,
     default_rate: Option<Rate>,
+    default_approval: Approval,
 ) -> Option<Route> {
     let before = cx.diags.len();
     let f = |name: &str| format!("routes[{i}].{name}");
@@ -409,6 +441,25 @@ fn compile_route(
         None => default_rate,
     };
 
+    let approval = match &r.approval {
+        None => default_approval,
+        Some(a) => match a.get_ref().as_str() {
+            "none" => Approval::None,
+            "session" => Approval::Session,
+            "request" => Approval::Request,
+            other => {
+                cx.error(
+                    a.span(),
+                    f("approval"),
+                    format!(
+                        "{other:?} is not an approval kind: use \"session\", \"request\" or \"none\""
+                    ),
+                );
+                Approval::None
+            }
+        },
+    };
+
     if cx.diags.len() > before {
         return None;
     }
@@ -426,6 +477,7 @@ fn compile_route(
         max_body,
         rate,
         scan_request: r.scan_request.as_ref().is_none_or(|b| *b.get_ref()),
+        approval,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

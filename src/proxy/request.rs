@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! open record -> (proxy level: head size, target, token) | (tunnel: token still live, bound authority)
-//!   -> decide (normalised path, policy) -> admit (rate, announced size) -> credential
+//!   -> decide (normalised path, policy) -> admit (rate, announced size)
+//!   -> approval (held until a person decides, on `approval = "request"` routes) -> credential
 //!   -> tripwire (the agent's head; its body as it streams) -> inject
 //!   -> upstream -> respond (the one place a request is refused or answered)
 //! ```
@@ -18,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
@@ -240,6 +241,7 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, Deny> {
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
+    let approved_body = super::approve::gate(shared, ctx, &allowed, &parts, body, limit).await?;
     let secret = inject::credential(&allowed, &shared.secrets).await?;
     // SECURITY: the exfiltration tripwire, on the agent's head as it sent it (before `apply`
     // strips or injects anything, so latchkey's own credential is never flagged). A format is
@@ -266,7 +268,11 @@ pub async fn forward(
         allowed: &allowed,
     };
     let injected = inject::apply(&mut parts, &rewrite, secret, &shared.prepared)?;
-    let agent_body = body.take().expect("the agent's body is taken once, here");
+    // SECURITY: an approved request sends exactly the bytes that were approved.
+    let agent_body = match approved_body {
+        Some(bytes) => Either::Right(Full::new(bytes)),
+        None => Either::Left(body.take().expect("the agent's body is taken once, here")),
+    };
     let (limited, up_state) = LimitedBody::new(
         agent_body,
         limit,
