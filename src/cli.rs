@@ -900,7 +900,10 @@ async fn issue_token(
     let asked: Vec<&Arc<crate::policy::Route>> = if args.routes.is_empty() {
         policy.routes().iter().collect()
     } else {
-        args.routes.iter().filter_map(|id| policy.route(id)).collect()
+        args.routes
+            .iter()
+            .filter_map(|id| policy.route(id))
+            .collect()
     };
     let (routes, ttl) = if asked
         .iter()
@@ -1035,7 +1038,10 @@ async fn approvals(dirs: &Dirs, state: &StateArgs, cmd: ApprovalsCmd) -> Result<
                         r.method,
                         r.host,
                         r.path,
-                        r.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default(),
+                        r.query
+                            .as_deref()
+                            .map(|q| format!("?{q}"))
+                            .unwrap_or_default(),
                         r.body_bytes,
                         &r.body_sha256[..16.min(r.body_sha256.len())]
                     ),

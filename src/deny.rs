@@ -220,7 +220,9 @@ pub enum Deny {
     ApprovalTimeout(u64),
     /// The agent already has `--approval-queue` requests held for approval; the excess is
     /// refused at once instead of piling up.
-    #[error("this agent already has {0} requests waiting for approval; retry once they are decided")]
+    #[error(
+        "this agent already has {0} requests waiting for approval; retry once they are decided"
+    )]
     ApprovalQueueFull(usize),
 }
 
@@ -514,7 +516,10 @@ mod tests {
         assert_eq!(d.code(), "approval_timeout");
         assert_eq!(d.fault(), Fault::Agent);
         assert!(d.to_string().contains("60 s"));
-        assert!(!d.to_response("r").headers().contains_key(header::RETRY_AFTER));
+        assert!(!d
+            .to_response("r")
+            .headers()
+            .contains_key(header::RETRY_AFTER));
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub fn admin_token(
 
 /// The admin token if one was made (`latchkey admin token`).
 pub fn read_admin_token(state_dir: &Path) -> Option<zeroize::Zeroizing<String>> {
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(state_dir.join(ADMIN_TOKEN_FILE)).ok()?);
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(state_dir.join(ADMIN_TOKEN_FILE)).ok()?);
     let t = text.trim();
     (!t.is_empty()).then(|| zeroize::Zeroizing::new(t.to_owned()))
 }

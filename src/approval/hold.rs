@@ -73,9 +73,7 @@ struct HoldGuard {
 impl HoldGuard {
     /// The hold ended normally: nothing left for `Drop` to do.
     fn disarm(&mut self) -> Pending {
-        self.pending
-            .take()
-            .expect("a hold guard is disarmed once")
+        self.pending.take().expect("a hold guard is disarmed once")
     }
 }
 
@@ -191,8 +189,7 @@ impl Holds {
             self.store.remove(&id).await;
             return Err(e);
         }
-        self.recorder
-            .note(audit_event(&p, Step::Requested, None));
+        self.recorder.note(audit_event(&p, Step::Requested, None));
         if let Some(n) = &self.notify {
             n.announce(&p);
         }
@@ -275,8 +272,7 @@ impl Holds {
         let now = crate::auth::unix_now();
         for (p, d) in list {
             if self.store.claim(&p.id, Step::Requested).await {
-                self.recorder
-                    .note(audit_event(&p, Step::Requested, None));
+                self.recorder.note(audit_event(&p, Step::Requested, None));
                 if let Some(n) = &self.notify {
                     n.announce(&p);
                 }

@@ -108,7 +108,11 @@ pub fn payload(p: &Pending) -> serde_json::Value {
     let expires = chrono::DateTime::from_timestamp(p.expires as i64, 0)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default();
-    let task = p.task.as_deref().map(|t| format!(" (task: {t})")).unwrap_or_default();
+    let task = p
+        .task
+        .as_deref()
+        .map(|t| format!(" (task: {t})"))
+        .unwrap_or_default();
     let command = format!("latchkey approvals approve {}", p.id);
     match (&p.request, &p.grant) {
         (Some(r), _) => serde_json::json!({

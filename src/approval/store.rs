@@ -187,7 +187,10 @@ impl Store {
             }
         }
         if let (Some(r), false) = (&self.redis, rest.is_empty()) {
-            let keys: Vec<String> = rest.iter().map(|id| format!("{KEY_DECISION}{id}")).collect();
+            let keys: Vec<String> = rest
+                .iter()
+                .map(|id| format!("{KEY_DECISION}{id}"))
+                .collect();
             match r
                 .query::<Vec<Option<Vec<u8>>>>(::redis::cmd("MGET").arg(&keys))
                 .await
@@ -198,7 +201,9 @@ impl Store {
                         .flatten()
                         .filter_map(|b| serde_json::from_slice(&b).ok()),
                 ),
-                Err(e) => tracing::warn!(error = %e, "cannot read approval decisions from the shared state"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read approval decisions from the shared state")
+                }
             }
         }
         found
@@ -387,8 +392,9 @@ impl Store {
                         Step::Denied,
                         Step::TimedOut,
                     ] {
-                        let _ =
-                            std::fs::remove_file(self.dir.join(format!("{id}.{}.audited", step.as_str())));
+                        let _ = std::fs::remove_file(
+                            self.dir.join(format!("{id}.{}.audited", step.as_str())),
+                        );
                     }
                 }
             }

@@ -226,8 +226,7 @@ mod tests {
         let mut chain = Chain::genesis();
         let mut out = Vec::new();
         chain.append(&e, &mut out);
-        let obj: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&out).unwrap();
+        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out).unwrap();
         let check = check_line(&obj).unwrap();
         assert_eq!(check.hash, check.recomputed);
         assert_eq!(obj["approver"], "alice");
@@ -240,7 +239,10 @@ mod tests {
         let mut out = Vec::new();
         chain.append(&event(2), &mut out);
         let text = String::from_utf8(out).unwrap();
-        assert!(!text.contains("approv") && !text.contains("\"kind\""), "{text}");
+        assert!(
+            !text.contains("approv") && !text.contains("\"kind\""),
+            "{text}"
+        );
     }
 
     #[test]

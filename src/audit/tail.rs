@@ -144,7 +144,13 @@ fn format_approval(e: &AuditEvent, colour: bool) -> String {
     if e.method == "GRANT" {
         s.push_str(" session grant");
     } else {
-        let _ = write!(s, " {} {}{}", clean(&e.method), clean(&e.host), clean(&e.path));
+        let _ = write!(
+            s,
+            " {} {}{}",
+            clean(&e.method),
+            clean(&e.host),
+            clean(&e.path)
+        );
     }
     let _ = write!(
         s,

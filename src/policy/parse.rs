@@ -301,7 +301,8 @@ impl AgentPolicy {
                 seen_ids.insert(id, (i, id_line));
             }
             let line = cx.lines.line(raw_route.span().start);
-            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate, default_approval) {
+            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate, default_approval)
+            {
                 routes.push(Arc::new(route));
             }
         }

@@ -8,6 +8,7 @@
 mod common;
 
 mod adversarial;
+mod approval;
 mod cli;
 mod keys;
 mod limits;

@@ -11,13 +11,13 @@ use std::time::Duration;
 use crate::common::*;
 
 /// A `redis-server` on a free loopback port, with no persistence, killed on drop.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         RedisServer::start_on(dead_port())
     }
 
@@ -39,7 +39,7 @@ impl RedisServer {
         server
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -77,7 +77,7 @@ impl Drop for RedisServer {
 }
 
 /// A copy of `home`'s state dir (signing key, secrets) for a second replica.
-fn clone_state(home: &Home, name: &str) -> PathBuf {
+pub(crate) fn clone_state(home: &Home, name: &str) -> PathBuf {
     let to = home.path().join(name);
     let ok = Command::new("cp")
         .arg("-a")
