@@ -77,6 +77,10 @@ pub struct ServeConfig {
     pub on_exfiltration: crate::tripwire::OnExfiltration,
     /// Human approvals: how long a request is held, how many per agent, who hears of them.
     pub approval: ApprovalConfig,
+    /// A listener for the dashboard alone (besides the admin listener's `/ui/`).
+    pub ui_listen: Option<SocketAddr>,
+    /// Mark the dashboard's cookies `Secure` (it is served over TLS by a front proxy).
+    pub ui_secure_cookie: bool,
 }
 
 /// `--approval-timeout`, `--approval-queue`, `--approval-webhook`.
@@ -131,6 +135,8 @@ impl ServeConfig {
             redis: None,
             on_exfiltration: Default::default(),
             approval: ApprovalConfig::default(),
+            ui_listen: None,
+            ui_secure_cookie: false,
         }
     }
 
@@ -189,6 +195,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The admin address actually bound, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// The dashboard's own address (`--ui-listen`), if given.
+    pub ui_addr: Option<SocketAddr>,
     /// Whether audit lines go to standard output (`--audit-log -`).
     pub audit_to_stdout: bool,
     /// The CA certificate, when this start created the CA (give it to agents).
@@ -416,6 +424,11 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         on_exfiltration: cfg.on_exfiltration,
         redis: shared_state.clone(),
         holds: holds.clone(),
+        ui: Arc::new(crate::ui::Dashboard::new(
+            &cfg.state_dir,
+            &audit_path,
+            cfg.ui_secure_cookie,
+        )),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -432,6 +445,15 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let ui_listener = match cfg.ui_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .doing(|| format!("cannot listen on {a} for the dashboard"))?,
+        ),
+        None => None,
+    };
+    let ui_addr = ui_listener.as_ref().and_then(|l| l.local_addr().ok());
     // `latchkey run` finds the proxy through this file.
     let addr_file = cfg.state_dir.join("proxy.addr");
     fsutil::ensure_private_dir(&cfg.state_dir)
@@ -468,12 +490,26 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         }));
     }
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            shared.clone(),
+            drain.clone(),
+            admin::Serves::Admin,
+        )));
+    }
+    if let Some(l) = ui_listener {
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            shared.clone(),
+            drain.clone(),
+            admin::Serves::UiOnly,
+        )));
     }
     tasks.push(tokio::spawn(server::serve(listener, shared.clone(), drain)));
     Ok(Running {
         addr,
         admin_addr,
+        ui_addr,
         audit_to_stdout,
         created_ca: created.then(|| cfg.certs.join("ca.crt")),
         shared,

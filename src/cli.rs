@@ -14,9 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{self, RedisConfig, ServeConfig};
 use crate::audit;
 use crate::auth::{self, Revocations, TokenKeys, TokenSpec};
-use crate::authority::Authority;
 use crate::fsutil;
-use crate::policy::{path, Grant, Policies, Scheme, Severity};
+use crate::policy::{Policies, Severity};
 use crate::proxy::{Limits, ResolvePin};
 use crate::redis::Redis;
 use crate::secrets::{BackendConfig, OpenBaoAuth, OpenBaoConfig, Secret, Secrets};
@@ -233,7 +232,8 @@ struct ServeArgs {
     /// fitted like --max-connections].
     #[arg(long)]
     max_upstream_connections: Option<usize>,
-    /// Address of the admin listener (/healthz, /metrics); `off` disables it.
+    /// Address of the admin listener (/healthz, /metrics, the dashboard under /ui/); `off`
+    /// disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
     /// How long the upstream may take to send its response head.
@@ -259,6 +259,12 @@ struct ServeArgs {
     /// `text` field; never a body, header, secret or token).
     #[arg(long, value_name = "URL")]
     approval_webhook: Option<String>,
+    /// Also serve the dashboard (/ui/, nothing else) on this address.
+    #[arg(long, value_name = "ADDR")]
+    ui_listen: Option<SocketAddr>,
+    /// Mark the dashboard's cookies Secure: set it when a TLS front proxy serves /ui/.
+    #[arg(long)]
+    ui_secure_cookie: bool,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -720,6 +726,9 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
     if let Some(a) = running.admin_addr {
         announce(format!("latchkey admin on {a}"));
     }
+    if let Some(a) = running.ui_addr {
+        announce(format!("latchkey dashboard on http://{a}/ui/"));
+    }
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
@@ -785,6 +794,8 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         queue: args.approval_queue,
         webhook: args.approval_webhook,
     };
+    cfg.ui_listen = args.ui_listen;
+    cfg.ui_secure_cookie = args.ui_secure_cookie;
     cfg.allow_private_upstreams = args.allow_private_upstreams;
     cfg.secrets = args.backend.config()?;
     cfg.redis = state.redis.clone().map(|url| RedisConfig {
@@ -1456,44 +1467,12 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
 
 fn policy_explain(dirs: &Dirs, agent: &str, method: &str, url: &str) -> Result<ExitCode> {
     let policies = app::load_policies(&dirs.policies)?;
-    let policy = policies
-        .get(agent)
-        .ok_or_else(|| anyhow!("no policy for agent {agent:?}"))?;
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("{url:?} is not a URL"))?;
-    let scheme = match uri.scheme_str() {
-        Some("https") => Scheme::Https,
-        Some("http") => Scheme::Http,
-        _ => bail!("{url:?} must start with https:// or http://"),
-    };
-    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-    let authority = Authority::parse(
-        uri.authority().map(|a| a.as_str()).unwrap_or(""),
-        Some(default_port),
-    )?;
-    let method = http::Method::from_bytes(method.as_bytes())
-        .map_err(|_| anyhow!("{method:?} is not an HTTP method"))?;
-    let normalized = match path::normalize(uri.path()) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("deny: bad_path: {e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    match policy.decide(scheme, &authority, &method, &normalized, Grant(None)) {
-        Ok(allowed) => {
-            let route = allowed.route();
-            println!(
-                "allow: route {} (credential {}) for {method} {authority}{normalized}",
-                route.id(),
-                route.credential().unwrap_or("none")
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(deny) => {
-            println!("deny: {}: {deny}", deny.code());
-            Ok(ExitCode::from(1))
-        }
-    }
+    let explained =
+        crate::policy::explain(&policies, agent, method, url).map_err(|e| anyhow!(e))?;
+    println!("{}", explained.text);
+    Ok(if explained.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

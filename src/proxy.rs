@@ -66,6 +66,8 @@ pub struct Shared {
     pub redis: Option<Arc<crate::redis::Redis>>,
     /// Requests held for a person's approval, and the store of approvals.
     pub holds: Arc<crate::approval::Holds>,
+    /// The dashboard (served by the admin listener and `--ui-listen`).
+    pub ui: Arc<crate::ui::Dashboard>,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.
