@@ -11,7 +11,8 @@
 //! - Every POST needs the session's CSRF token (a hidden field), and an `Origin`, when sent,
 //!   must be this host: a cross-site form post is refused twice over.
 //! - Strict CSP: `default-src 'none'`, scripts and styles only from `/ui/static/`, no inline
-//!   script, no framing; `nosniff`, `no-referrer`, `no-store` on every answer.
+//!   script, no framing; `nosniff`, `Referrer-Policy: same-origin` (so browsers send a real
+//!   `Origin` on our own posts and nothing to other sites), `no-store` on every answer.
 //! - Templates autoescape; the script writes only `textContent`. No secret or token is ever
 //!   rendered: pages show names, ids, digests and what approvers see of held requests
 //!   (credential headers already `[redacted]`, see `proxy::approve`).
@@ -173,8 +174,9 @@ impl Dashboard {
     pub fn new(state_dir: &Path, audit_path: &Path, secure_cookie: bool) -> Dashboard {
         let mut env = Environment::new();
         for (name, text) in TEMPLATES {
-            env.add_template(name, text)
-                .expect("the embedded templates parse (checked by a test)");
+            if let Err(e) = env.add_template(name, text) {
+                panic!("the embedded template {name} does not parse: {e:#}");
+            }
         }
         Dashboard {
             env,
@@ -913,7 +915,7 @@ fn secure_headers(h: &mut HeaderMap) {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -21,3 +21,4 @@ mod redis;
 mod replica;
 mod sessions;
 mod tripwire;
+mod ui;

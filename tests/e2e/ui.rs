@@ -1,0 +1,227 @@
+//! The dashboard: in a real browser (headless Chromium driven by Playwright, see
+//! `ui_browser.py`), and its security edges over raw HTTP.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+/// A home with the standard policy plus a route whose requests must be approved.
+fn ready() -> (Home, Proxy) {
+    let home = Home::new();
+    let port = home.https_port();
+    home.standard_policy_with(&format!(
+        r#"
+[[routes]]
+id = "payments"
+host = "{API_HOST}:{port}"
+methods = ["POST"]
+paths = ["/pay/**"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+approval = "request"
+max_body = "64KiB"
+"#
+    ));
+    home.set_secret("github", SECRET);
+    let proxy = home.serve(&[]);
+    (home, proxy)
+}
+
+/// A token and its session id.
+fn issue(home: &Home, extra: &[&str]) -> (String, String) {
+    let out = home
+        .cmd()
+        .args(["token", "issue", "--agent", "bot"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    let jti = err
+        .lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    (stdout(&out).trim().to_owned(), jti)
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser() {
+    let (home, proxy) = ready();
+    let (token, jti) = issue(&home, &["--on-behalf-of", "alice", "--task", "pay invoice"]);
+    let (token2, jti2) = issue(&home, &[]);
+    let admin = home.run_ok(&["admin", "token"]).trim().to_owned();
+    let mode = std::fs::metadata(home.state().join("admin.token")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+    let out = Command::new("python3")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/ui_browser.py"))
+        .env("UI", format!("http://{}", proxy.admin_addr.unwrap()))
+        .env("ADMIN_TOKEN", &admin)
+        .env("PROXY", proxy.addr.to_string())
+        .env("CA", home.latchkey_ca())
+        .env("API", home.api_url(""))
+        .env("TOKEN", &token)
+        .env("JTI", &jti)
+        .env("TOKEN2", &token2)
+        .env("JTI2", &jti2)
+        .env("SECRET", SECRET)
+        .env("SHOTS", &shots)
+        .output()
+        .expect("python3 with playwright is installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "browser tests failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    for page in [
+        "login",
+        "tail",
+        "approvals",
+        "approvals-history",
+        "agents",
+        "sessions",
+    ] {
+        assert!(shots.join(format!("{page}.png")).exists(), "{page}.png");
+    }
+    drop(proxy);
+    // The decisions taken in the browser are in the chain, by the name given at sign-in.
+    let lines = home.audit();
+    let approvals: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["kind"] == "approval").collect();
+    let steps: Vec<(&str, &str)> = approvals
+        .iter()
+        .map(|l| {
+            (
+                l["reason"].as_str().unwrap(),
+                l["approver"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("approval_requested", "-"),
+            ("approved", "carol"),
+            ("approval_requested", "-"),
+            ("approval_denied", "carol"),
+        ]
+    );
+    let log = std::fs::read_to_string(home.state().join("audit.jsonl")).unwrap();
+    assert!(!log.contains(&admin) && !log.contains(SECRET) && !log.contains(&token));
+    let v = home.run(&["audit", "verify"]);
+    assert!(v.status.success(), "{}", stderr(&v));
+}
+
+/// One raw HTTP/1.1 exchange with the admin listener.
+fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn nothing_under_ui_opens_without_signing_in_and_every_answer_is_locked_down() {
+    let (home, proxy) = ready();
+    let admin = proxy.admin_addr.unwrap();
+    for path in [
+        "/ui/approvals",
+        "/ui/sessions",
+        "/ui/tail",
+        "/ui/events",
+        "/ui/agents",
+    ] {
+        let r = raw(
+            admin,
+            &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+        );
+        assert!(r.starts_with("HTTP/1.1 303"), "{path}: {r}");
+        assert!(r.to_lowercase().contains("location: /ui/login"), "{r}");
+    }
+    let r = raw(
+        admin,
+        "POST /ui/sessions/revoke HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\nconnection: close\r\n\r\njti=abc",
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // A forged cookie is no session.
+    let r = raw(
+        admin,
+        "GET /ui/sessions HTTP/1.1\r\nhost: x\r\ncookie: lk_ui=0000\r\nconnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    // Sign-in without the login form's own token (a cross-site sign-in) is refused, even
+    // with the right admin token.
+    let token = home.run_ok(&["admin", "token"]).trim().to_owned();
+    let body = format!("token={token}&name=x");
+    let r = raw(
+        admin,
+        &format!(
+            "POST /ui/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(!r.contains("lk_ui="), "{r}");
+    let page = raw(
+        admin,
+        "GET /ui/login HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    let lower = page.to_lowercase();
+    assert!(
+        lower.contains("content-security-policy: default-src 'none'"),
+        "{page}"
+    );
+    assert!(lower.contains("x-frame-options: deny"));
+    assert!(lower.contains("httponly; samesite=strict"));
+    assert!(!page.contains(&token));
+    // The static script is served by latchkey itself; the pages load nothing from elsewhere.
+    let js = raw(
+        admin,
+        "GET /ui/static/app.js HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(js.starts_with("HTTP/1.1 200"), "{js}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "{page}"
+    );
+    assert!(!js.contains("innerHTML"));
+}
+
+#[test]
+fn the_dashboard_can_have_a_listener_of_its_own_that_serves_nothing_else() {
+    let home = Home::new();
+    home.standard_policy();
+    let port = dead_port();
+    let listen = format!("127.0.0.1:{port}");
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let mut cfg = home.config();
+    cfg.admin_listen = None;
+    cfg.ui_listen = Some(addr);
+    let _proxy = Proxy::in_process(cfg);
+    let login = eventually(
+        Duration::from_secs(10),
+        "the dashboard listener answers",
+        || {
+            std::net::TcpStream::connect(addr).ok().map(|_| {
+                raw(
+                    addr,
+                    "GET /ui/login HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                )
+            })
+        },
+    );
+    assert!(login.starts_with("HTTP/1.1 200"), "{login}");
+    let metrics = raw(
+        addr,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(metrics.starts_with("HTTP/1.1 404"), "{metrics}");
+}
