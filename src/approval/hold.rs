@@ -25,6 +25,9 @@ pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// How often grants (asked by `token issue` / `run`) are looked at for their audit lines.
 const GRANTS_EVERY: u32 = 5;
 
+/// How often (in ticks: a minute) decided and expired approval files are swept.
+const SWEEP_EVERY: u32 = 600;
+
 /// How a held request ended.
 #[derive(Debug, Clone)]
 pub enum Released {
@@ -322,10 +325,10 @@ impl Holds {
             }
             self.poll_once().await;
             n = n.wrapping_add(1);
-            if n % GRANTS_EVERY == 0 {
+            if n.is_multiple_of(GRANTS_EVERY) {
                 self.grants_once().await;
             }
-            if n % 600 == 0 {
+            if n.is_multiple_of(SWEEP_EVERY) {
                 self.store.sweep();
             }
         }
