@@ -785,3 +785,44 @@ fn editing_who_approved_breaks_the_audit_chain() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("was edited"), "{}", stderr(&out));
 }
+
+#[test]
+fn run_waits_for_the_grant_and_starts_the_command_only_once_approved() {
+    let home = session_home();
+    let proxy = home.serve(&[]);
+    let mut child = home
+        .cmd()
+        .args([
+            "run",
+            "--agent",
+            "bot",
+            "--proxy",
+            &proxy.addr.to_string(),
+            "--",
+        ])
+        .args(["sh", "-c", "echo started; test -n \"$HTTPS_PROXY\""])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let id = line
+        .strip_prefix("approval ")
+        .and_then(|r| r.split(':').next())
+        .unwrap_or_else(|| panic!("no grant id in {line:?}"))
+        .to_owned();
+    assert!(child.try_wait().unwrap().is_none(), "the command waits");
+    home.run_ok(&["approvals", "approve", &id, "--as", "carol"]);
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{out}");
+    assert_eq!(out.trim(), "started");
+}
