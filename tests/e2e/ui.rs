@@ -225,3 +225,125 @@ fn the_dashboard_can_have_a_listener_of_its_own_that_serves_nothing_else() {
     );
     assert!(metrics.starts_with("HTTP/1.1 404"), "{metrics}");
 }
+
+/// A signed-in dashboard client over curl (cookie jar in `home`): sign in as `name`.
+struct UiClient {
+    base: String,
+    jar: std::path::PathBuf,
+}
+
+impl UiClient {
+    fn sign_in(
+        home: &Home,
+        admin_addr: std::net::SocketAddr,
+        state: &std::path::Path,
+        name: &str,
+    ) -> UiClient {
+        let base = format!("http://{admin_addr}");
+        let jar = home.path().join(format!("jar-{}", admin_addr.port()));
+        let token = home
+            .cmd_in(state)
+            .args(["admin", "token"])
+            .output()
+            .unwrap();
+        let token = stdout(&token).trim().to_owned();
+        let c = UiClient { base, jar };
+        let page = c.get("/ui/login");
+        let csrf = between(&page, "name=\"login_csrf\" value=\"", "\"");
+        let r = c.post(
+            "/ui/login",
+            &[("login_csrf", &csrf), ("token", &token), ("name", name)],
+        );
+        assert!(r.contains("303"), "{r}");
+        c
+    }
+
+    fn curl(&self) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--noproxy", "*", "--max-time", "10", "-b"])
+            .arg(&self.jar)
+            .arg("-c")
+            .arg(&self.jar);
+        c
+    }
+
+    fn get(&self, path: &str) -> String {
+        let out = self
+            .curl()
+            .arg(format!("{}{path}", self.base))
+            .output()
+            .unwrap();
+        stdout(&out)
+    }
+
+    /// POST a form; the status code and the Location.
+    fn post(&self, path: &str, form: &[(&str, &str)]) -> String {
+        let mut c = self.curl();
+        c.args(["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"]);
+        c.args(["-H", &format!("origin: {}", self.base)]);
+        for (k, v) in form {
+            c.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        stdout(&c.arg(format!("{}{path}", self.base)).output().unwrap())
+    }
+}
+
+fn between(text: &str, start: &str, end: &str) -> String {
+    let from = text
+        .find(start)
+        .unwrap_or_else(|| panic!("{start:?} not in {text}"))
+        + start.len();
+    let len = text[from..].find(end).unwrap();
+    text[from..from + len].to_owned()
+}
+
+#[test]
+fn a_request_held_by_one_replica_is_approved_on_another_replicas_dashboard() {
+    let redis = crate::redis::RedisServer::start();
+    let (home, _unused) = ready();
+    drop(_unused);
+    let (token, _) = issue(&home, &[]);
+    let state_b = crate::redis::clone_state(&home, "state-b");
+    let url = redis.url();
+    let a = home.serve(&["--redis", &url, "--replica-id", "a"]);
+    let b = home.serve_in(&state_b, &["--redis", &url, "--replica-id", "b"]);
+    let ui_b = UiClient::sign_in(&home, b.admin_addr.unwrap(), &state_b, "dana");
+    std::thread::scope(|s| {
+        let agent = s.spawn(|| {
+            home.curl(
+                &a,
+                &token,
+                &["-X", "POST", "--data-binary", "{\"n\":1}"],
+                &home.api_url("/pay/x"),
+            )
+        });
+        // B's approvals page lists what A holds (through Redis), with its digest.
+        let page = eventually(Duration::from_secs(10), "B's dashboard lists it", || {
+            let p = ui_b.get("/ui/approvals");
+            p.contains("data-approval=\"r").then_some(p)
+        });
+        let id = between(&page, "data-approval=\"", "\"");
+        let csrf = between(&page, "name=\"csrf\" value=\"", "\"");
+        assert!(
+            page.contains(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                b"{\"n\":1}"
+            )))
+        );
+        let r = ui_b.post(
+            "/ui/approvals/decide",
+            &[("csrf", &csrf), ("id", &id), ("action", "approve")],
+        );
+        assert!(r.starts_with("303") && r.contains("notice="), "{r}");
+        let got = agent.join().unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+    });
+    assert_eq!(home.upstream.seen().len(), 1);
+    drop(a);
+    let approved = home
+        .audit()
+        .into_iter()
+        .find(|l| l["reason"] == "approved")
+        .expect("A's log has the approval");
+    assert_eq!(approved["approver"], "dana");
+    assert_eq!(approved["replica"], "a");
+}
