@@ -406,6 +406,13 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         cfg.approval.queue,
         cfg.replica_id.clone(),
     ));
+    let stale = holds.forget_stale().await;
+    if stale > 0 {
+        tracing::warn!(
+            stale,
+            "removed held requests a previous run of this replica left behind"
+        );
+    }
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),
         keys,

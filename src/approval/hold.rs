@@ -249,6 +249,25 @@ impl Holds {
         })
     }
 
+    /// Forget held requests a previous run of this replica left behind (it crashed or was
+    /// killed while holding them): their agents are gone, so no decision may look pending.
+    /// Returns how many were removed.
+    pub async fn forget_stale(&self) -> usize {
+        let Ok(list) = self.store.list_kind(Some(Kind::Request)).await else {
+            return 0;
+        };
+        let mut n = 0;
+        for (p, _) in list {
+            if p.replica.as_deref() == Some(self.replica.as_str())
+                && !self.waiting.contains_key(&p.id)
+            {
+                self.store.remove(&p.id).await;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Deliver every decision taken on what this replica holds.
     pub async fn poll_once(&self) {
         if self.waiting.is_empty() {

@@ -826,3 +826,25 @@ fn run_waits_for_the_grant_and_starts_the_command_only_once_approved() {
     assert!(status.success(), "{out}");
     assert_eq!(out.trim(), "started");
 }
+
+#[test]
+fn held_requests_a_crashed_run_left_behind_are_forgotten_at_start() {
+    let (home, proxy, token) = ready(&["--replica-id", "r1"]);
+    // Simulate a crash: the held entry's file stays while the proxy is gone.
+    let held_file = std::thread::scope(|s| {
+        let agent = s.spawn(|| post(&home, &proxy, &token, "/pay/x", "{}"));
+        let held = wait_for_waiting(&home, 1);
+        let id = held[0]["id"].as_str().unwrap().to_owned();
+        let file = home.state().join("approvals").join(format!("{id}.json"));
+        let saved = std::fs::read(&file).unwrap();
+        home.run_ok(&["approvals", "deny", &id]);
+        assert_eq!(agent.join().unwrap().status, 403);
+        std::fs::write(&file, saved).unwrap();
+        file
+    });
+    drop(proxy);
+    assert_eq!(waiting(&home).len(), 1, "the leftover looks pending");
+    let _proxy = home.serve(&["--replica-id", "r1"]);
+    assert!(!held_file.exists());
+    assert!(waiting(&home).is_empty());
+}
