@@ -1189,11 +1189,12 @@ approval = "request"
                 pid,
             ));
             log(&format!(
-                "s7 run {i} nothing held: {:>8.0} req/s p50 {:.3} ms p99 {:.3} ms errors {}",
+                "s7 run {i} nothing held: {:>8.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} latchkey cpu {:.1} us/req",
                 r.rps(),
                 r.pct(50.0),
                 r.pct(99.0),
-                r.errors
+                r.errors,
+                r.usage.lk_cpu * 1e6 / r.requests.max(1) as f64,
             ));
             base.push(r);
             // Hold `held_total` requests: each on a tunnel and connection of its own.
@@ -1238,6 +1239,8 @@ approval = "request"
         let (b_rps, l_rps) = (m(&base, &|r| r.rps()), m(&loaded, &|r| r.rps()));
         let (b50, l50) = (m(&base, &|r| r.pct(50.0)), m(&loaded, &|r| r.pct(50.0)));
         let (b99, l99) = (m(&base, &|r| r.pct(99.0)), m(&loaded, &|r| r.pct(99.0)));
+        let cpu = |r: &Run| r.usage.lk_cpu * 1e6 / r.requests.max(1) as f64;
+        let (b_cpu, l_cpu) = (m(&base, &cpu), m(&loaded, &cpu));
         rows.push([
             format!(
                 "S7 S1 proxied while {held_total} requests of {} agents are held",
@@ -1256,7 +1259,11 @@ approval = "request"
                 fmt(l99, 2)
             ),
             format!("{}x of nothing held", fmt(l_rps / b_rps, 2)),
-            String::new(),
+            format!(
+                "latchkey {} µs CPU/req (nothing held: {})",
+                fmt(l_cpu, 1),
+                fmt(b_cpu, 1)
+            ),
             String::new(),
         ]);
     }
