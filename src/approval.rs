@@ -116,6 +116,10 @@ pub struct GrantAsk {
     pub routes: Vec<String>,
     /// Requested token lifetime in seconds.
     pub ttl_secs: u64,
+    /// Every route id the grant could cover (the asked ones, or all of the agent's routes
+    /// when none were named): what an approver may narrow to.
+    #[serde(default)]
+    pub offered: Vec<String>,
 }
 
 /// A person's (or the clock's) decision on one pending approval.
@@ -284,11 +288,16 @@ pub async fn decide(
                             "--routes must name at least one route (deny instead)".into(),
                         ));
                     }
-                    if !ask.routes.is_empty() {
-                        if let Some(extra) = routes.iter().find(|r| !ask.routes.contains(r)) {
+                    let offered = if ask.offered.is_empty() {
+                        &ask.routes
+                    } else {
+                        &ask.offered
+                    };
+                    if !offered.is_empty() {
+                        if let Some(extra) = routes.iter().find(|r| !offered.contains(r)) {
                             return Err(DecideError::Invalid(format!(
                                 "route {extra:?} was not asked for (asked: {})",
-                                ask.routes.join(", ")
+                                offered.join(", ")
                             )));
                         }
                     }

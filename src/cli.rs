@@ -920,7 +920,8 @@ async fn issue_token(
         .iter()
         .any(|r| r.approval() == crate::policy::Approval::Session)
     {
-        wait_for_grant(dirs, state, &args, ttl).await?
+        let offered = asked.iter().map(|r| r.id().to_owned()).collect();
+        wait_for_grant(dirs, state, &args, ttl, offered).await?
     } else {
         (args.routes.clone(), ttl)
     };
@@ -946,6 +947,7 @@ async fn wait_for_grant(
     state: &StateArgs,
     args: &IssueArgs,
     ttl: Duration,
+    offered: Vec<String>,
 ) -> Result<(Vec<String>, Duration)> {
     use crate::approval::{store, GrantAsk, Kind, Pending, Store};
     let store = Store::new(&dirs.state_dir, state.open()?.map(Arc::new));
@@ -964,6 +966,7 @@ async fn wait_for_grant(
         grant: Some(GrantAsk {
             routes: args.routes.clone(),
             ttl_secs: ttl.as_secs(),
+            offered: offered.clone(),
         }),
     };
     store
@@ -1014,6 +1017,10 @@ async fn wait_for_grant(
         );
     }
     let routes = decision.routes.unwrap_or_else(|| args.routes.clone());
+    // SECURITY: whatever the store says, the token names only routes that were offered.
+    if let Some(extra) = routes.iter().find(|r| !offered.contains(r)) {
+        bail!("session grant {id} was approved for route {extra:?}, which was not asked for; no token was issued");
+    }
     let ttl = decision.ttl_secs.map_or(ttl, Duration::from_secs).min(ttl);
     eprintln!("approval {id}: approved by {}", decision.approver);
     Ok((routes, ttl))

@@ -23,6 +23,7 @@ fn grant(id: &str, routes: &[&str], ttl: u64, expires_in: i64) -> Pending {
         grant: Some(GrantAsk {
             routes: routes.iter().map(|r| r.to_string()).collect(),
             ttl_secs: ttl,
+            offered: Vec::new(),
         }),
     }
 }
@@ -142,4 +143,27 @@ async fn files_are_private_to_the_owner() {
         let mode = std::fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
+}
+
+#[tokio::test]
+async fn a_grant_for_every_route_may_be_narrowed_only_to_routes_the_agent_has() {
+    let (_d, s) = store();
+    let mut p = grant("g6", &[], 600, 60);
+    p.grant.as_mut().unwrap().offered = vec!["read".into(), "write".into()];
+    s.put_pending(&p).await.unwrap();
+    let to = |r: &[&str]| Narrowing {
+        routes: Some(r.iter().map(|r| r.to_string()).collect()),
+        ..Default::default()
+    };
+    let err = decide(&s, "g6", true, "c", None, &to(&["read", "admin"]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("\"admin\" was not asked for"),
+        "{err}"
+    );
+    let d = decide(&s, "g6", true, "c", None, &to(&["read"]))
+        .await
+        .unwrap();
+    assert_eq!(d.routes, Some(vec!["read".to_owned()]));
 }

@@ -347,3 +347,99 @@ fn a_request_held_by_one_replica_is_approved_on_another_replicas_dashboard() {
     assert_eq!(approved["approver"], "dana");
     assert_eq!(approved["replica"], "a");
 }
+
+#[test]
+fn a_session_grant_is_approved_narrowed_on_the_dashboard() {
+    let home = Home::new();
+    let port = home.https_port();
+    home.write_policy(
+        "bot.toml",
+        &format!(
+            r#"agent = "bot"
+max_ttl = "1h"
+approval = "session"
+
+[[routes]]
+id = "read"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/repos/acme/backend/issues"]
+
+[[routes]]
+id = "write"
+host = "{API_HOST}:{port}"
+methods = ["POST"]
+paths = ["/repos/acme/backend/issues"]
+"#
+        ),
+    );
+    let proxy = home.serve(&[]);
+    let ui = UiClient::sign_in(&home, proxy.admin_addr.unwrap(), &home.state(), "erin");
+    let child = home
+        .cmd()
+        .args([
+            "token",
+            "issue",
+            "--agent",
+            "bot",
+            "--ttl",
+            "30m",
+            "--task",
+            "triage <b>now</b>",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let page = eventually(Duration::from_secs(10), "the grant is listed", || {
+        let p = ui.get("/ui/approvals");
+        p.contains("data-approval=\"g").then_some(p)
+    });
+    assert!(page.contains("Session grant"));
+    assert!(page.contains("session for every route for 30m"), "{page}");
+    // Agent-chosen text is escaped, never markup.
+    assert!(page.contains("triage &lt;b&gt;now&lt;"), "{page}");
+    assert!(!page.contains("<b>now</b>"));
+    let id = between(&page, "data-approval=\"", "\"");
+    let csrf = between(&page, "name=\"csrf\" value=\"", "\"");
+    // Widening is refused with a message, and nothing is decided.
+    let r = ui.post(
+        "/ui/approvals/decide",
+        &[
+            ("csrf", &csrf),
+            ("id", &id),
+            ("action", "approve"),
+            ("routes", "read,admin"),
+        ],
+    );
+    assert!(r.contains("error="), "{r}");
+    let r = ui.post(
+        "/ui/approvals/decide",
+        &[
+            ("csrf", &csrf),
+            ("id", &id),
+            ("action", "approve"),
+            ("routes", "read"),
+            ("ttl", "5m"),
+        ],
+    );
+    assert!(r.contains("notice="), "{r}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let payload = token.trim().split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["routes"], serde_json::json!(["read"]));
+    assert!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap() <= 300);
+    let line = eventually(Duration::from_secs(10), "the grant's approval line", || {
+        home.audit().into_iter().find(|l| l["reason"] == "approved")
+    });
+    assert_eq!(line["approver"], "erin");
+    assert_eq!(line["approved"], "session for routes read for 5m");
+}
