@@ -33,6 +33,7 @@ fn typical_event() -> AuditEvent {
         ttfb_ms: Some(41.5),
         bytes_up: Some(0),
         bytes_down: Some(18_211),
+        approval: Default::default(),
     }
 }
 

@@ -19,10 +19,13 @@
 //! - S4 one 100 MiB download through a credentialed route (body scanned): >= 0.8x.
 //! - S5 2 000 idle CONNECT+TLS tunnels: <= 64 KiB of latchkey RSS per tunnel.
 //! - S6 first request to 1 000 distinct hosts (leaf mint + both handshakes): p50 <= 3 ms.
+//! - S7 S1 (proxied) while 500 requests of 50 other agents are held for approval
+//!   (`approval = "request"`, 10 per agent): req/s >= 0.9x of S1 with nothing held.
 //! - peak RSS of latchkey (VmHWM) under load: <= 30 MiB.
 //!
 //! Knobs (environment): BENCH_SECS (5) per timed run, BENCH_RUNS (3) per path, BENCH_CONNS (32),
 //! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s1gw,s4"),
+//! BENCH_HELD_AGENTS (50), BENCH_HELD_PER_AGENT (10),
 //! BENCH_PERF_DIR (profile latchkey with `perf record -e cpu-clock` during the first proxied run
 //! of each scenario, to DIR/<scenario>.data).
 
@@ -291,6 +294,7 @@ fn start_latchkey(home: &Path, https: u16, http: u16, hosts: &[String]) -> Latch
         ])
         .args(["--max-connections-per-agent", "20000"])
         .args(["--max-requests-in-flight-per-agent", "20000"])
+        .args(["--approval-queue", "64", "--approval-timeout", "30m"])
         .arg("--upstream-ca")
         .arg(home.join("upstream-ca.pem"))
         .arg("--resolve")
@@ -737,6 +741,50 @@ async fn timed(ctx: Arc<Ctx>, kind: Kind, via: Via, conns: usize, secs: f64, lk_
     total
 }
 
+/// S7: open `per_agent` requests for each agent (its Basic credentials in `basics`), each
+/// on a tunnel and connection of its own, on a route that holds them for approval. The
+/// returned tasks wait for answers that never come; aborting them closes the connections.
+async fn hold_requests(
+    ctx: Arc<Ctx>,
+    basics: &[String],
+    per_agent: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let api = format!("{API_HOST}:{}", ctx.https.port());
+    let mut out = Vec::new();
+    for basic in basics {
+        for _ in 0..per_agent {
+            let ctx = ctx.clone();
+            let basic = basic.clone();
+            let api = api.clone();
+            out.push(tokio::spawn(async move {
+                let held = async {
+                    let mut s = tcp(ctx.proxy).await?;
+                    let head = format!(
+                        "CONNECT {api} HTTP/1.1\r\nHost: {api}\r\nProxy-Authorization: {basic}\r\n\r\n"
+                    );
+                    s.write_all(head.as_bytes()).await?;
+                    let mut buf = [0u8; 512];
+                    let n = s.read(&mut buf).await?;
+                    if !buf[..n].starts_with(b"HTTP/1.1 200") {
+                        return Err::<(), Box<dyn std::error::Error + Send + Sync>>(
+                            "CONNECT refused".into(),
+                        );
+                    }
+                    let name = rustls::pki_types::ServerName::try_from(API_HOST.to_string())?;
+                    let tls = tokio_rustls::TlsConnector::from(ctx.tls.clone())
+                        .connect(name, s)
+                        .await?;
+                    let mut send = h1(tls).await?;
+                    let _ = fetch(&mut send, get(&api, "/small", None)).await;
+                    Ok(())
+                };
+                let _ = held.await;
+            }));
+        }
+    }
+    out
+}
+
 /// S4: one download of the big body over one new connection.
 async fn download(ctx: Arc<Ctx>, via: Via, lk_pid: u32) -> Res<(f64, u64, Usage)> {
     let api = format!("{API_HOST}:{}", ctx.https.port());
@@ -934,9 +982,49 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
         ),
     )
     .expect("write policy");
+    // S7: agents whose every request is held for a person's approval.
+    let held_agents = env_num("BENCH_HELD_AGENTS", 50);
+    let held_per_agent = env_num("BENCH_HELD_PER_AGENT", 10);
+    let held_names: Vec<String> = if want("s7") {
+        (0..held_agents).map(|i| format!("held-{i:02}")).collect()
+    } else {
+        Vec::new()
+    };
+    for name in &held_names {
+        std::fs::write(
+            home.join(format!("policies/{name}.toml")),
+            format!(
+                r#"agent = "{name}"
+max_ttl = "2h"
+
+[[routes]]
+id = "pay"
+host = "{API_HOST}:{hp}"
+methods = ["GET"]
+paths = ["/small"]
+credential = "bench_token"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+approval = "request"
+"#
+            ),
+        )
+        .expect("write held policy");
+    }
     let mut c = latchkey(&home);
     c.args(["secret", "set", "bench_token"]);
     run_ok(c, Some(&format!("{SECRET}\n")));
+    let held_basics: Vec<String> = held_names
+        .iter()
+        .map(|name| {
+            let mut c = latchkey(&home);
+            c.args(["token", "issue", "--agent", name, "--ttl", "2h"]);
+            let t = run_ok(c, None).trim().to_string();
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("agent:{t}"))
+            )
+        })
+        .collect();
     let mut c = latchkey(&home);
     c.args(["token", "issue", "--agent", "bench", "--ttl", "2h"]);
     let token = run_ok(c, None).trim().to_string();
@@ -1112,6 +1200,113 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
                 usage_note(&d_u),
                 usage_note(&p_u)
             ),
+        ]);
+    }
+
+    if want("s7") {
+        let held_total = held_basics.len() * held_per_agent;
+        let mut base = Vec::new();
+        let mut loaded = Vec::new();
+        let approvals_dir = home.join("state/approvals");
+        let pending = || {
+            std::fs::read_dir(&approvals_dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            let n = e.file_name();
+                            let n = n.to_string_lossy();
+                            n.starts_with('r') && n.ends_with(".json") && !n.contains(".decision")
+                        })
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        for i in 0..runs {
+            let r = rt.block_on(timed(
+                ctx.clone(),
+                Kind::KeepAliveTls,
+                Via::Proxied,
+                conns,
+                secs,
+                pid,
+            ));
+            log(&format!(
+                "s7 run {i} nothing held: {:>8.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} latchkey cpu {:.1} us/req",
+                r.rps(),
+                r.pct(50.0),
+                r.pct(99.0),
+                r.errors,
+                r.usage.lk_cpu * 1e6 / r.requests.max(1) as f64,
+            ));
+            base.push(r);
+            // Hold `held_total` requests: each on a tunnel and connection of its own.
+            let t0 = Instant::now();
+            let holders = rt.block_on(hold_requests(ctx.clone(), &held_basics, held_per_agent));
+            while pending() < held_total && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            log(&format!(
+                "s7 run {i}: {} requests held in {:.1}s",
+                pending(),
+                t0.elapsed().as_secs_f64()
+            ));
+            let r = rt.block_on(timed(
+                ctx.clone(),
+                Kind::KeepAliveTls,
+                Via::Proxied,
+                conns,
+                secs,
+                pid,
+            ));
+            log(&format!(
+                "s7 run {i} {} held: {:>8.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} latchkey cpu {:.1} us/req",
+                pending(),
+                r.rps(),
+                r.pct(50.0),
+                r.pct(99.0),
+                r.errors,
+                r.usage.lk_cpu * 1e6 / r.requests.max(1) as f64,
+            ));
+            loaded.push(r);
+            // The held agents go away: their entries disappear (cancelled).
+            for h in holders {
+                h.abort();
+            }
+            let t0 = Instant::now();
+            while pending() > 0 && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let m = |v: &Vec<Run>, f: &dyn Fn(&Run) -> f64| median(v.iter().map(f).collect());
+        let (b_rps, l_rps) = (m(&base, &|r| r.rps()), m(&loaded, &|r| r.rps()));
+        let (b50, l50) = (m(&base, &|r| r.pct(50.0)), m(&loaded, &|r| r.pct(50.0)));
+        let (b99, l99) = (m(&base, &|r| r.pct(99.0)), m(&loaded, &|r| r.pct(99.0)));
+        let cpu = |r: &Run| r.usage.lk_cpu * 1e6 / r.requests.max(1) as f64;
+        let (b_cpu, l_cpu) = (m(&base, &cpu), m(&loaded, &cpu));
+        rows.push([
+            format!(
+                "S7 S1 proxied while {held_total} requests of {} agents are held",
+                held_basics.len()
+            ),
+            format!(
+                "nothing held: {} req/s (p50 {} / p99 {} ms)",
+                fmt(b_rps, 0),
+                fmt(b50, 2),
+                fmt(b99, 2)
+            ),
+            format!(
+                "{} req/s (p50 {} / p99 {} ms)",
+                fmt(l_rps, 0),
+                fmt(l50, 2),
+                fmt(l99, 2)
+            ),
+            format!("{}x of nothing held", fmt(l_rps / b_rps, 2)),
+            format!(
+                "latchkey {} µs CPU/req (nothing held: {})",
+                fmt(l_cpu, 1),
+                fmt(b_cpu, 1)
+            ),
+            String::new(),
         ]);
     }
 

@@ -84,6 +84,33 @@ pub struct ServeConfig {
     /// The longest a request waits for a credential to mint a token (an OAuth refresh, a
     /// GitHub App installation token) before it is answered 503 `credential_unavailable`.
     pub credential_wait: Duration,
+    /// Human approvals: how long a request is held, how many per agent, who hears of them.
+    pub approval: ApprovalConfig,
+    /// A listener for the dashboard alone (besides the admin listener's `/ui/`).
+    pub ui_listen: Option<SocketAddr>,
+    /// Mark the dashboard's cookies `Secure` (it is served over TLS by a front proxy).
+    pub ui_secure_cookie: bool,
+}
+
+/// `--approval-timeout`, `--approval-queue`, `--approval-webhook`.
+#[derive(Debug, Clone)]
+pub struct ApprovalConfig {
+    /// Longest a request waits for a person's decision before 403 approval_timeout.
+    pub timeout: Duration,
+    /// Most requests one agent may have held at once (the excess: 429 approval_queue_full).
+    pub queue: usize,
+    /// Where each pending approval is announced (JSON POST), if anywhere.
+    pub webhook: Option<String>,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> ApprovalConfig {
+        ApprovalConfig {
+            timeout: Duration::from_secs(300),
+            queue: 16,
+            webhook: None,
+        }
+    }
 }
 
 /// `--redis` and its grace period.
@@ -119,6 +146,9 @@ impl ServeConfig {
             redis: None,
             on_exfiltration: Default::default(),
             credential_wait: crate::credential::DEFAULT_WAIT,
+            approval: ApprovalConfig::default(),
+            ui_listen: None,
+            ui_secure_cookie: false,
         }
     }
 
@@ -179,6 +209,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The TLS listener's address actually bound (`--listen-tls`), if enabled.
     pub tls_addr: Option<SocketAddr>,
+    /// The dashboard's own address (`--ui-listen`), if given.
+    pub ui_addr: Option<SocketAddr>,
     /// Whether audit lines go to standard output (`--audit-log -`).
     pub audit_to_stdout: bool,
     /// The CA certificate, when this start created the CA (give it to agents).
@@ -388,6 +420,42 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
             Some(Arc::new(UpstreamTransport(upstream.clone()))),
         ),
     );
+    let recorder = Arc::new(Recorder::new(
+        audit,
+        metrics.clone(),
+        cfg.replica_id.clone(),
+    ));
+    if cfg.approval.queue == 0 {
+        return Err(StartError {
+            what: "--approval-queue must be at least 1".into(),
+            source: None,
+        });
+    }
+    let webhook = match &cfg.approval.webhook {
+        Some(url) => Some(Arc::new(
+            crate::approval::notify::Webhook::try_new(url)
+                .doing(|| "cannot use the approval webhook".to_owned())?,
+        )),
+        None => None,
+    };
+    let holds = Arc::new(crate::approval::Holds::new(
+        Arc::new(crate::approval::Store::new(
+            &cfg.state_dir,
+            shared_state.clone(),
+        )),
+        recorder.clone(),
+        webhook,
+        cfg.approval.timeout,
+        cfg.approval.queue,
+        cfg.replica_id.clone(),
+    ));
+    let stale = holds.forget_stale().await;
+    if stale > 0 {
+        tracing::warn!(
+            stale,
+            "removed held requests a previous run of this replica left behind"
+        );
+    }
     let shared = Arc::new(Shared {
         policies: ArcSwap::from_pointee(policies),
         keys,
@@ -395,11 +463,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         secrets,
         leaves,
         upstream,
-        recorder: Arc::new(Recorder::new(
-            audit,
-            metrics.clone(),
-            cfg.replica_id.clone(),
-        )),
+        recorder,
         limits: cfg.limits.clone(),
         policies_dir: cfg.policies.clone(),
         metrics,
@@ -409,6 +473,12 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         tripwire: ArcSwap::from_pointee(tripwire),
         on_exfiltration: cfg.on_exfiltration,
         redis: shared_state.clone(),
+        holds: holds.clone(),
+        ui: Arc::new(crate::ui::Dashboard::new(
+            &cfg.state_dir,
+            &audit_path,
+            cfg.ui_secure_cookie,
+        )),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -437,6 +507,15 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let ui_listener = match cfg.ui_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .doing(|| format!("cannot listen on {a} for the dashboard"))?,
+        ),
+        None => None,
+    };
+    let ui_addr = ui_listener.as_ref().and_then(|l| l.local_addr().ok());
     // `latchkey run` finds the proxy through this file.
     let addr_file = cfg.state_dir.join("proxy.addr");
     fsutil::ensure_private_dir(&cfg.state_dir)
@@ -466,8 +545,27 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
             .await
         }));
     }
+    {
+        let mut drain = drain.clone();
+        tasks.push(tokio::spawn(async move {
+            holds.watch(async move { drain.stopped().await }).await
+        }));
+    }
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(admin::serve(l, shared.clone(), drain.clone())));
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            shared.clone(),
+            drain.clone(),
+            admin::Serves::Admin,
+        )));
+    }
+    if let Some(l) = ui_listener {
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            shared.clone(),
+            drain.clone(),
+            admin::Serves::UiOnly,
+        )));
     }
     if let (Some(l), Some(config)) = (tls_listener, tls_config) {
         tasks.push(tokio::spawn(server::serve_tls(
@@ -482,6 +580,7 @@ pub async fn run(mut cfg: ServeConfig) -> Result<Running, StartError> {
         addr,
         admin_addr,
         tls_addr,
+        ui_addr,
         audit_to_stdout,
         created_ca: created.then(|| cfg.certs.join("ca.crt")),
         shared,

@@ -18,7 +18,7 @@ pub mod tail;
 pub mod verify;
 
 pub use chain::{Chain, GENESIS_HASH};
-pub use event::{AuditEvent, Decision, Outcome};
+pub use event::{ApprovalFacts, AuditEvent, Decision, Outcome};
 pub use record::{Record, Recorder};
 pub use rotate::Rotation;
 pub use sink::{AuditError, AuditSink, AuditWriter};

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,9 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{self, RedisConfig, ServeConfig};
 use crate::audit;
 use crate::auth::{self, Revocations, TokenKeys, TokenSpec};
-use crate::authority::Authority;
 use crate::fsutil;
-use crate::policy::{path, Grant, Policies, Scheme, Severity};
+use crate::policy::{Policies, Severity};
 use crate::proxy::{Limits, ResolvePin};
 use crate::redis::Redis;
 use crate::run;
@@ -111,6 +111,12 @@ enum Command {
     /// variables at latchkey, pass its exit code through, revoke the token when it exits.
     #[command(long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
+    /// Decide pending approvals: session grants and held requests.
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// The dashboard's admin token.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Connect an OAuth provider once (authorization code with PKCE in a browser, or the
     /// device flow with --device) and store the connection for routes to use.
     Connect(Box<ConnectArgs>),
@@ -120,6 +126,54 @@ enum Command {
     /// Internal to `run --contain`: the side that runs inside the network namespace.
     #[command(name = run::contain::INNER_SUBCOMMAND, hide = true)]
     ContainInner(ContainInnerArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalsCmd {
+    /// Show pending grants and held requests (and recent decisions).
+    List {
+        /// Print JSON (one array of {pending, decision}).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve one: a held request goes out, a grant's token is issued.
+    Approve {
+        /// The approval id (see `latchkey approvals list`).
+        id: String,
+        /// Grants: approve only these routes (comma-separated; a subset of those asked).
+        #[arg(long, value_delimiter = ',', value_name = "ID,..")]
+        routes: Option<Vec<String>>,
+        /// Grants: a shorter token lifetime than asked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Held requests: also let this route through for this session for this long (e.g. 10m).
+        #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
+        for_duration: Option<Duration>,
+        /// Who approves, for the audit log (default: $USER).
+        #[arg(long = "as", value_name = "NAME")]
+        approver: Option<String>,
+    },
+    /// Deny one: a held request gets 403 approval_denied, a grant issues no token.
+    Deny {
+        /// The approval id.
+        id: String,
+        /// Why (shown to the agent and in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who denies, for the audit log (default: $USER).
+        #[arg(long = "as", value_name = "NAME")]
+        approver: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Print the dashboard's admin token (created, 0600 in the state dir, on first use).
+    Token {
+        /// Replace it with a new one (signs every dashboard user out).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -315,7 +369,8 @@ struct ServeArgs {
     /// fitted like --max-connections].
     #[arg(long)]
     max_upstream_connections: Option<usize>,
-    /// Address of the admin listener (/healthz, /metrics); `off` disables it.
+    /// Address of the admin listener (/healthz, /metrics, the dashboard under /ui/); `off`
+    /// disables it.
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR|off")]
     admin_listen: String,
     /// How long the upstream may take to send its response head (a route's `timeout`
@@ -336,6 +391,24 @@ struct ServeArgs {
     /// addresses without a --resolve pin (off by default: SSRF guard).
     #[arg(long)]
     allow_private_upstreams: bool,
+    /// Longest a request on an `approval = "request"` route is held for a person's decision
+    /// (then 403 approval_timeout).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    approval_timeout: Duration,
+    /// Most requests one agent may have held for approval at once (the excess: 429
+    /// approval_queue_full).
+    #[arg(long, default_value_t = 16)]
+    approval_queue: usize,
+    /// POST a JSON announcement of each pending approval to this URL (Slack-compatible
+    /// `text` field; never a body, header, secret or token).
+    #[arg(long, value_name = "URL")]
+    approval_webhook: Option<String>,
+    /// Also serve the dashboard (/ui/, nothing else) on this address.
+    #[arg(long, value_name = "ADDR")]
+    ui_listen: Option<SocketAddr>,
+    /// Mark the dashboard's cookies Secure: set it when a TLS front proxy serves /ui/.
+    #[arg(long)]
+    ui_secure_cookie: bool,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -520,6 +593,10 @@ struct IssueArgs {
     /// Narrow the token to these route ids (repeatable).
     #[arg(long = "route", value_name = "ID")]
     routes: Vec<String>,
+    /// When a route needs an approved session (approval = "session"): how long to wait for
+    /// a person's decision before giving up.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    wait: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -707,6 +784,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             command: args.command,
         })
         .await?),
+        Command::Approvals(cmd) => approvals(&dirs, &state, cmd).await,
+        Command::Admin(AdminCmd::Token { rotate }) => {
+            let token = crate::ui::admin_token(&dirs.state_dir, rotate)?;
+            println!("{}", token.as_str());
+            eprintln!(
+                "admin token in {} (0600); sign in to the dashboard at http://ADMIN-ADDR/ui/ with it",
+                dirs.state_dir.join(crate::ui::ADMIN_TOKEN_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCmd::Rotate { keep }) => {
             let kid = crate::keys::rotate(&dirs.state_dir, keep)?;
             eprintln!(
@@ -809,6 +896,9 @@ async fn serve(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<ExitCo
     if let Some(a) = running.tls_addr {
         announce(format!("latchkey TLS listening on {a}"));
     }
+    if let Some(a) = running.ui_addr {
+        announce(format!("latchkey dashboard on http://{a}/ui/"));
+    }
     let _ = std::io::stdout().flush();
 
     shutdown_signal().await;
@@ -873,6 +963,13 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
     cfg.verify_keys = args.verify_keys;
     cfg.on_exfiltration = args.on_exfiltration;
     cfg.credential_wait = args.credential_wait;
+    cfg.approval = app::ApprovalConfig {
+        timeout: args.approval_timeout,
+        queue: args.approval_queue,
+        webhook: args.approval_webhook,
+    };
+    cfg.ui_listen = args.ui_listen;
+    cfg.ui_secure_cookie = args.ui_secure_cookie;
     cfg.allow_private_upstreams = args.allow_private_upstreams;
     cfg.secrets = args.backend.config()?;
     cfg.redis = state.redis.clone().map(|url| RedisConfig {
@@ -1101,16 +1198,222 @@ async fn issue_token(
         (None, Some(max)) => default_ttl.min(max),
         (None, None) => default_ttl,
     };
+    // A route that needs an approved session: the token exists only after a person says so.
+    let asked: Vec<&Arc<crate::policy::Route>> = if args.routes.is_empty() {
+        policy.routes().iter().collect()
+    } else {
+        args.routes
+            .iter()
+            .filter_map(|id| policy.route(id))
+            .collect()
+    };
+    let (routes, ttl) = if asked
+        .iter()
+        .any(|r| r.approval() == crate::policy::Approval::Session)
+    {
+        let offered = asked.iter().map(|r| r.id().to_owned()).collect();
+        wait_for_grant(dirs, state, &args, ttl, offered).await?
+    } else {
+        (args.routes.clone(), ttl)
+    };
     let keys = TokenKeys::load_or_create(&dirs.state_dir)?;
     let (token, claims) = keys.issue(&TokenSpec {
         agent: args.agent,
         ttl,
         on_behalf_of: args.on_behalf_of,
         task: args.task,
-        routes: args.routes,
+        routes,
     })?;
     record_session(&dirs.state_dir, &claims)?;
     Ok((zeroize::Zeroizing::new(token), claims))
+}
+
+/// How often a waiting `token issue` / `run` looks for the decision on its grant.
+const GRANT_POLL: Duration = Duration::from_millis(200);
+
+/// Ask for a session grant, say so on stderr, and wait (up to `--wait`) for a person's
+/// decision. Returns the routes and lifetime approved (a person may narrow both).
+async fn wait_for_grant(
+    dirs: &Dirs,
+    state: &StateArgs,
+    args: &IssueArgs,
+    ttl: Duration,
+    offered: Vec<String>,
+) -> Result<(Vec<String>, Duration)> {
+    use crate::approval::{store, GrantAsk, Kind, Pending, Store};
+    let store = Store::new(&dirs.state_dir, state.open()?.map(Arc::new));
+    let now = auth::unix_now();
+    let id = store::new_id(Kind::Session);
+    let pending = Pending {
+        id: id.clone(),
+        kind: Kind::Session,
+        agent: args.agent.clone(),
+        on_behalf_of: args.on_behalf_of.clone(),
+        task: args.task.clone(),
+        created: now,
+        expires: now + args.wait.as_secs().max(1),
+        replica: None,
+        request: None,
+        grant: Some(GrantAsk {
+            routes: args.routes.clone(),
+            ttl_secs: ttl.as_secs(),
+            offered: offered.clone(),
+        }),
+    };
+    store
+        .put_pending(&pending)
+        .await
+        .context("cannot record the session grant for approval")?;
+    eprintln!(
+        "approval {id}: waiting for approval of a session for agent {} ({}; up to {}): latchkey approvals approve {id}",
+        args.agent,
+        crate::approval::approved_text(&pending, None),
+        humantime::format_duration(args.wait)
+    );
+    let decision = loop {
+        if let Some(d) = store.decision(&id).await? {
+            break d;
+        }
+        if auth::unix_now() >= pending.expires {
+            let t = crate::approval::Decision {
+                id: id.clone(),
+                approve: false,
+                approver: "timeout".into(),
+                reason: None,
+                at: auth::unix_now(),
+                routes: None,
+                ttl_secs: None,
+                for_secs: None,
+                timed_out: true,
+            };
+            break store.decide(&t).await?.unwrap_or(t);
+        }
+        tokio::time::sleep(GRANT_POLL).await;
+    };
+    if decision.timed_out {
+        bail!(
+            "nobody approved session grant {id} within {}; no token was issued",
+            humantime::format_duration(args.wait)
+        );
+    }
+    if !decision.approve {
+        bail!(
+            "session grant {id} was denied by {}{}; no token was issued",
+            decision.approver,
+            decision
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    let routes = decision.routes.unwrap_or_else(|| args.routes.clone());
+    // SECURITY: whatever the store says, the token names only routes that were offered.
+    if let Some(extra) = routes.iter().find(|r| !offered.contains(r)) {
+        bail!("session grant {id} was approved for route {extra:?}, which was not asked for; no token was issued");
+    }
+    let ttl = decision.ttl_secs.map_or(ttl, Duration::from_secs).min(ttl);
+    eprintln!("approval {id}: approved by {}", decision.approver);
+    Ok((routes, ttl))
+}
+
+/// `latchkey approvals ...`.
+async fn approvals(dirs: &Dirs, state: &StateArgs, cmd: ApprovalsCmd) -> Result<ExitCode> {
+    use crate::approval::{self, Narrowing, Store};
+    let store = Store::new(&dirs.state_dir, state.open()?.map(Arc::new));
+    let me = || {
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "cli".to_owned())
+    };
+    match cmd {
+        ApprovalsCmd::List { json } => {
+            let list = store.list().await?;
+            let now = auth::unix_now();
+            if json {
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|(p, d)| serde_json::json!({"pending": p, "decision": d}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut waiting = 0;
+            for (p, d) in &list {
+                let what = match &p.request {
+                    Some(r) => format!(
+                        "{} {}{}{} body {}B sha256 {}",
+                        r.method,
+                        r.host,
+                        r.path,
+                        r.query
+                            .as_deref()
+                            .map(|q| format!("?{q}"))
+                            .unwrap_or_default(),
+                        r.body_bytes,
+                        &r.body_sha256[..16.min(r.body_sha256.len())]
+                    ),
+                    None => approval::approved_text(p, None),
+                };
+                let state = match d {
+                    Some(d) if d.timed_out => "timed out".to_owned(),
+                    Some(d) if d.approve => format!("approved by {}", d.approver),
+                    Some(d) => format!("denied by {}", d.approver),
+                    None if p.expires <= now => "expired".to_owned(),
+                    None => {
+                        waiting += 1;
+                        format!("WAITING ({} s left)", p.expires - now)
+                    }
+                };
+                println!(
+                    "{}  {:<7} {} (for {}, task {}): {what}  [{state}]",
+                    p.id,
+                    p.kind.as_str(),
+                    p.agent,
+                    p.on_behalf_of.as_deref().unwrap_or("-"),
+                    p.task.as_deref().unwrap_or("-"),
+                );
+            }
+            eprintln!("{waiting} waiting for a decision");
+            Ok(ExitCode::SUCCESS)
+        }
+        ApprovalsCmd::Approve {
+            id,
+            routes,
+            ttl,
+            for_duration,
+            approver,
+        } => {
+            let narrowing = Narrowing {
+                routes,
+                ttl,
+                for_duration,
+            };
+            let who = approver.unwrap_or_else(me);
+            let d = approval::decide(&store, &id, true, &who, None, &narrowing).await?;
+            eprintln!("approved {} as {}", d.id, d.approver);
+            Ok(ExitCode::SUCCESS)
+        }
+        ApprovalsCmd::Deny {
+            id,
+            reason,
+            approver,
+        } => {
+            let who = approver.unwrap_or_else(me);
+            let d = approval::decide(
+                &store,
+                &id,
+                false,
+                &who,
+                reason.as_deref(),
+                &Narrowing::default(),
+            )
+            .await?;
+            eprintln!("denied {} as {}", d.id, d.approver);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<ExitCode> {
@@ -1448,44 +1751,12 @@ async fn policy_check(dirs: &Dirs, backend: &BackendArgs) -> Result<ExitCode> {
 
 fn policy_explain(dirs: &Dirs, agent: &str, method: &str, url: &str) -> Result<ExitCode> {
     let policies = app::load_policies(&dirs.policies)?;
-    let policy = policies
-        .get(agent)
-        .ok_or_else(|| anyhow!("no policy for agent {agent:?}"))?;
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("{url:?} is not a URL"))?;
-    let scheme = match uri.scheme_str() {
-        Some("https") => Scheme::Https,
-        Some("http") => Scheme::Http,
-        _ => bail!("{url:?} must start with https:// or http://"),
-    };
-    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
-    let authority = Authority::parse(
-        uri.authority().map(|a| a.as_str()).unwrap_or(""),
-        Some(default_port),
-    )?;
-    let method = http::Method::from_bytes(method.as_bytes())
-        .map_err(|_| anyhow!("{method:?} is not an HTTP method"))?;
-    let normalized = match path::normalize(uri.path()) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("deny: bad_path: {e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    match policy.decide(scheme, &authority, &method, &normalized, Grant(None)) {
-        Ok(allowed) => {
-            let route = allowed.route();
-            println!(
-                "allow: route {} (credential {}) for {method} {authority}{normalized}",
-                route.id(),
-                route.credential().unwrap_or("none")
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(deny) => {
-            println!("deny: {}: {deny}", deny.code());
-            Ok(ExitCode::from(1))
-        }
-    }
+    let explained =
+        crate::policy::explain(&policies, agent, method, url).map_err(|e| anyhow!(e))?;
+    println!("{}", explained.text);
+    Ok(if explained.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -308,6 +308,25 @@ pub enum Deny {
         /// What the route names.
         allowed: String,
     },
+    /// The route has `approval = "request"` and a person denied this held request (or the
+    /// session grant it needed). The detail names the approver and their reason.
+    #[error("{approver} denied this request{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    ApprovalDenied {
+        /// Who decided (a name given at sign-in or on the command line).
+        approver: String,
+        /// Their reason, if they gave one.
+        reason: Option<String>,
+    },
+    /// The route has `approval = "request"` and nobody decided within `--approval-timeout`
+    /// (the number of seconds).
+    #[error("nobody approved this request within {0} s")]
+    ApprovalTimeout(u64),
+    /// The agent already has `--approval-queue` requests held for approval; the excess is
+    /// refused at once instead of piling up.
+    #[error(
+        "this agent already has {0} requests waiting for approval; retry once they are decided"
+    )]
+    ApprovalQueueFull(usize),
 }
 
 impl Deny {
@@ -332,7 +351,9 @@ impl Deny {
             | Deny::GatewayWildcard { .. }
             | Deny::SecretInRequest(_)
             | Deny::ConnectionMissing(_)
-            | Deny::SigningScopeNotAllowed { .. } => StatusCode::FORBIDDEN,
+            | Deny::SigningScopeNotAllowed { .. }
+            | Deny::ApprovalDenied { .. }
+            | Deny::ApprovalTimeout(_) => StatusCode::FORBIDDEN,
             Deny::BadPath(_) | Deny::BadRequest(_) | Deny::CannotSign(_) => StatusCode::BAD_REQUEST,
             Deny::SecretUnavailable(_) | Deny::CredentialUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -347,6 +368,7 @@ impl Deny {
             Deny::BadBody => StatusCode::BAD_REQUEST,
             Deny::TooManyConnections(_)
             | Deny::TooManyRequestsInFlight(_)
+            | Deny::ApprovalQueueFull(_)
             | Deny::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Deny::StateUnavailable | Deny::UpstreamConnectionsExhausted => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -392,6 +414,9 @@ impl Deny {
             Deny::SecretInRequest(_) => "secret_in_request",
             Deny::CannotSign(_) => "cannot_sign",
             Deny::SigningScopeNotAllowed { .. } => "signing_scope_not_allowed",
+            Deny::ApprovalDenied { .. } => "approval_denied",
+            Deny::ApprovalTimeout(_) => "approval_timeout",
+            Deny::ApprovalQueueFull(_) => "approval_queue_full",
         }
     }
 
@@ -401,6 +426,7 @@ impl Deny {
             Deny::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             Deny::TooManyConnections(_)
             | Deny::TooManyRequestsInFlight(_)
+            | Deny::ApprovalQueueFull(_)
             | Deny::UpstreamConnectionsExhausted
             | Deny::StateUnavailable => Some(1),
             _ => None,
@@ -624,6 +650,12 @@ mod tests {
                 user: Some("alice".into()),
                 why: MissingWhy::NeverConnected,
             }),
+            Deny::ApprovalDenied {
+                approver: "alice".into(),
+                reason: Some("not in prod".into()),
+            },
+            Deny::ApprovalTimeout(60),
+            Deny::ApprovalQueueFull(16),
         ]
     }
 
@@ -673,6 +705,46 @@ mod tests {
         };
         assert_eq!((d.status().as_u16(), d.code()), (403, "no_route"));
         assert!(d.to_string().contains("proxy mode"), "{d}");
+    }
+
+    #[test]
+    fn approval_denied_is_403_and_names_the_approver_and_reason() {
+        let d = Deny::ApprovalDenied {
+            approver: "alice".into(),
+            reason: Some("not in prod".into()),
+        };
+        assert_eq!(d.status(), 403);
+        assert_eq!(d.code(), "approval_denied");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert_eq!(d.to_string(), "alice denied this request: not in prod");
+        let d = Deny::ApprovalDenied {
+            approver: "bob".into(),
+            reason: None,
+        };
+        assert_eq!(d.to_string(), "bob denied this request");
+        assert!(d.retry_after_secs().is_none());
+    }
+
+    #[test]
+    fn approval_timeout_is_403_without_retry_after() {
+        let d = Deny::ApprovalTimeout(60);
+        assert_eq!(d.status(), 403);
+        assert_eq!(d.code(), "approval_timeout");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert!(d.to_string().contains("60 s"));
+        assert!(!d
+            .to_response("r")
+            .headers()
+            .contains_key(header::RETRY_AFTER));
+    }
+
+    #[test]
+    fn approval_queue_full_is_429_with_retry_after() {
+        let d = Deny::ApprovalQueueFull(16);
+        assert_eq!(d.status(), 429);
+        assert_eq!(d.code(), "approval_queue_full");
+        assert_eq!(d.fault(), Fault::Agent);
+        assert_eq!(d.to_response("r").headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

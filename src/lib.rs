@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod authority;
@@ -27,3 +28,4 @@ pub mod run;
 pub mod secrets;
 pub mod tls;
 pub mod tripwire;
+pub mod ui;

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use matcher::{AgentPolicy, Allowed, Grant, Inject, Route, Scheme, Signing};
+pub use matcher::{AgentPolicy, Allowed, Approval, Grant, Inject, Route, Scheme, Signing};
 pub use parse::{Diagnostic, Severity};
 pub use path::normalize;
 
@@ -216,6 +216,73 @@ impl Policies {
 /// What `Policies::credential_diagnostics` asks about each credentialed route: given the
 /// credential's name and the route, a finding and how severe it is.
 pub type CredentialCheck<'a> = dyn Fn(&str, &Route) -> Option<(Severity, String)> + 'a;
+/// What `policy explain` (and the dashboard's explain form) says about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explained {
+    /// Whether the request would be allowed.
+    pub allowed: bool,
+    /// One line: `allow: route R (credential C) for ...`, or `deny: reason: why`.
+    pub text: String,
+}
+
+/// Which rule decides `method url` for `agent` (no token narrowing). `Err` says what is wrong
+/// with the question (unknown agent, not a URL, not a method).
+pub fn explain(
+    policies: &Policies,
+    agent: &str,
+    method: &str,
+    url: &str,
+) -> Result<Explained, String> {
+    let policy = policies
+        .get(agent)
+        .ok_or_else(|| format!("no policy for agent {agent:?}"))?;
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => Scheme::Https,
+        Some("http") => Scheme::Http,
+        _ => return Err(format!("{url:?} must start with https:// or http://")),
+    };
+    let authority = crate::authority::Authority::parse(
+        uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        Some(scheme.default_port()),
+    )
+    .map_err(|e| e.to_string())?;
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+    let normalized = match path::normalize(uri.path()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Explained {
+                allowed: false,
+                text: format!("deny: bad_path: {e}"),
+            })
+        }
+    };
+    Ok(
+        match policy.decide(scheme, &authority, &method, &normalized, Grant(None)) {
+            Ok(allowed) => {
+                let route = allowed.route();
+                let approval = match route.approval() {
+                    Approval::None => "",
+                    Approval::Session => ", needs an approved session",
+                    Approval::Request => ", each request held for approval",
+                };
+                Explained {
+                    allowed: true,
+                    text: format!(
+                        "allow: route {} (credential {}{approval}) for {method} {authority}{normalized}",
+                        route.id(),
+                        route.credential().unwrap_or("none")
+                    ),
+                }
+            }
+            Err(deny) => Explained {
+                allowed: false,
+                text: format!("deny: {}: {deny}", deny.code()),
+            },
+        },
+    )
+}
 
 #[cfg(test)]
 mod tests;

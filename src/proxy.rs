@@ -5,6 +5,7 @@
 //! `gateway` the base-URL mode (`/gw/<route>/...` in origin form, the token as an API key).
 
 pub mod admin;
+pub mod approve;
 pub mod body;
 pub mod decode;
 pub mod forward;
@@ -67,6 +68,10 @@ pub struct Shared {
     pub on_exfiltration: crate::tripwire::OnExfiltration,
     /// The shared state, when `--redis` is given (to publish a revocation).
     pub redis: Option<Arc<crate::redis::Redis>>,
+    /// Requests held for a person's approval, and the store of approvals.
+    pub holds: Arc<crate::approval::Holds>,
+    /// The dashboard (served by the admin listener and `--ui-listen`).
+    pub ui: Arc<crate::ui::Dashboard>,
 }
 
 /// Timeouts and sizes that bound what one agent can make the proxy hold.

@@ -30,6 +30,14 @@ pub struct Chain {
 #[derive(Serialize)]
 struct Canonical<'a> {
     agent: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approved: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approver: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_sha256: &'a Option<String>,
     bytes_down: Option<u64>,
     bytes_up: Option<u64>,
     credential: &'a Option<String>,
@@ -40,6 +48,8 @@ struct Canonical<'a> {
     decision: Decision,
     duration_ms: f64,
     host: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: &'a Option<String>,
     method: &'a str,
     on_behalf_of: &'a Option<String>,
     outcome: Option<Outcome>,
@@ -88,6 +98,10 @@ impl Chain {
         let ts = event.ts_string();
         let canonical = Canonical {
             agent: &event.agent,
+            approval_id: &event.approval.approval_id,
+            approved: &event.approval.approved,
+            approver: &event.approval.approver,
+            body_sha256: &event.approval.body_sha256,
             bytes_down: event.bytes_down,
             bytes_up: event.bytes_up,
             credential: &event.credential,
@@ -96,6 +110,7 @@ impl Chain {
             decision: event.decision,
             duration_ms: normalise_duration_ms(event.duration_ms),
             host: &event.host,
+            kind: &event.approval.kind,
             method: &event.method,
             on_behalf_of: &event.on_behalf_of,
             outcome: event.outcome,
@@ -202,7 +217,40 @@ mod tests {
             ttfb_ms: Some(0.1 + 0.2),
             bytes_up: Some(0),
             bytes_down: Some(u64::from(i) * 1000),
+            approval: Default::default(),
         }
+    }
+
+    #[test]
+    fn an_approval_line_hashes_its_approval_fields_in_sorted_order() {
+        let mut e = event(1);
+        e.approval = crate::audit::event::ApprovalFacts {
+            kind: Some("approval".into()),
+            approval_id: Some("a1".into()),
+            approver: Some("alice".into()),
+            approved: Some("request".into()),
+            body_sha256: Some("ab".repeat(32)),
+        };
+        let mut chain = Chain::genesis();
+        let mut out = Vec::new();
+        chain.append(&e, &mut out);
+        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out).unwrap();
+        let check = check_line(&obj).unwrap();
+        assert_eq!(check.hash, check.recomputed);
+        assert_eq!(obj["approver"], "alice");
+        // Editing the approver breaks the line's hash.
+        let mut edited = obj.clone();
+        edited.insert("approver".into(), "mallory".into());
+        let check = check_line(&edited).unwrap();
+        assert_ne!(check.hash, check.recomputed);
+        // A line without approval fields has none of the keys.
+        let mut out = Vec::new();
+        chain.append(&event(2), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains("approv") && !text.contains("\"kind\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -122,6 +122,34 @@ pub struct AuditEvent {
     /// Response body bytes delivered to the agent. Absent in older lines.
     #[serde(default)]
     pub bytes_down: Option<u64>,
+    /// The human decision this line records or depends on; every field is absent from lines
+    /// that have nothing to do with an approval (so older lines hash the same).
+    #[serde(flatten)]
+    pub approval: ApprovalFacts,
+}
+
+/// What an approval line (or a request that needed one) says about the human decision.
+/// Names and digests only: never a body, a header value, a secret or a token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalFacts {
+    /// `approval` on the line of a human decision (grant asked, approved, denied, timed out,
+    /// cancelled); absent on request lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The pending approval's id (`latchkey approvals list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// Who decided, as they named themselves at sign-in or with `--as` (`timeout` when
+    /// nobody did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
+    /// What was approved or asked for: `request`, `route R for session S for 10m`, or the
+    /// routes and lifetime of a session grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<String>,
+    /// SHA-256 (hex) of the held request's body: the exact bytes that were approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
 }
 
 impl AuditEvent {
@@ -196,6 +224,7 @@ mod tests {
             ttfb_ms: Some(1.5),
             bytes_up: Some(0),
             bytes_down: Some(120),
+            approval: Default::default(),
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["ts"], "2026-11-22T18:00:00.123Z");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
-use super::event::{AuditEvent, Decision, Outcome};
+use super::event::{ApprovalFacts, AuditEvent, Decision, Outcome};
 use super::sink::AuditSink;
 use crate::metrics::Metrics;
 
@@ -70,8 +70,24 @@ impl Recorder {
             bytes_up: None,
             bytes_down: 0,
             reason: None,
+            approval: Default::default(),
             done: false,
         }
+    }
+
+    /// Write a line that is not a request's: a human decision (grant asked, approved,
+    /// denied, timed out, cancelled). It takes its place in the same hash chain, never waits
+    /// and is never dropped; `replica` is filled in here.
+    pub fn note(&self, mut event: AuditEvent) {
+        event.replica = Some(self.replica.clone());
+        tracing::info!(
+            agent = event.agent.as_deref().unwrap_or("-"),
+            approval_id = event.approval.approval_id.as_deref().unwrap_or("-"),
+            approver = event.approval.approver.as_deref().unwrap_or("-"),
+            reason = event.reason.as_deref().unwrap_or("-"),
+            "approval"
+        );
+        self.sink.record_now(event);
     }
 }
 
@@ -119,6 +135,8 @@ pub struct Record {
     /// Why the request is being refused, known before the refusal is sent (so a line
     /// completed on drop while the refusal waits still says why).
     reason: Option<&'static str>,
+    /// The approval this request was held for (id, body digest), when its route needs one.
+    approval: ApprovalFacts,
     done: bool,
 }
 
@@ -171,6 +189,12 @@ impl Record {
     /// the agent goes away before the refusal is sent.
     pub fn refusing(&mut self, reason: &'static str) {
         self.reason = Some(reason);
+    }
+
+    /// The request was held for approval `id` with a body of digest `body_sha256`; `approver`
+    /// and `approved` once a person decided.
+    pub fn approval(&mut self, facts: ApprovalFacts) {
+        self.approval = facts;
     }
 
     /// `n` more response body bytes went to the agent.
@@ -244,6 +268,7 @@ impl Record {
                     .map_or(0, |c| c.load(Ordering::Acquire)),
             ),
             bytes_down: Some(self.bytes_down),
+            approval: std::mem::take(&mut self.approval),
         });
     }
 }

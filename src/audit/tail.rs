@@ -68,6 +68,9 @@ const RESET: &str = "\x1b[0m";
 /// One readable line: time, agent (obo), method host+path, status, route, credential, reason, latency.
 /// colour = ANSI colours (green allow / red deny) when true.
 pub fn format_line(e: &AuditEvent, colour: bool) -> String {
+    if e.approval.kind.as_deref() == Some("approval") {
+        return format_approval(e, colour);
+    }
     let (word, paint) = match (e.decision, e.outcome) {
         (Decision::Allow, _) => ("ALLOW", GREEN),
         // A 407 asking for credentials is not a refusal: not painted like one.
@@ -116,7 +119,64 @@ pub fn format_line(e: &AuditEvent, colour: bool) -> String {
     if let (Some(up), Some(down)) = (e.bytes_up, e.bytes_down) {
         let _ = write!(s, " up={up}B down={down}B");
     }
+    if let Some(id) = &e.approval.approval_id {
+        let _ = write!(s, " approval={}", clean(id));
+        if let Some(by) = &e.approval.approver {
+            let _ = write!(s, " by={}", clean(by));
+        }
+    }
     let _ = write!(s, " {:.1}ms", e.duration_ms);
+    s
+}
+
+/// A human decision's line: time, what happened, who asked, what for, who decided.
+fn format_approval(e: &AuditEvent, colour: bool) -> String {
+    let step = e.reason.as_deref().unwrap_or("-");
+    let paint = match e.decision {
+        Decision::Allow => GREEN,
+        Decision::Deny if step == "approval_requested" => "",
+        Decision::Deny => RED,
+    };
+    let mut s = String::with_capacity(160);
+    s.push_str(&e.ts_string());
+    s.push_str(" APPROVAL ");
+    if colour && !paint.is_empty() {
+        s.push_str(paint);
+        s.push_str(&clean(step));
+        s.push_str(RESET);
+    } else {
+        s.push_str(&clean(step));
+    }
+    let _ = write!(s, " {}", clean(e.agent.as_deref().unwrap_or("-")));
+    if let Some(obo) = &e.on_behalf_of {
+        let _ = write!(s, " (obo {})", clean(obo));
+    }
+    if e.method == "GRANT" {
+        s.push_str(" session grant");
+    } else {
+        let _ = write!(
+            s,
+            " {} {}{}",
+            clean(&e.method),
+            clean(&e.host),
+            clean(&e.path)
+        );
+    }
+    let _ = write!(
+        s,
+        " id={} route={}",
+        clean(e.approval.approval_id.as_deref().unwrap_or("-")),
+        clean(e.route.as_deref().unwrap_or("-")),
+    );
+    if let Some(by) = &e.approval.approver {
+        let _ = write!(s, " by={}", clean(by));
+    }
+    if let Some(what) = &e.approval.approved {
+        let _ = write!(s, " what=\"{}\"", clean(what));
+    }
+    if let Some(sha) = &e.approval.body_sha256 {
+        let _ = write!(s, " body_sha256={}", clean(&sha[..sha.len().min(16)]));
+    }
     s
 }
 

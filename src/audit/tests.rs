@@ -54,6 +54,7 @@ fn event(i: u64) -> AuditEvent {
         ttfb_ms: Some(0.5),
         bytes_up: Some(i),
         bytes_down: Some(2 * i),
+        approval: Default::default(),
     }
 }
 

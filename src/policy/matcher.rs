@@ -218,6 +218,17 @@ fn split_segment(r: &str) -> (&str, Option<&str>) {
 
 /// GitHub App permissions of a route: (name, level) pairs sorted by name.
 pub type Permissions = Box<[(Box<str>, Box<str>)]>;
+/// The human decision a route needs (`approval = ...` in the policy file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Approval {
+    /// None: a valid token is enough.
+    #[default]
+    None,
+    /// A token for the route exists only after a person approved the session grant.
+    Session,
+    /// Each matching request is held until a person approves that exact request.
+    Request,
+}
 
 /// One compiled route.
 #[derive(Debug)]
@@ -239,6 +250,7 @@ pub struct Route {
     pub(crate) signing: Signing,
     pub(crate) per_user: bool,
     pub(crate) permissions: Option<Permissions>,
+    pub(crate) approval: Approval,
     pub(crate) line: Option<usize>,
     pub(crate) credential_line: Option<usize>,
 }
@@ -306,6 +318,12 @@ impl Route {
     /// region and actions the route names (`service`, `region`, `actions`).
     pub fn signing(&self) -> &Signing {
         &self.signing
+    }
+
+    /// Which human decision the route needs: none, an approved session (grant), or each
+    /// request approved.
+    pub fn approval(&self) -> Approval {
+        self.approval
     }
 
     /// The line of the `credential` field in the policy file (for `policy check` warnings).

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::matcher::{
-    AgentPolicy, HostPattern, Inject, PathPattern, PortSpec, Route, Seg, Signing,
+    AgentPolicy, Approval, HostPattern, Inject, PathPattern, PortSpec, Route, Seg, Signing,
 };
 use super::path::normalize;
 use crate::authority::parse_host_port;
@@ -81,6 +81,8 @@ struct RawPolicy {
     max_ttl: Option<Spanned<String>>,
     /// Default request rate for every route that sets none, e.g. "120/min".
     rate: Option<Spanned<String>>,
+    /// `"session"`: every route's tokens exist only after a human approved the grant.
+    approval: Option<Spanned<String>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -113,6 +115,8 @@ struct RawRoute {
     per_user: Option<Spanned<bool>>,
     /// GitHub App permissions for the installation tokens minted for this route.
     permissions: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
+    /// `"session"` or `"request"` (human in the loop).
+    approval: Option<Spanned<String>>,
 }
 
 /// The longest `timeout` or `idle_timeout` a route may set: past a day a "timeout" is a
@@ -275,6 +279,31 @@ impl AgentPolicy {
                 }
             });
 
+        let default_approval = match &raw.approval {
+            None => Approval::None,
+            Some(a) => match a.get_ref().as_str() {
+                "session" => Approval::Session,
+                "none" => Approval::None,
+                "request" => {
+                    cx.error(
+                        a.span(),
+                        "approval",
+                        "\"request\" is set per route (each held request names one route); \
+                         the agent level takes \"session\" or \"none\"",
+                    );
+                    Approval::None
+                }
+                other => {
+                    cx.error(
+                        a.span(),
+                        "approval",
+                        format!("{other:?} is not an approval kind: use \"session\" or \"none\""),
+                    );
+                    Approval::None
+                }
+            },
+        };
+
         let mut routes = Vec::with_capacity(raw.routes.len());
         let mut seen_ids: HashMap<&str, (usize, usize)> = HashMap::new();
         for (i, raw_route) in raw.routes.iter().enumerate() {
@@ -291,7 +320,8 @@ impl AgentPolicy {
                 seen_ids.insert(id, (i, id_line));
             }
             let line = cx.lines.line(raw_route.span().start);
-            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate) {
+            if let Some(route) = compile_route(&mut cx, i, line, r, default_rate, default_approval)
+            {
                 routes.push(Arc::new(route));
             }
         }
@@ -317,6 +347,7 @@ fn compile_route(
     line: usize,
     r: &RawRoute,
     default_rate: Option<Rate>,
+    default_approval: Approval,
 ) -> Option<Route> {
     let before = cx.diags.len();
     let f = |name: &str| format!("routes[{i}].{name}");
@@ -510,6 +541,24 @@ fn compile_route(
         }
         Some(out.into_boxed_slice())
     });
+    let approval = match &r.approval {
+        None => default_approval,
+        Some(a) => match a.get_ref().as_str() {
+            "none" => Approval::None,
+            "session" => Approval::Session,
+            "request" => Approval::Request,
+            other => {
+                cx.error(
+                    a.span(),
+                    f("approval"),
+                    format!(
+                        "{other:?} is not an approval kind: use \"session\", \"request\" or \"none\""
+                    ),
+                );
+                Approval::None
+            }
+        },
+    };
 
     if cx.diags.len() > before {
         return None;
@@ -533,6 +582,7 @@ fn compile_route(
         signing,
         per_user,
         permissions,
+        approval,
         line: Some(line),
         credential_line: r.credential.as_ref().map(|c| cx.lines.line(c.span().start)),
     })

@@ -1339,3 +1339,41 @@ fn per_user_and_permissions_without_a_credential_or_with_bad_levels_are_refused(
         "not a permission name",
     );
 }
+
+#[test]
+fn approval_is_none_by_default_and_set_per_route_or_agent() {
+    let p = load(&route_with(BASE));
+    assert_eq!(p.routes()[0].approval(), Approval::None);
+    let p = load(&route_with(&format!("{BASE}\napproval = \"request\"")));
+    assert_eq!(p.routes()[0].approval(), Approval::Request);
+    let text = format!(
+        "agent = \"a\"\napproval = \"session\"\n[[routes]]\n{BASE}\n[[routes]]\n{}\napproval = \"request\"\n[[routes]]\n{}\napproval = \"none\"\n",
+        BASE.replace("\"r\"", "\"r2\""),
+        BASE.replace("\"r\"", "\"r3\"")
+    );
+    let p = load(&text);
+    let kinds: Vec<Approval> = p.routes().iter().map(|r| r.approval()).collect();
+    assert_eq!(
+        kinds,
+        [Approval::Session, Approval::Request, Approval::None]
+    );
+}
+
+#[test]
+fn an_unknown_approval_kind_is_refused_naming_the_field() {
+    assert_refused(
+        &route_with(&format!("{BASE}\napproval = \"always\"")),
+        "routes[0].approval",
+        "is not an approval kind",
+    );
+    assert_refused(
+        &format!("agent = \"a\"\napproval = \"request\"\n[[routes]]\n{BASE}\n"),
+        "approval",
+        "set per route",
+    );
+    assert_refused(
+        &format!("agent = \"a\"\napproval = \"maybe\"\n[[routes]]\n{BASE}\n"),
+        "approval",
+        "is not an approval kind",
+    );
+}

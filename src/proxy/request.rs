@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! open record -> (proxy level: head size, target, token) | (tunnel: token still live, bound authority)
-//!   -> decide (normalised path, policy) -> admit (rate, announced size) -> credential
+//!   -> decide (normalised path, policy) -> admit (rate, announced size)
+//!   -> approval (held until a person decides, on `approval = "request"` routes) -> credential
 //!   -> tripwire (the agent's head; its body as it streams) -> inject
 //!   -> upstream -> respond (the one place a request is refused or answered)
 //! ```
@@ -21,7 +22,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::{warn, Instrument};
 
@@ -287,6 +288,7 @@ pub async fn forward(
     };
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
+    let approved_body = super::approve::gate(shared, ctx, &allowed, &parts, body, limit).await?;
     let credential = shared
         .credentials
         .resolve(allowed.route(), &ctx.claims)
@@ -314,7 +316,11 @@ pub async fn forward(
         query: query.as_deref(),
         allowed: &allowed,
     };
-    let agent_body = body.take().expect("the agent's body is taken once, here");
+    // SECURITY: an approved request sends exactly the bytes that were approved.
+    let agent_body = match approved_body {
+        Some(bytes) => Either::Right(Full::new(bytes)),
+        None => Either::Left(body.take().expect("the agent's body is taken once, here")),
+    };
     // An agent that stops sending mid-upload is ended like a stalled upstream: its body
     // breaks (`bad_body`), the upstream request is aborted, the slot freed.
     let idle = allowed

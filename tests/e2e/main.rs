@@ -8,6 +8,7 @@
 mod common;
 
 mod adversarial;
+mod approval;
 mod aws;
 mod challenge;
 mod cli;
@@ -27,5 +28,6 @@ mod replica;
 mod run;
 mod sessions;
 mod tripwire;
+mod ui;
 mod uploads;
 mod websocket;

@@ -77,7 +77,7 @@ impl Drop for RedisServer {
 }
 
 /// A copy of `home`'s state dir (signing key, secrets) for a second replica.
-fn clone_state(home: &Home, name: &str) -> PathBuf {
+pub(crate) fn clone_state(home: &Home, name: &str) -> PathBuf {
     let to = home.path().join(name);
     let ok = Command::new("cp")
         .arg("-a")
