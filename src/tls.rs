@@ -36,6 +36,27 @@ pub fn system_roots() -> rustls::RootCertStore {
     roots
 }
 
+/// Add every certificate of the PEM file at `path` to `roots` (an `--upstream-ca` file). `Err`
+/// says why in one phrase: unreadable, invalid PEM or certificate, or no certificate at all.
+pub fn add_root_file(
+    roots: &mut rustls::RootCertStore,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut added = 0;
+    for cert in pem::certificates(&data) {
+        let cert = cert.map_err(|e| format!("invalid PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("invalid certificate: {e}"))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err("no certificate found".into());
+    }
+    Ok(())
+}
+
 /// A client config for outgoing TLS (upstreams, the secret manager): our provider, safe
 /// protocol versions, certificates always verified against `roots`, no client certificate.
 pub fn client_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
@@ -45,6 +66,32 @@ pub fn client_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
         .with_root_certificates(roots)
         .with_no_client_auth()
 }
+
+/// The HTTP/1.1 client latchkey uses for its own calls (token endpoints, the secret
+/// manager): TLS through [`client_config`] with `roots` (plain `http://` is for the caller
+/// to allow or refuse), connects bounded by `connect_timeout`, idle connections kept 30 s.
+pub fn own_client(roots: rustls::RootCertStore, connect_timeout: Duration) -> OwnClient {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config(roots))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https)
+}
+
+/// See [`own_client`].
+pub type OwnClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
 
 /// Sets `not_before = now - backdate` and `not_after = now + lifetime`.
 ///

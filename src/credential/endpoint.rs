@@ -11,16 +11,12 @@
 //! client secrets, codes and tokens. Errors name the endpoint (scheme, host, path) and the
 //! HTTP status.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use zeroize::Zeroizing;
 
 /// Largest token endpoint answer read; a token response is a few kilobytes.
@@ -58,7 +54,7 @@ pub enum EndpointError {
 
 /// The client for token endpoints. Cheap to share behind an `Arc`.
 pub struct Endpoints {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::tls::OwnClient,
     timeout: Duration,
 }
 
@@ -84,23 +80,12 @@ impl Endpoints {
     pub fn new(extra_roots: &[PathBuf], timeout: Duration) -> Result<Endpoints, EndpointError> {
         let mut roots = crate::tls::system_roots();
         for path in extra_roots {
-            add_pem_roots(&mut roots, path)?;
+            crate::tls::add_root_file(&mut roots, path).map_err(|why| EndpointError::BadCa {
+                path: path.to_owned(),
+                why,
+            })?;
         }
-        let tls = crate::tls::client_config(roots);
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let client = crate::tls::own_client(roots, timeout);
         Ok(Endpoints { client, timeout })
     }
 
@@ -209,26 +194,6 @@ fn is_loopback(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), EndpointError> {
-    let bad = |why: String| EndpointError::BadCa {
-        path: path.to_owned(),
-        why,
-    };
-    let data = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let mut added = 0;
-    for cert in crate::tls::pem::certificates(&data) {
-        let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("invalid certificate: {e}")))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err(bad("no certificate found".into()));
-    }
-    Ok(())
 }
 
 /// `application/x-www-form-urlencoded` of `pairs`, in a zeroising buffer.

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -273,7 +273,10 @@ impl Upstream {
         // A broken system store is not fatal when --upstream-ca gives roots.
         let mut roots = crate::tls::system_roots();
         for path in extra_roots {
-            add_pem_roots(&mut roots, path)?;
+            crate::tls::add_root_file(&mut roots, path).map_err(|why| ForwardError::BadCaFile {
+                path: path.to_owned(),
+                why,
+            })?;
         }
         if roots.is_empty() {
             return Err(ForwardError::NoRoots);
@@ -364,26 +367,6 @@ pub struct Failed {
     pub deny: Deny,
     /// Whether the request may have reached the upstream (`false` only for connect failures).
     pub sent: bool,
-}
-
-fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), ForwardError> {
-    let bad = |why: String| ForwardError::BadCaFile {
-        path: path.to_owned(),
-        why,
-    };
-    let data = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let mut added = 0;
-    for cert in crate::tls::pem::certificates(&data) {
-        let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("invalid certificate: {e}")))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err(bad("no certificate found".into()));
-    }
-    Ok(())
 }
 
 /// Map a client error to the upstream reason the agent and the audit log see. The messages

@@ -26,10 +26,6 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -155,7 +151,7 @@ pub struct OpenBao {
     prefix: String,
     auth: OpenBaoAuth,
     timeout: Duration,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::tls::OwnClient,
     token: ArcSwapOption<Secret>,
     lease: Mutex<Option<Lease>>,
     /// Serialises logins and renewals so concurrent callers do not log in twice.
@@ -218,21 +214,7 @@ impl OpenBao {
                 config.prefix
             )));
         }
-        let tls = crate::tls::client_config(crate::tls::system_roots());
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(config.timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let client = crate::tls::own_client(crate::tls::system_roots(), config.timeout);
         let token = match &config.auth {
             OpenBaoAuth::Token(t) => Some(Arc::new(Secret::new(t.expose().to_vec()))),
             OpenBaoAuth::AppRole { .. } => None,

@@ -1798,3 +1798,65 @@ pub fn open_fds(pid: u32) -> usize {
         .unwrap()
         .count()
 }
+
+/// A Python test server from `tests/python/` (the grpcio and `websockets` echo servers) on a
+/// loopback port with the test upstream's certificate: started as `python3 SCRIPT server CERT
+/// KEY LOG`, it prints its port on its first line and appends one JSON line per call it sees
+/// to LOG. Killed on drop.
+pub struct PyServer {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl PyServer {
+    /// Start `tests/python/<script>`; `package` names what `scripts/test` installs for it, for
+    /// the failure message.
+    pub fn start(home: &Home, script: &str, package: &str) -> PyServer {
+        let log = home.path().join(format!("{script}.calls.jsonl"));
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
+        let mut child = Command::new("python3")
+            .arg(path)
+            .arg("server")
+            .arg(&home.upstream_cert)
+            .arg(&home.upstream_key)
+            .arg(&log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 is installed");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout is piped"))
+            .read_line(&mut line)
+            .expect("the server's first line");
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("{script} did not start ({line:?}); scripts/test installs {package}")
+        });
+        PyServer { child, port, log }
+    }
+
+    /// Every call the server logged, in order.
+    pub fn calls(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("the server logs JSON lines"))
+            .collect()
+    }
+
+    /// `API_HOST:port`, the authority agents address the server by (pinned with `--resolve`).
+    pub fn authority(&self) -> String {
+        format!("{API_HOST}:{}", self.port)
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -4,63 +4,13 @@
 //! reach the client as the server sent it, on a route that injects a credential (its answers
 //! pass through redaction) and on one that does not.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::common::*;
-
-/// The grpcio server of `grpc_echo.py`, killed on drop.
-pub struct GrpcServer {
-    child: Child,
-    pub port: u16,
-    log: PathBuf,
-}
-
-impl GrpcServer {
-    pub fn start(home: &Home) -> GrpcServer {
-        let log = home.path().join("grpc-calls.jsonl");
-        let mut child = Command::new("python3")
-            .arg(script())
-            .arg("server")
-            .arg(&home.upstream_cert)
-            .arg(&home.upstream_key)
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 is installed");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line.trim().parse().unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the grpcio server did not start ({line:?}); scripts/test installs grpcio")
-        });
-        GrpcServer { child, port, log }
-    }
-
-    /// Every call the server saw: method and metadata.
-    pub fn calls(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/grpc_echo.py")
@@ -115,7 +65,7 @@ fn run_client(home: &Home, proxy: &Proxy, token: &str, port: u16, service: &str)
 #[test]
 fn every_grpc_status_reaches_the_client_with_and_without_a_credential() {
     let home = Home::new();
-    let server = GrpcServer::start(&home);
+    let server = PyServer::start(&home, "grpc_echo.py", "grpcio");
     home.standard_policy_with(&grpc_routes(server.port));
     home.set_secret("github", SECRET);
     let token = home.issue("bot", &[]);

@@ -13,59 +13,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// The `websockets` echo server of `ws_echo.py`, killed on drop.
-pub struct WsServer {
-    child: Child,
-    pub port: u16,
-    log: PathBuf,
-}
-
-impl WsServer {
-    pub fn start(home: &Home) -> WsServer {
-        let log = home.path().join("ws-handshakes.jsonl");
-        let mut child = Command::new("python3")
-            .arg(py_script())
-            .arg("server")
-            .arg(&home.upstream_cert)
-            .arg(&home.upstream_key)
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 is installed");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line.trim().parse().unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the websockets server did not start ({line:?}); scripts/test installs it")
-        });
-        WsServer { child, port, log }
-    }
-
-    /// Every handshake the server accepted: path and headers.
-    pub fn handshakes(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    pub fn authority(&self) -> String {
-        format!("{API_HOST}:{}", self.port)
-    }
-}
-
-impl Drop for WsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn py_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/ws_echo.py")
 }
@@ -77,9 +24,9 @@ fn node_dir() -> PathBuf {
 /// A home whose `bot` policy has WebSocket routes on the echo server (`/ws/**` injects the
 /// credential, `/open/**` does not, `/postonly` allows only POST) and adversarial ones on the
 /// test upstream; the proxy pins the echo server's port.
-fn ws_env() -> (Home, WsServer, Proxy) {
+fn ws_env() -> (Home, PyServer, Proxy) {
     let home = Home::new();
-    let ws = WsServer::start(&home);
+    let ws = PyServer::start(&home, "ws_echo.py", "websockets");
     let port = ws.port;
     let api = home.https_port();
     home.standard_policy_with(&format!(
@@ -144,8 +91,8 @@ fn assert_session_line(line: &Value, route: &str, min_bytes: u64) {
 }
 
 /// The upstream saw our credential on `/ws/**`, none on `/open/**`, never the agent's own.
-fn assert_handshakes_clean(ws: &WsServer, n: usize) {
-    let hs = ws.handshakes();
+fn assert_handshakes_clean(ws: &PyServer, n: usize) {
+    let hs = ws.calls();
     assert_eq!(hs.len(), n, "{hs:?}");
     for h in &hs {
         let text = h.to_string();
@@ -249,14 +196,14 @@ fn an_upgrade_to_a_path_or_method_not_allowed_is_403_and_nothing_reaches_the_ups
         assert_eq!(line["reason"], reason, "{line}");
         assert_eq!(line["status"], 403, "{line}");
     }
-    assert!(ws.handshakes().is_empty(), "{:?}", ws.handshakes());
+    assert!(ws.calls().is_empty(), "{:?}", ws.calls());
 }
 
 /// A session held open by `ws_echo.py hold` with `token`: the child and its stdout, after its
 /// first echo went through.
 fn hold_session(
     home: &Home,
-    ws: &WsServer,
+    ws: &PyServer,
     proxy: &Proxy,
     token: &str,
 ) -> (Child, BufReader<ChildStdout>) {
@@ -451,7 +398,7 @@ fn an_http2_extended_connect_websocket_is_relayed_as_an_http11_upgrade() {
     let (ws, payload) = echoed;
     assert_eq!(payload, b"hello over h2");
     assert_handshakes_clean(&ws, 1);
-    let hs = &ws.handshakes()[0];
+    let hs = &ws.calls()[0];
     assert_eq!(hs["path"], "/ws/h2");
     assert_eq!(hs["headers"]["upgrade"], "websocket", "{hs}");
     let l = &session_lines(&home, "/ws/h2", 1)[0];
@@ -494,7 +441,7 @@ fn shutdown_ends_a_live_session_and_still_writes_its_line() {
 #[test]
 fn a_live_session_keeps_counting_against_the_agents_connection_cap() {
     let home = Home::new();
-    let ws = WsServer::start(&home);
+    let ws = PyServer::start(&home, "ws_echo.py", "websockets");
     let port = ws.port;
     home.standard_policy_with(&format!(
         r#"
