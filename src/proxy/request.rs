@@ -288,7 +288,6 @@ pub async fn forward(
     };
     let (allowed, normalized) = decide(shared, ctx, &parts)?;
     let (limit, in_flight) = admit(shared, ctx, &allowed, &parts).await?;
-    let approved_body = super::approve::gate(shared, ctx, &allowed, &parts, body, limit).await?;
     let credential = shared
         .credentials
         .resolve(allowed.route(), &ctx.claims)
@@ -306,6 +305,10 @@ pub async fn forward(
             return Err(tripped(shared, ctx, hit).await);
         }
     }
+    // A request held for a person's approval is held only once the tripwire has passed its
+    // head: an approver is never asked about a request that carries a stolen credential.
+    // (Resolving the credential above fetches nothing; a kind mints in `apply`, after.)
+    let approved_body = super::approve::gate(shared, ctx, &allowed, &parts, body, limit).await?;
     let query = parts.uri.query().map(str::to_owned);
     let agent_version = parts.version;
     let head = parts.method == http::Method::HEAD;

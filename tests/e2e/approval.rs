@@ -334,6 +334,36 @@ fn a_body_over_the_routes_limit_is_refused_before_anyone_is_asked() {
 }
 
 #[test]
+fn a_request_carrying_a_stored_credential_is_refused_before_anyone_is_asked() {
+    // The exfiltration tripwire runs on the head before the request is held: an approver is
+    // never shown, and can never release, a request that carries a stolen credential.
+    let (home, proxy, token) = ready(&[]);
+    let r = home.curl(
+        &proxy,
+        &token,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("x-note: {SECRET}"),
+            "--data-binary",
+            "{}",
+        ],
+        &home.api_url("/pay/x"),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["reason"], "secret_in_request");
+    assert!(waiting(&home).is_empty());
+    assert!(approval_lines(&home).is_empty());
+    assert!(home.upstream.seen().is_empty());
+    let line = eventually(Duration::from_secs(10), "the refusal's line", || {
+        home.audit().into_iter().find(|l| l["path"] == "/pay/x")
+    });
+    assert_eq!(line["reason"], "secret_in_request");
+    assert!(!line.to_string().contains(SECRET));
+}
+
+#[test]
 fn an_agent_that_goes_away_while_held_leaves_no_entry_and_a_cancelled_line() {
     let (home, proxy, token) = ready(&[]);
     let mut child = std::process::Command::new("curl")
