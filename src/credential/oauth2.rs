@@ -550,10 +550,21 @@ impl Job {
         let metrics = &self.runtime.metrics;
         match &result {
             Ok((token, adopted)) => {
-                metrics.record_credential_event(
-                    &self.name,
-                    if *adopted { "adopted" } else { "refreshed" },
-                );
+                // Taking from the store a token this process already holds is no event:
+                // nothing was refreshed, nothing came from another replica.
+                let already_held = *adopted
+                    && self
+                        .conn
+                        .current
+                        .load()
+                        .as_deref()
+                        .is_some_and(|c| c.value.expose() == token.value.expose());
+                if !already_held {
+                    metrics.record_credential_event(
+                        &self.name,
+                        if *adopted { "adopted" } else { "refreshed" },
+                    );
+                }
                 self.conn.current.store(Some(token.clone()));
                 *self
                     .conn
@@ -692,17 +703,18 @@ impl Job {
 
     /// Refresh (or adopt what another process stored meanwhile), persist, and return the token.
     async fn refresh_now(&self) -> Result<(Arc<Token>, bool), Failure> {
-        let seen = self.conn.current.load_full();
         let (spec, mut doc) = self.read().await?;
         if spec.broken {
             return Err(Failure::Broken);
         }
         let now = now_ms();
+        // Whatever is stored and not yet due is used, never refreshed again: another replica's
+        // new token (adopted), or the very token this process already took from the store
+        // while this job waited for the lock (a credential rebuilt from the changed store).
+        // Refreshing that one would spend, and with a rotating provider burn, a refresh token
+        // for nothing.
         if let Some(token) = &spec.access {
-            let newer = seen
-                .as_deref()
-                .is_none_or(|s| s.value.expose() != token.value.expose());
-            if newer && !token.due(now) {
+            if !token.due(now) {
                 let token = Arc::new(Token {
                     value: token.value.clone(),
                     expires_at: token.expires_at,
