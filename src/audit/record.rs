@@ -185,12 +185,6 @@ impl Record {
         self.ttfb = Some(self.start.elapsed());
     }
 
-    /// The request is being refused for `reason` (a stable code); the line keeps it even if
-    /// the agent goes away before the refusal is sent.
-    pub fn refusing(&mut self, reason: &'static str) {
-        self.reason = Some(reason);
-    }
-
     /// The request was held for approval `id` with a body of digest `body_sha256`; `approver`
     /// and `approved` once a person decided.
     pub fn approval(&mut self, facts: ApprovalFacts) {
@@ -336,21 +330,6 @@ mod tests {
         assert_eq!(l[0]["credential"], "gh");
         assert!(l[0]["status"].is_null());
         assert!(l[0]["ttfb_ms"].is_null());
-    }
-
-    #[tokio::test]
-    async fn a_refusal_abandoned_before_it_was_sent_keeps_its_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rec, writer) = recorder(&dir).await;
-        let mut r = rec.open(&Method::POST, "h:443".into(), "/admin".into());
-        r.refusing("no_route");
-        drop(r);
-        drop(rec);
-        writer.shutdown().await.unwrap();
-        let l = lines(&dir);
-        assert_eq!(l[0]["outcome"], "cancelled");
-        assert_eq!(l[0]["decision"], "deny");
-        assert_eq!(l[0]["reason"], "no_route");
     }
 
     #[tokio::test]
