@@ -72,26 +72,6 @@ impl Drop for Moto {
     }
 }
 
-/// Store `doc` as credential `name` of `kind` (`secret set NAME --kind KIND`).
-pub fn set_typed(home: &Home, name: &str, kind: &str, doc: &str) {
-    let mut child = home
-        .cmd()
-        .args(["secret", "set", name, "--kind", kind])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(doc.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// A home whose agent `bot` may use S3 bucket `data` on moto with credential `aws`, and a
 /// proxy serving it.
 fn setup(moto: &Moto, credential_doc: &str, route_extra: &str) -> (Home, Proxy, String) {
@@ -117,7 +97,7 @@ max_body = "64MiB"
 "#
         ),
     );
-    set_typed(&home, "aws", "aws_sigv4", credential_doc);
+    home.set_typed("aws", "aws_sigv4", credential_doc);
     let out = home.run(&["policy", "check"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let proxy = home.serve(&[
@@ -694,8 +674,7 @@ insecure_http = true
 "#
         ),
     );
-    set_typed(
-        &home,
+    home.set_typed(
         "coinbase",
         "hmac",
         &format!(
@@ -718,8 +697,7 @@ passphrase = "{CB_PASSPHRASE}"
 "#
         ),
     );
-    set_typed(
-        &home,
+    home.set_typed(
         "stripe",
         "hmac",
         &format!(
@@ -900,7 +878,7 @@ fn trace_logging_never_shows_the_key_or_the_session_token() {
             "agent = \"bot\"\n[[routes]]\nid = \"s3\"\nhost = \"s3.moto.test:{port}\"\nmethods = [\"GET\", \"PUT\"]\npaths = [\"/data\", \"/data/**\"]\ncredential = \"aws\"\nservice = \"s3\"\ninsecure_http = true\n"
         ),
     );
-    set_typed(&home, "aws", "aws_sigv4", &doc);
+    home.set_typed("aws", "aws_sigv4", &doc);
     // The real binary, with every target at trace (aws-sigv4 traces canonical requests).
     let proxy = home.serve_env(
         &[

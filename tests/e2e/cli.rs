@@ -79,58 +79,35 @@ fn secret_set_refuses_empty_input_and_bad_names() {
     assert!(!stderr(&out).contains("panicked"));
 }
 
-/// `secret set NAME --kind KIND` with `doc` on standard input.
-fn set_typed(home: &Home, name: &str, kind: &str, doc: &str) -> Output {
-    use std::io::Write;
-    let mut child = home
-        .cmd()
-        .args(["secret", "set", name, "--kind", kind])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(doc.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 #[test]
 fn secret_set_with_a_kind_checks_the_document_before_storing_it() {
     let home = Home::new();
     let value = "sekrit-value-771";
     // An unknown kind is named, with the kinds that exist; the value is not.
-    let out = set_typed(
-        &home,
+    let out = home.secret_set(
         "pigeon",
-        "carrier_pigeon",
-        &format!("kind = \"carrier_pigeon\"\n[secret]\nkey = \"{value}\"\n"),
+        Some("carrier_pigeon"),
+        format!("kind = \"carrier_pigeon\"\n[secret]\nkey = \"{value}\"\n").as_bytes(),
     );
     assert_clean_failure(&out, "carrier_pigeon");
     assert!(stderr(&out).contains("static"), "{}", stderr(&out));
     assert!(!stderr(&out).contains(value));
     // A document of another kind than declared.
-    let out = set_typed(&home, "x", "oauth2", "kind = \"hmac\"\n");
+    let out = home.secret_set("x", Some("oauth2"), b"kind = \"hmac\"\n");
     assert_clean_failure(&out, "--kind");
     // Broken TOML: where, never what.
-    let out = set_typed(
-        &home,
+    let out = home.secret_set(
         "x",
-        "oauth2",
-        &format!("kind = \"oauth2\"\n[secret]\nclient_secret = \"{value}"),
+        Some("oauth2"),
+        format!("kind = \"oauth2\"\n[secret]\nclient_secret = \"{value}").as_bytes(),
     );
     assert_clean_failure(&out, "not valid TOML (line 3)");
     assert!(!stderr(&out).contains(value));
     // A static value that looks like a typed document could be mistaken for one: refused.
-    let out = set_typed(
-        &home,
+    let out = home.secret_set(
         "x",
-        "static",
-        &format!("#latchkey-credential v1\nkind = \"static\"\n{value}"),
+        Some("static"),
+        format!("#latchkey-credential v1\nkind = \"static\"\n{value}").as_bytes(),
     );
     assert_clean_failure(&out, "--kind");
     assert!(!stderr(&out).contains(value));

@@ -943,28 +943,34 @@ inject = {{ header = "x-api-key", value = "{{secret}}" }}
         );
     }
 
-    pub fn set_secret(&self, name: &str, value: &str) {
-        let mut child = self
-            .cmd()
-            .args(["secret", "set", name])
+    /// `latchkey secret set NAME [--kind KIND]` with `input` on standard input: the outcome,
+    /// for tests that expect a refusal.
+    pub fn secret_set(&self, name: &str, kind: Option<&str>, input: &[u8]) -> Output {
+        let mut cmd = self.cmd();
+        cmd.args(["secret", "set", name]);
+        if let Some(kind) = kind {
+            cmd.args(["--kind", kind]);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{value}\n").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Store a static secret (one trailing newline, as `echo` would send, is dropped).
+    pub fn set_secret(&self, name: &str, value: &str) {
+        let out = self.secret_set(name, None, format!("{value}\n").as_bytes());
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    /// Store a typed credential of `kind` from its TOML document.
+    pub fn set_typed(&self, name: &str, kind: &str, doc: &str) {
+        let out = self.secret_set(name, Some(kind), doc.as_bytes());
+        assert!(out.status.success(), "{}", stderr(&out));
     }
 
     pub fn issue(&self, agent: &str, extra: &[&str]) -> String {

@@ -897,21 +897,7 @@ fn github_app_tokens_are_scoped_to_each_routes_repositories_and_methods() {
         "kind = \"github_app\"\napp_id = 4242\ninstallation_id = \"99\"\napi_url = \"{}\"\n[secret]\nprivate_key = '''\n{key}'''\n",
         app.url("")
     );
-    let mut child = home
-        .cmd()
-        .args(["secret", "set", "app", "--kind", "github_app"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(doc.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    home.set_typed("app", "github_app", &doc);
     let port = home.https_port();
     let routes = |extra: &str| {
         format!(
