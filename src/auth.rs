@@ -19,6 +19,7 @@ use crate::deny::{AuthStage, Deny};
 use crate::fsutil;
 
 pub mod revocation;
+pub mod sessions;
 
 pub use revocation::sync::{
     load_revocations, publish_revocation, resync_revocations, sync_revocations,

@@ -1476,30 +1476,16 @@ async fn run_agent(dirs: &Dirs, state: &StateArgs, args: RunArgs) -> Result<Exit
 /// Sessions issued here (never the token itself), so that `token revoke JTI` knows how long
 /// to keep the revocation.
 fn record_session(state_dir: &Path, claims: &auth::Claims) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = state_dir.join("sessions.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot record the session in {}", path.display()))?;
-    let line = serde_json::json!({
-        "jti": claims.jti, "agent": claims.sub, "obo": claims.obo, "task": claims.task,
-        "iat": claims.iat, "exp": claims.exp, "routes": claims.routes,
-    });
-    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    auth::sessions::record(state_dir, claims).with_context(|| {
+        format!(
+            "cannot record the session in {}",
+            auth::sessions::path(state_dir).display()
+        )
+    })
 }
 
 /// Sessions recorded at issue time that have neither expired nor been revoked.
 async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Result<ExitCode> {
-    let path = dirs.state_dir.join("sessions.jsonl");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
-    };
     let revs = Revocations::open(&dirs.state_dir)?;
     if let Some(st) = state.open()? {
         let stored = auth::load_revocations(&st)
@@ -1507,30 +1493,16 @@ async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Resu
             .context("cannot read revocations from the shared state (--redis)")?;
         revs.learn(stored);
     }
-    let now = auth::unix_now();
+    let sessions = auth::sessions::live(&dirs.state_dir, &revs).with_context(|| {
+        format!(
+            "cannot read {}",
+            auth::sessions::path(&dirs.state_dir).display()
+        )
+    })?;
     let mut live = 0;
     println!("SESSION                           AGENT            ON-BEHALF-OF     EXPIRES               TASK");
-    for line in text.lines() {
-        let Ok(claims) = serde_json::from_str::<SessionLine>(line) else {
-            continue;
-        };
-        if agent.is_some_and(|a| a != claims.agent) || claims.exp <= now {
-            continue;
-        }
-        let as_claims = auth::Claims {
-            iss: auth::ISSUER.into(),
-            aud: auth::AUDIENCE.into(),
-            sub: claims.agent.clone(),
-            jti: claims.jti.clone(),
-            iat: claims.iat,
-            exp: claims.exp,
-            nbf: None,
-            obo: None,
-            task: None,
-            routes: None,
-            kid: None,
-        };
-        if revs.is_revoked(&as_claims) {
+    for claims in sessions {
+        if agent.is_some_and(|a| a != claims.agent) {
             continue;
         }
         live += 1;
@@ -1549,23 +1521,12 @@ async fn token_list(dirs: &Dirs, state: &StateArgs, agent: Option<&str>) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line of `sessions.jsonl`.
-#[derive(serde::Deserialize)]
-struct SessionLine {
-    jti: String,
-    agent: String,
-    obo: Option<String>,
-    task: Option<String>,
-    iat: u64,
-    exp: u64,
-}
-
 fn session_exp(state_dir: &Path, jti: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(state_dir.join("sessions.jsonl")).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["jti"] == jti)
-        .and_then(|v| v["exp"].as_u64())
+    auth::sessions::read(state_dir)
+        .ok()?
+        .into_iter()
+        .find(|l| l.jti == jti)
+        .map(|l| l.exp)
 }
 
 /// Revoke in the state dir, then, with `--redis`, in Redis and on every replica. The local

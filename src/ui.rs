@@ -777,42 +777,10 @@ fn event_value(e: &AuditEvent) -> minijinja::Value {
     minijinja::Value::from_serialize(e)
 }
 
-/// A session recorded at issue time (`sessions.jsonl`), never the token itself.
-#[derive(serde::Deserialize)]
-struct SessionLine {
-    jti: String,
-    agent: String,
-    obo: Option<String>,
-    task: Option<String>,
-    iat: u64,
-    exp: u64,
-    #[serde(default)]
-    routes: Option<Vec<String>>,
-}
-
-/// Sessions issued on this host that have neither expired nor been revoked.
-fn live_sessions(state_dir: &Path, revs: &Revocations) -> Vec<SessionLine> {
-    let text = std::fs::read_to_string(state_dir.join("sessions.jsonl")).unwrap_or_default();
-    let now = auth::unix_now();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<SessionLine>(l).ok())
-        .filter(|l| l.exp > now)
-        .filter(|l| {
-            !revs.is_revoked(&auth::Claims {
-                iss: auth::ISSUER.into(),
-                aud: auth::AUDIENCE.into(),
-                sub: l.agent.clone(),
-                jti: l.jti.clone(),
-                iat: l.iat,
-                exp: l.exp,
-                nbf: None,
-                obo: None,
-                task: None,
-                routes: None,
-                kid: None,
-            })
-        })
-        .collect()
+/// Sessions issued on this host that have neither expired nor been revoked (none when the
+/// sessions file cannot be read: the page says there are none rather than failing).
+fn live_sessions(state_dir: &Path, revs: &Revocations) -> Vec<auth::sessions::SessionLine> {
+    auth::sessions::live(state_dir, revs).unwrap_or_default()
 }
 
 fn rfc3339(secs: u64) -> String {
