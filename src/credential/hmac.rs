@@ -168,18 +168,6 @@ fn placeholder(name: &str, ctx: Context) -> Result<Part, String> {
     Ok(part)
 }
 
-/// Headers an hmac credential may not set: they steer the proxy or the connection.
-const RESERVED: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
 const SETTINGS: &[&str] = &[
     "kind",
     "algorithm",
@@ -278,7 +266,9 @@ impl super::Kind for HmacKind {
             let lower = header.to_ascii_lowercase();
             let hname = HeaderName::from_bytes(lower.as_bytes())
                 .map_err(|_| invalid(format!("{header:?} is not a valid header name")))?;
-            if RESERVED.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+            // SECURITY: what no route may inject (host, hop-by-hop, proxy-*), and the body's
+            // length, which the proxy frames.
+            if crate::policy::parse::is_reserved_header(&lower) || lower == "content-length" {
                 return Err(invalid(format!("{header:?} cannot be set (reserved)")));
             }
             let toml::Value::String(template) = template else {

@@ -764,13 +764,20 @@ fn is_header_text(s: &str) -> bool {
         .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
 }
 
+/// Whether `lower` (a lower-case header name) is one no credential may set: `host`, the
+/// hop-by-hop headers and every `proxy-*` header. Shared by routes' `inject` and the `hmac`
+/// kind's signature headers.
+pub fn is_reserved_header(lower: &str) -> bool {
+    FORBIDDEN_HEADERS.contains(&lower) || lower.starts_with("proxy-")
+}
+
 fn parse_header_name(text: &str) -> Result<HeaderName, String> {
     let lower = text.to_ascii_lowercase();
     let name = HeaderName::from_bytes(lower.as_bytes())
         .map_err(|_| format!("{text:?} is not a valid header name"))?;
     // SECURITY: a route must not be able to redirect the request (host), speak to the proxy
     // (proxy-*), or change framing / connection handling (hop-by-hop headers).
-    if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+    if is_reserved_header(name.as_str()) {
         return Err(format!(
             "{text:?} cannot be injected (host, proxy-* and hop-by-hop headers are reserved)"
         ));
