@@ -185,14 +185,7 @@ impl super::Kind for HmacKind {
 
     fn build(&self, name: &str, doc: &TypedDoc) -> Result<Arc<dyn Credential>, KindError> {
         let invalid = |why: String| KindError::Invalid(format!("hmac credential {name}: {why}"));
-        for key in doc.table.keys() {
-            if key != SECRET_TABLE && !SETTINGS.contains(&key.as_str()) {
-                return Err(invalid(format!(
-                    "unknown setting {key:?} (known: {})",
-                    SETTINGS[1..].join(", ")
-                )));
-            }
-        }
+        doc.only_settings(SETTINGS).map_err(invalid)?;
         let text = |key: &str| -> Result<Option<&str>, KindError> {
             match doc.table.get(key) {
                 None => Ok(None),

@@ -103,14 +103,7 @@ impl super::Kind for SigV4Kind {
     fn build(&self, name: &str, doc: &TypedDoc) -> Result<Arc<dyn Credential>, KindError> {
         let invalid =
             |why: String| KindError::Invalid(format!("aws_sigv4 credential {name}: {why}"));
-        for key in doc.table.keys() {
-            if key != SECRET_TABLE && !SETTINGS.contains(&key.as_str()) {
-                return Err(invalid(format!(
-                    "unknown setting {key:?} (known: {})",
-                    SETTINGS[1..].join(", ")
-                )));
-            }
-        }
+        doc.only_settings(SETTINGS).map_err(invalid)?;
         let setting = |key: &str| -> Result<Option<String>, KindError> {
             match doc.table.get(key) {
                 None => Ok(None),

@@ -79,6 +79,23 @@ fn wipe(table: &mut Table) {
     }
 }
 
+impl TypedDoc {
+    /// Refuse a top-level key that is neither `[secret]` nor in `settings` (whose first entry
+    /// is `kind`): a misspelt setting must not silently fall back to a default. The error
+    /// names the key and the known settings, never a value.
+    pub fn only_settings(&self, settings: &[&str]) -> Result<(), String> {
+        for key in self.table.keys() {
+            if key != SECRET_TABLE && !settings.contains(&key.as_str()) {
+                return Err(format!(
+                    "unknown setting {key:?} (known: {})",
+                    settings[1..].join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a stored typed document cannot be read. Never holds a value: TOML's own error
 /// message quotes the input, so only its position is kept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
