@@ -3,9 +3,9 @@
 //! Two backends sit behind the [`SecretBackend`] trait: `file`, the encrypted-at-rest
 //! [`SecretStore`] in the state dir, and `openbao`, a KV v2 engine in OpenBao or HashiCorp
 //! Vault ([`OpenBao`]). The proxy and the CLI use them through [`Secrets`], which reads the
-//! file store directly (one `stat` per lookup) and OpenBao through a [`SecretCache`], so the
-//! request path answers from memory and never waits on a remote secret manager for longer than
-//! a short, bounded fetch.
+//! file store directly (at most one `stat` a millisecond) and OpenBao through a
+//! [`SecretCache`], so the request path answers from memory and never waits on a remote secret
+//! manager for longer than a short, bounded fetch.
 //!
 //! This module owns every credential value latchkey injects. It must never put a value into
 //! an error, a log line, a span or an audit event: callers get values only through
@@ -199,12 +199,13 @@ impl Secrets {
     }
 
     /// The value of `name` as the backend holds it now: the file store re-reads a changed
-    /// file (as `get` does), OpenBao is asked directly, past the cache (bounded by its own
-    /// timeout), and the cache is dropped so the next `get` sees the same. For the rare reads
-    /// that must see another replica's write (a refreshed OAuth token).
+    /// file (looking at once, where `get` looks at most once a millisecond), OpenBao is asked
+    /// directly, past the cache (bounded by its own timeout), and the cache is dropped so the
+    /// next `get` sees the same. For the rare reads that must see another replica's write (a
+    /// refreshed OAuth token).
     pub async fn get_fresh(&self, name: &str) -> Result<Option<Arc<Secret>>, BackendError> {
         match self {
-            Secrets::File(store) => SecretStore::get(store, name).map_err(BackendError::File),
+            Secrets::File(store) => store.get_fresh(name).map_err(BackendError::File),
             Secrets::OpenBao(cache) => {
                 let value = SecretBackend::get(cache.backend(), name).await?;
                 cache.invalidate(name).await;
