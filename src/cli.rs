@@ -409,6 +409,11 @@ struct ServeArgs {
     /// Mark the dashboard's cookies Secure: set it when a TLS front proxy serves /ui/.
     #[arg(long)]
     ui_secure_cookie: bool,
+    /// Threads that serve connections (default: the CPUs this process may run on). With 1,
+    /// latchkey runs a single event loop without the work-stealing scheduler: the cheapest
+    /// set-up per request for a proxy given one core (e.g. `taskset -c 1`).
+    #[arg(long, env = "LATCHKEY_WORKER_THREADS", value_name = "N")]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -687,6 +692,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("the duration must be positive".into());
     }
     Ok(d)
+}
+
+impl Cli {
+    /// How many threads the async runtime should have: `serve --worker-threads`, else the
+    /// CPUs this process may run on. Every other command gets the default (it serves nothing).
+    pub fn worker_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Serve(args) => Some(args.worker_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                std::num::NonZeroUsize::get,
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Run the parsed command line.

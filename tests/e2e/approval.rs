@@ -878,3 +878,64 @@ fn held_requests_a_crashed_run_left_behind_are_forgotten_at_start() {
     assert!(!held_file.exists());
     assert!(waiting(&home).is_empty());
 }
+
+/// `serve --worker-threads 1` runs one event loop (the set-up for a proxy given one core): a
+/// request held for approval and one waiting on a slow upstream must still block nobody, and
+/// every request keeps its credential, its answer and its audit line.
+#[test]
+fn one_worker_thread_serves_everyone_while_one_request_is_held_and_another_is_slow() {
+    let (home, proxy, token) = ready(&["--worker-threads", "1"]);
+    std::thread::scope(|s| {
+        let held = s.spawn(|| post(&home, &proxy, &token, "/pay/x", r#"{"amount":1}"#));
+        let waiting_now = wait_for_waiting(&home, 1);
+        let slow = s.spawn(|| {
+            home.curl(
+                &proxy,
+                &token,
+                &[],
+                &home.api_url("/delay/3000/repos/acme/backend/issues"),
+            )
+        });
+        let started = Instant::now();
+        let quick: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    home.curl(
+                        &proxy,
+                        &token,
+                        &[],
+                        &home.api_url("/repos/acme/backend/issues"),
+                    )
+                })
+            })
+            .collect();
+        for q in quick {
+            let r = q.join().unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "16 quick requests waited on the held or the slow one: {:?}",
+            started.elapsed()
+        );
+        let id = waiting_now[0]["id"].as_str().unwrap();
+        let out = home.run(&["approvals", "approve", id, "--as", "carol"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(held.join().unwrap().status, 200);
+        assert_eq!(slow.join().unwrap().status, 200);
+    });
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), 18, "16 quick, the slow one, the approved one");
+    assert!(seen
+        .iter()
+        .all(|r| r.header("authorization") == Some(format!("Bearer {SECRET}").as_str())));
+    // 18 tunnels, 18 requests in them, the two approval steps.
+    let requests: Vec<Value> = home
+        .wait_audit(38)
+        .into_iter()
+        .filter(|l| l["kind"].is_null() && l["method"] != "CONNECT")
+        .collect();
+    assert_eq!(requests.len(), 18, "{requests:?}");
+    assert!(requests.iter().all(|l| l["status"] == 200), "{requests:?}");
+    verify(&home);
+}
