@@ -32,6 +32,9 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// Most events encoded into one batch (one write syscall).
 const MAX_BATCH: usize = 1024;
 
+/// How long the writer collects lines after the first one of a batch (see `run_writer`).
+const GROUP_COMMIT: Duration = Duration::from_millis(2);
+
 /// Back-off between retries of a failed write: long enough not to spin on a full disk,
 /// short enough that the queue drains promptly once space is back.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -496,12 +499,14 @@ async fn run_writer(
         if received == 0 {
             break; // queue closed (or every sink dropped) and empty
         }
-        if batch.len() < MAX_BATCH {
+        if batch.len() < MAX_BATCH && !closing {
             // Group commit: a woken writer would otherwise run at once (tokio schedules a
-            // woken task next on the waking thread) and hand the disk one line per write.
-            // Letting the requests that are running finish first fills the batch; it costs
-            // the log a scheduling round, never a request.
-            tokio::task::yield_now().await;
+            // woken task next on the waking thread) and hand the disk a few lines per write,
+            // each write a hand-off to a blocking thread and back. Collecting for
+            // GROUP_COMMIT first makes that one write per GROUP_COMMIT under load (profiled
+            // in BENCHMARKS.md), and while the writer sleeps a request's line costs a push,
+            // not a wake-up. It delays the log by at most GROUP_COMMIT, never a request.
+            tokio::time::sleep(GROUP_COMMIT).await;
             queues.try_take(&mut batch);
         }
         let mut lines: u64 = 0;
