@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use aho_corasick::{AhoCorasick, Input, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -75,12 +75,18 @@ impl Needles {
         // Leftmost-longest, the semantics that keep the SIMD prefilter (Teddy) on the whole
         // pass; `matches` restarts just after each match's start so that one encoding cannot
         // shadow another that starts inside it (overlapping search is ~40x slower).
+        // A contiguous NFA, not the DFA `build_auto` picks for this few patterns: there are
+        // two searchers per route and credential, a DFA of ~25 encodings is 290-470 KiB and
+        // an NFA a small fraction, and a response scan is the prefilter's work either way
+        // (`inject` bench `redact/64KiB_no_match` unchanged; BENCHMARKS.md, round two).
         let searcher = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
             .build(patterns.clone())
             .expect("a few hundred short literal patterns fit the automaton's limits");
         let name_searcher = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
             .ascii_case_insensitive(true)
             .build(patterns)
             .expect("a few hundred short literal patterns fit the automaton's limits");
