@@ -262,11 +262,11 @@ impl SecretStore {
     /// last read (one `stat`, at most every [`CHECK_INTERVAL`]), so a secret set by another
     /// process is used without a restart, from at most `CHECK_INTERVAL` after the write on.
     pub fn get(&self, name: &str) -> Result<Option<Arc<Secret>>, StoreError> {
-        let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = self.since_opened_ns();
         let last = self.checked_ns.load(Ordering::Relaxed);
         // `last == 0`: never looked (or the first look failed), so look now.
         if last == 0 || now.saturating_sub(last) >= CHECK_INTERVAL.as_nanos() as u64 {
-            return self.get_fresh(name);
+            return self.look(now, name);
         }
         Ok(self.loaded_value(name))
     }
@@ -275,10 +275,19 @@ impl SecretStore {
     /// that must see another process's write of a moment ago, e.g. an OAuth refresh that
     /// just took the replicas' lock).
     pub fn get_fresh(&self, name: &str) -> Result<Option<Arc<Secret>>, StoreError> {
-        let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.look(self.since_opened_ns(), name)
+    }
+
+    /// Compare the file's stamp (reloading a changed file), note that it was looked at `now`,
+    /// and answer from what is loaded.
+    fn look(&self, now: u64, name: &str) -> Result<Option<Arc<Secret>>, StoreError> {
         self.refresh()?;
         self.checked_ns.store(now.max(1), Ordering::Relaxed);
         Ok(self.loaded_value(name))
+    }
+
+    fn since_opened_ns(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn loaded_value(&self, name: &str) -> Option<Arc<Secret>> {

@@ -481,15 +481,41 @@ fn issue_waiting(
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
+    let (line, id) = grant_line(&mut err);
+    assert!(line.contains("waiting for approval"), "{line}");
+    (child, id, err)
+}
+
+/// The first line a command waiting for a grant prints (`approval ID: ...`), and the id.
+fn grant_line(err: &mut impl BufRead) -> (String, String) {
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
-    assert!(line.contains("waiting for approval"), "{line}");
     let id = line
         .strip_prefix("approval ")
         .and_then(|r| r.split(':').next())
         .unwrap_or_else(|| panic!("no grant id in {line:?}"))
         .to_owned();
-    (child, id, err)
+    (line, id)
+}
+
+/// Wait for `child` to exit: its status and everything it wrote to stdout.
+fn finish(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status, out)
+}
+
+/// What is left to read of a child's stderr.
+fn rest_of(err: &mut impl Read) -> String {
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    rest
 }
 
 #[test]
@@ -518,16 +544,8 @@ fn a_session_token_exists_only_after_a_person_approves_the_grant_narrowed() {
         "carol",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let status = child.wait().unwrap();
-    let mut token = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut token)
-        .unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
+    let (status, token) = finish(&mut child);
+    let rest = rest_of(&mut err);
     assert!(status.success(), "{rest}");
     let token = token.trim().to_owned();
     // The token carries only the approved route, for the approved time.
@@ -588,16 +606,8 @@ fn a_denied_or_unanswered_grant_issues_no_token() {
         "--as",
         "carol",
     ]);
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
+    let (status, out) = finish(&mut child);
+    let rest = rest_of(&mut err);
     assert!(!status.success());
     assert!(out.trim().is_empty(), "no token on stdout: {out}");
     assert!(rest.contains("denied by carol: no prod today"), "{rest}");
@@ -605,8 +615,7 @@ fn a_denied_or_unanswered_grant_issues_no_token() {
     let start = Instant::now();
     let (mut child, _id, mut err) = issue_waiting(&home, &["--wait", "1s"]);
     let status = child.wait().unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
+    let rest = rest_of(&mut err);
     assert!(!status.success());
     assert!(rest.contains("nobody approved"), "{rest}");
     assert!(start.elapsed() < Duration::from_secs(10));
@@ -836,23 +845,10 @@ fn run_waits_for_the_grant_and_starts_the_command_only_once_approved() {
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let id = line
-        .strip_prefix("approval ")
-        .and_then(|r| r.split(':').next())
-        .unwrap_or_else(|| panic!("no grant id in {line:?}"))
-        .to_owned();
+    let (_, id) = grant_line(&mut err);
     assert!(child.try_wait().unwrap().is_none(), "the command waits");
     home.run_ok(&["approvals", "approve", &id, "--as", "carol"]);
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (status, out) = finish(&mut child);
     assert!(status.success(), "{out}");
     assert_eq!(out.trim(), "started");
 }

@@ -291,6 +291,17 @@ fn fire(home: &Home, proxy: &Proxy, token: &str, path: &str, n: usize) -> Vec<u1
     })
 }
 
+/// An authorization server whose tokens live `lifetime`, and a home with the OAuth policy and
+/// alice's `acme` connection (code flow). Also returns a moment after her token was minted: it
+/// expires within `lifetime` from then.
+fn connected_home(lifetime: Duration) -> (AuthServer, Home, Instant) {
+    let server = AuthServer::start(lifetime.as_secs());
+    let home = Home::new();
+    oauth_policy(&home, "");
+    connect_code(&home, &server, "acme", None, "alice");
+    (server, home, Instant::now())
+}
+
 /// Wait until the access token minted `lifetime` ago can no longer be sent.
 fn wait_until_expired(since: Instant, lifetime: Duration) {
     eventually(lifetime * 3, "the access token expires", || {
@@ -489,12 +500,7 @@ fn device_flow_connects_a_headless_host() {
 #[test]
 fn two_hundred_requests_around_an_expiry_cause_exactly_one_refresh() {
     let lifetime = Duration::from_secs(3);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let proxy = home.serve(&[]);
     let token = home.issue("bot", &[]);
     // The refreshed token lives an hour, so however long the burst takes on a loaded machine
@@ -517,12 +523,7 @@ fn two_hundred_requests_around_an_expiry_cause_exactly_one_refresh() {
 #[test]
 fn a_rotated_refresh_token_survives_a_restart() {
     let lifetime = Duration::from_secs(2);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let first_rt = server.stats()["live_refresh"][0]
         .as_str()
         .unwrap()
@@ -560,12 +561,7 @@ fn a_rotated_refresh_token_survives_a_restart() {
 #[test]
 fn invalid_grant_breaks_the_connection_until_it_is_made_again() {
     let lifetime = Duration::from_secs(2);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let proxy = home.serve(&[]);
     let token = home.issue("bot", &[]);
     server.control(json!({"revoke_refresh": true}));
@@ -614,12 +610,7 @@ fn invalid_grant_breaks_the_connection_until_it_is_made_again() {
 #[test]
 fn a_stalled_token_endpoint_is_answered_503_in_bounded_time() {
     let lifetime = Duration::from_secs(2);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let proxy = home.serve(&["--credential-wait", "2s"]);
     let token = home.issue("bot", &[]);
     server.control(json!({"slow": 30}));
@@ -649,12 +640,7 @@ fn a_stalled_token_endpoint_is_answered_503_in_bounded_time() {
 #[test]
 fn a_broken_token_endpoint_is_503_naming_the_cause() {
     let lifetime = Duration::from_secs(2);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let proxy = home.serve(&[]);
     let token = home.issue("bot", &[]);
     server.control(json!({"broken": true}));
@@ -683,12 +669,7 @@ fn a_broken_token_endpoint_is_503_naming_the_cause() {
 fn two_replicas_with_redis_refresh_once_between_them() {
     let redis = crate::redis::RedisServer::start();
     let lifetime = Duration::from_secs(3);
-    let server = AuthServer::start(lifetime.as_secs());
-    let home = Home::new();
-    oauth_policy(&home, "");
-    connect_code(&home, &server, "acme", None, "alice");
-    // The token was minted before connect returned: it expires within `lifetime` from here.
-    let connected = Instant::now();
+    let (server, home, connected) = connected_home(lifetime);
     let token = home.issue("bot", &[]);
     // Two replicas sharing one secret store (as they would share OpenBao), each with its own
     // audit log; the refresh lock is in Redis.
