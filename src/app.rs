@@ -90,6 +90,10 @@ pub struct ServeConfig {
     pub ui_listen: Option<SocketAddr>,
     /// Mark the dashboard's cookies `Secure` (it is served over TLS by a front proxy).
     pub ui_secure_cookie: bool,
+    /// Threads of the runtime `serve` runs on (`--worker-threads`, else the CPUs this process
+    /// may use). [`run`] serves on whatever runtime it is called from; [`runtime_builder`]
+    /// builds the one this asks for.
+    pub worker_threads: usize,
 }
 
 /// `--approval-timeout`, `--approval-queue`, `--approval-webhook`.
@@ -149,6 +153,7 @@ impl ServeConfig {
             approval: ApprovalConfig::default(),
             ui_listen: None,
             ui_secure_cookie: false,
+            worker_threads: available_threads(),
         }
     }
 
@@ -158,6 +163,23 @@ impl ServeConfig {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
     }
+}
+
+/// The CPUs this process may run on (its affinity and cgroup quota count), at least one.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// The runtime for `serve` with `threads` threads. One is a single current-thread event loop:
+/// every request of a proxy given one core then runs without the work-stealing scheduler's
+/// cross-thread wake-ups (BENCHMARKS.md, "Performance, round two").
+pub fn runtime_builder(threads: usize) -> tokio::runtime::Builder {
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(threads);
+    builder
 }
 
 /// The host name, or `latchkey` when it cannot be read.

@@ -699,12 +699,17 @@ impl Cli {
     /// CPUs this process may run on. Every other command gets the default (it serves nothing).
     pub fn worker_threads(&self) -> Option<usize> {
         match &self.command {
-            Command::Serve(args) => Some(args.worker_threads.map_or_else(
-                || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-                std::num::NonZeroUsize::get,
-            )),
+            Command::Serve(args) => Some(args.threads()),
             _ => None,
         }
+    }
+}
+
+impl ServeArgs {
+    /// `--worker-threads`, else the CPUs this process may run on.
+    fn threads(&self) -> usize {
+        self.worker_threads
+            .map_or_else(app::available_threads, std::num::NonZeroUsize::get)
     }
 }
 
@@ -944,6 +949,7 @@ fn serve_config(dirs: &Dirs, state: &StateArgs, args: ServeArgs) -> Result<Serve
         dirs.certs.clone(),
         dirs.state_dir.clone(),
     );
+    cfg.worker_threads = args.threads();
     cfg.listen = args.listen;
     cfg.listen_tls = args.listen_tls;
     cfg.tls_names = args.tls_names;

@@ -19,15 +19,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    // One thread: a single event loop. Every request of a proxy pinned to one core then runs
-    // without the work-stealing scheduler's cross-thread wake-ups (measured in BENCHMARKS.md).
     let mut builder = match cli.worker_threads() {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+        Some(threads) => latchkey::app::runtime_builder(threads),
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {

@@ -1280,8 +1280,8 @@ impl Proxy {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let for_workers = dispatch.clone();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // The runtime the binary would build for this config (`--worker-threads`).
+            let rt = latchkey::app::runtime_builder(cfg.worker_threads)
                 .enable_all()
                 .on_thread_start(move || {
                     // Kept for the thread's whole life: the guard is never dropped.

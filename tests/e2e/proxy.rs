@@ -627,3 +627,42 @@ fn curl_http10_is_served_in_the_tunnel() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["route"], "issues-read");
 }
+
+/// A running proxy notices the file store changed under it (another process's `secret set`
+/// and `secret rm`): a rotated value is injected from the next request on, and a removed one
+/// is never sent again: the agent gets 503 `secret_unavailable`, the upstream nothing, and the
+/// audit line says why. (The store is looked at once a millisecond, not per request.)
+#[test]
+fn a_secret_rotated_or_removed_while_serving_is_used_or_refused_on_the_next_request() {
+    let (home, proxy, token) = ready();
+    let url = home.api_url("/repos/acme/backend/issues");
+    let r = home.curl(&proxy, &token, &[], &url);
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    home.set_secret("github", "rotated-value-5555");
+    let r = home.curl(&proxy, &token, &[], &url);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some("Bearer rotated-value-5555")
+    );
+
+    home.run_ok(&["secret", "rm", "github"]);
+    let r = home.curl(&proxy, &token, &[], &url);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["reason"], "secret_unavailable");
+    assert_eq!(home.upstream.seen().len(), 2, "nothing went upstream");
+    let lines = home.wait_audit(6);
+    let last = lines
+        .iter()
+        .rev()
+        .find(|l| l["method"] == "GET")
+        .expect("the refused request's line");
+    assert_eq!(last["decision"], "deny");
+    assert_eq!(last["reason"], "secret_unavailable");
+    assert_eq!(last["status"], 503);
+    let raw = std::fs::read_to_string(home.state().join("audit.jsonl")).unwrap();
+    assert!(!raw.contains("rotated-value-5555") && !raw.contains(SECRET));
+}
