@@ -67,13 +67,19 @@ def serve(cert, key, log_path):
         cancelled = threading.Event()
         ctx.add_callback(cancelled.set)
         record(ctx, "Endless")
-        i = 0
-        while not cancelled.is_set() and i < 600:
-            yield b"tick-%d" % i
-            i += 1
-            time.sleep(0.05)
-        with log_lock, open(log_path, "a") as f:
-            f.write(json.dumps({"method": "EndlessEnded", "cancelled": cancelled.is_set()}) + "\n")
+        try:
+            for i in range(600):
+                if cancelled.is_set():
+                    break
+                yield b"tick-%d" % i
+                time.sleep(0.05)
+        finally:
+            # When grpc notices the cancellation while sending a tick, it abandons this
+            # generator at its `yield` (GeneratorExit), so the end is recorded here, not after
+            # the loop; the callback may run a moment after that.
+            cancelled.wait(5)
+            with log_lock, open(log_path, "a") as f:
+                f.write(json.dumps({"method": "EndlessEnded", "cancelled": cancelled.is_set()}) + "\n")
 
     handlers = {
         "Ok": grpc.unary_unary_rpc_method_handler(unary_ok, ident, ident),
