@@ -2,7 +2,8 @@
 //! audit. `server` owns sockets, TLS and shutdown; `request` owns the stages of one request
 //! and its audit record; `body` the bodies on the way through (`decode` undoes an
 //! upstream's compression where redaction must read the body); `forward` the upstream client;
-//! `gateway` the base-URL mode (`/gw/<route>/...` in origin form, the token as an API key).
+//! `gateway` the base-URL mode (`/gw/<route>/...` in origin form, the token as an API key);
+//! `primed` a tunnel's stream with its first byte read ahead.
 
 pub mod admin;
 pub mod approve;
@@ -11,6 +12,7 @@ pub mod decode;
 pub mod forward;
 pub mod gateway;
 pub mod limits;
+pub mod primed;
 pub mod request;
 pub mod server;
 pub mod websocket;

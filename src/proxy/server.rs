@@ -15,12 +15,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -29,6 +30,7 @@ use tracing::{debug, warn, Instrument};
 use super::body::AuditedBody;
 use super::gateway;
 use super::limits::Admission;
+use super::primed::Primed;
 use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
@@ -510,7 +512,6 @@ impl Tunnel {
                 Err(_) => return debug!("agent TLS handshake timed out"),
             };
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
         let header_read_timeout = limits.header_read_timeout;
         let (authority, claims) = (self.authority.clone(), self.claims.clone());
         let svc_drain = drain.clone();
@@ -537,18 +538,59 @@ impl Tunnel {
                 .initial_connection_window_size(4 << 20)
                 // RFC 8441: WebSocket over an HTTP/2 stream (extended CONNECT).
                 .enable_connect_protocol()
-                .serve_connection(io, service);
+                .serve_connection(TokioIo::new(tls), service);
             // HTTP/2 errors end the connection, not one request: no line of their own.
             let _ = serve_until_drained(conn, drain, "h2 tunnel").await;
         } else {
+            // The HTTP/1 connection (and hyper's two 8 KiB buffers) is built when the first
+            // request begins, not for a tunnel the agent has opened but not used yet. Its
+            // head is still due within the header read timeout of the tunnel being ready, as
+            // every later head is of the connection going idle (hyper's timer).
+            let mut drain = drain;
+            let head_due = tokio::time::Instant::now() + header_read_timeout;
+            let waited = tokio::select! {
+                r = tokio::time::timeout_at(head_due, Primed::first_byte(tls)) => r,
+                _ = drain.stopped() => return,
+            };
+            let io = match waited {
+                Ok(Ok(Some(io))) => io,
+                Ok(Ok(None)) => return debug!("tunnel closed before its first request"),
+                Ok(Err(e)) => return debug!(error = %e, "tunnel failed before its first request"),
+                Err(_) => return debug!("no request in the tunnel within the header read timeout"),
+            };
+            let begun = Arc::new(AtomicBool::new(false));
+            let service = {
+                let begun = begun.clone();
+                service_fn(move |req| {
+                    begun.store(true, Ordering::Relaxed);
+                    service.call(req)
+                })
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_buf_size(64 * 1024)
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(io), service)
                 // WebSocket: after its 101 the connection belongs to `proxy::websocket`.
                 .with_upgrades();
-            if let Some(e) = serve_until_drained(conn, drain, "h1 tunnel").await {
+            let served = serve_until_drained(conn, drain, "h1 tunnel");
+            tokio::pin!(served);
+            let first_head = tokio::time::sleep_until(head_due);
+            tokio::pin!(first_head);
+            let mut head_checked = false;
+            let ended = loop {
+                tokio::select! {
+                    ended = &mut served => break ended,
+                    _ = &mut first_head, if !head_checked => {
+                        head_checked = true;
+                        if !begun.load(Ordering::Relaxed) {
+                            debug!("first request head in the tunnel not complete within the header read timeout");
+                            break None;
+                        }
+                    }
+                }
+            };
+            if let Some(e) = ended {
                 record_refused_head(&shared, &e, authority.to_string(), Some(&claims));
             }
         }

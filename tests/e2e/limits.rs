@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 use serde_json::Value;
@@ -663,4 +663,112 @@ fn flood(home: &Home, proxy: &Proxy, token: &str, round: usize) -> (u64, usize) 
         refused
     );
     during
+}
+
+/// How long after `since` the proxy ended `tunnel` (EOF or a reset), reading whatever comes;
+/// `None` if it is still open after `limit`.
+fn tunnel_closed(tunnel: &mut RawTunnel, since: Instant, limit: Duration) -> Option<Duration> {
+    let sock = tunnel.tls.get_ref();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    while since.elapsed() < limit {
+        match tunnel.tls.read(&mut buf) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_tunnel_waiting_for_its_first_request_is_held_to_the_head_deadline_and_ends_at_shutdown() {
+    // The HTTP/1 connection inside a tunnel is built when the first request begins; the wait
+    // before it must bite exactly like the head deadline did: from the tunnel being ready,
+    // not from the first byte.
+    let home = Home::new();
+    home.standard_policy();
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let mut cfg = home.config();
+    cfg.limits.header_read_timeout = Duration::from_secs(3);
+    let proxy = Proxy::in_process(cfg);
+
+    let mut unused = home.tunnel(&proxy, &token);
+    let unused_ready = Instant::now();
+    let mut late = home.tunnel(&proxy, &token);
+    let late_ready = Instant::now();
+    // A request begun 2.5 s in, then never finished: due at 3 s all the same (5.5 s if the
+    // deadline restarted at its first byte).
+    std::thread::sleep(Duration::from_millis(2500));
+    late.tls
+        .write_all(
+            format!(
+                "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
+                home.api_authority()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    late.tls.flush().unwrap();
+    // Meanwhile a tunnel that is used is served as always.
+    let mut used = home.tunnel(&proxy, &token);
+    let r = used
+        .exchange(
+            format!(
+                "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                home.api_authority()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+
+    let late_closed = tunnel_closed(&mut late, late_ready, Duration::from_secs(10))
+        .expect("a tunnel with half a first head stayed open for 10 s");
+    assert!(
+        late_closed < Duration::from_millis(4500),
+        "closed {late_closed:?} after the tunnel was ready: the deadline restarted at the first byte"
+    );
+    let unused_closed = tunnel_closed(&mut unused, unused_ready, Duration::from_secs(10))
+        .expect("an unused tunnel stayed open for 10 s");
+    assert!(
+        unused_closed >= Duration::from_millis(2500),
+        "an unused tunnel closed after {unused_closed:?}, before the header read timeout"
+    );
+    assert_eq!(
+        home.upstream.seen().len(),
+        1,
+        "only the finished request went upstream"
+    );
+
+    // Shutdown does not wait for a tunnel that has not begun a request.
+    let mut cfg = home.config();
+    cfg.limits.header_read_timeout = Duration::from_secs(60);
+    cfg.limits.drain_timeout = Duration::from_secs(30);
+    let proxy2 = Proxy::in_process(cfg);
+    let mut idle = home.tunnel(&proxy2, &token);
+    let asked = Instant::now();
+    proxy2.shutdown();
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for an unused tunnel",
+        asked.elapsed()
+    );
+    assert!(tunnel_closed(&mut idle, asked, Duration::from_secs(5)).is_some());
+
+    // One line per CONNECT and one for the request; the unfinished head and the unused
+    // tunnels wrote none.
+    drop(proxy);
+    let audit = home.audit();
+    let connects = audit.iter().filter(|l| l["method"] == "CONNECT").count();
+    let gets: Vec<&Value> = audit.iter().filter(|l| l["method"] == "GET").collect();
+    assert_eq!((connects, gets.len()), (4, 1), "{audit:?}");
+    assert_eq!(gets[0]["status"], 200);
 }
