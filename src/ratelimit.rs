@@ -233,7 +233,9 @@ impl RateLimits {
     /// Count one request of `agent` on `route` against `rate`.
     pub async fn check(&self, agent: &str, route: &str, rate: Rate, metrics: &Metrics) -> Verdict {
         if let Some(shared) = &self.shared {
-            match shared.check(agent, route, rate).await {
+            // Boxed: a Redis call is kilobytes of state that every request's future would
+            // otherwise carry, rated route or not.
+            match Box::pin(shared.check(agent, route, rate)).await {
                 Ok(v) => return v,
                 Err(e) => {
                     // Availability over exactness: while Redis is away each replica enforces

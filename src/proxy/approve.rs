@@ -44,10 +44,25 @@ pub async fn gate(
     body: &mut Option<Incoming>,
     limit: u64,
 ) -> Result<Option<Bytes>, Deny> {
-    let route = allowed.route();
-    if route.approval() != Approval::Request {
+    if allowed.route().approval() != Approval::Request {
         return Ok(None);
     }
+    // Boxed: what a held request waits on (the approval store, a person) is several KiB of
+    // state that every request's future would otherwise carry, approval route or not.
+    Box::pin(held(shared, ctx, allowed, parts, body, limit)).await
+}
+
+/// The request on an approval route: allowed by an earlier approval for its session and
+/// route, or held until a person decides.
+async fn held(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    allowed: &Allowed,
+    parts: &Parts,
+    body: &mut Option<Incoming>,
+    limit: u64,
+) -> Result<Option<Bytes>, Deny> {
+    let route = allowed.route();
     let holds = &shared.holds;
     let session = ctx.claims.jti.as_str();
     if let Some(a) = holds.allowed(session, route.id()).await {

@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 /// `io` with one byte already read from it.
 pub struct Primed<IO> {
     first: Option<u8>,
+    /// An error met reading on behind the held byte, answered by the next read.
+    deferred: Option<io::Error>,
     io: IO,
 }
 
@@ -25,6 +27,7 @@ impl<IO: AsyncRead + Unpin> Primed<IO> {
             0 => None,
             _ => Some(Primed {
                 first: Some(byte[0]),
+                deferred: None,
                 io,
             }),
         })
@@ -38,15 +41,25 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Primed<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(byte) = this.first.take() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        buf.put_slice(&[byte]);
+        // With whatever already followed it: a reader given one byte would parse in vain and
+        // read again (hyper then doubles its 8 KiB buffer to make room for the next 8 KiB).
         if buf.remaining() > 0 {
-            if let Some(byte) = this.first.take() {
-                // Alone: what follows it is read by the next call (from the TLS session's
-                // buffer when it has arrived), so an error there is never lost.
-                buf.put_slice(&[byte]);
-                return Poll::Ready(Ok(()));
+            match Pin::new(&mut this.io).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) => this.deferred = Some(e),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -93,12 +106,61 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         let n = primed.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"G", "the read-ahead byte alone");
+        assert_eq!(
+            &buf[..n],
+            b"GET / HTTP/1.1\r\n",
+            "the held byte and what followed it"
+        );
         got.extend_from_slice(&buf[..n]);
         agent.write_all(b"Host: a\r\n\r\n").await.unwrap();
         drop(agent);
         primed.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_held_byte_comes_alone_when_nothing_followed_it_yet() {
+        let (mut agent, ours) = tokio::io::duplex(64);
+        agent.write_all(b"G").await.unwrap();
+        let mut primed = Primed::first_byte(ours).await.unwrap().expect("a byte");
+        let mut buf = [0u8; 64];
+        assert_eq!(primed.read(&mut buf).await.unwrap(), 1);
+        assert_eq!(buf[0], b'G');
+        agent.write_all(b"ET").await.unwrap();
+        let n = primed.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"ET");
+    }
+
+    /// Fails its second read (what a TLS stream does on a bad record).
+    struct FailsAfterOne(bool);
+
+    impl AsyncRead for FailsAfterOne {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if std::mem::replace(&mut self.0, true) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad record",
+                )));
+            }
+            buf.put_slice(b"G");
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_behind_the_held_byte_is_answered_by_the_next_read() {
+        let mut primed = Primed::first_byte(FailsAfterOne(false))
+            .await
+            .unwrap()
+            .expect("a byte");
+        let mut buf = [0u8; 8];
+        assert_eq!(primed.read(&mut buf).await.unwrap(), 1);
+        let e = primed.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]

@@ -532,7 +532,8 @@ async fn tripped(shared: &Shared, ctx: &Ctx, hit: Hit) -> Deny {
         "request carried a credential; refused"
     );
     if revoke {
-        revoke_session(shared, &ctx.claims).await;
+        // Boxed: the Redis publish is kilobytes of state the request path would carry always.
+        Box::pin(revoke_session(shared, &ctx.claims)).await;
     }
     Deny::SecretInRequest(leak)
 }

@@ -459,60 +459,14 @@ impl Tunnel {
     async fn run(self, io: TokioIo<hyper::upgrade::Upgraded>, drain: Drain) {
         let shared = self.shared.clone();
         let _open = shared.metrics.tunnel();
-        let limits = &self.shared.limits;
-        let acceptor =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-        let start = match tokio::time::timeout(limits.handshake_timeout, acceptor).await {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => return debug!(error = %e, "no TLS ClientHello in tunnel"),
-            Err(_) => return debug!("TLS ClientHello timed out"),
+        // Each stage that is large and passes is boxed, so the task, which lives as long as
+        // the tunnel, is sized for what it waits on now: a handshake's state is freed when it
+        // is done, and a tunnel not used yet holds its TLS session and little else.
+        let Some(tls) = Box::pin(self.handshake(io)).await else {
+            return;
         };
-        // SECURITY: domain fronting guard. A client that names another host in SNI than in
-        // CONNECT gets no certificate at all.
-        if let Some(sni) = start.client_hello().server_name() {
-            let sni_norm = sni.trim_end_matches('.').to_ascii_lowercase();
-            if sni_norm
-                != self
-                    .authority
-                    .host()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-            {
-                let mut rec = shared.recorder.open(
-                    &Method::CONNECT,
-                    self.authority.to_string(),
-                    String::new(),
-                );
-                rec.who = who(&self.claims);
-                let deny = Deny::HostMismatch {
-                    expected: self.authority.host().to_owned(),
-                    got: format!("TLS SNI {sni_norm}"),
-                };
-                deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
-                // The agent gets no certificate rather than an answer; the line still says
-                // what it would have been told.
-                rec.responded(deny.status().as_u16());
-                rec.finish(Outcome::Denied, Some(deny.code()));
-                return;
-            }
-        }
-        let config = match self
-            .shared
-            .leaves
-            .server_config(self.authority.host())
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return tracing::error!(error = %e, "cannot mint a leaf certificate"),
-        };
-        let tls =
-            match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(error = %e, "agent TLS handshake failed"),
-                Err(_) => return debug!("agent TLS handshake timed out"),
-            };
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let header_read_timeout = limits.header_read_timeout;
+        let header_read_timeout = shared.limits.header_read_timeout;
         let (authority, claims) = (self.authority.clone(), self.claims.clone());
         let svc_drain = drain.clone();
         let service = service_fn(move |req| {
@@ -540,24 +494,27 @@ impl Tunnel {
                 .enable_connect_protocol()
                 .serve_connection(TokioIo::new(tls), service);
             // HTTP/2 errors end the connection, not one request: no line of their own.
-            let _ = serve_until_drained(conn, drain, "h2 tunnel").await;
-        } else {
-            // The HTTP/1 connection (and hyper's two 8 KiB buffers) is built when the first
-            // request begins, not for a tunnel the agent has opened but not used yet. Its
-            // head is still due within the header read timeout of the tunnel being ready, as
-            // every later head is of the connection going idle (hyper's timer).
-            let mut drain = drain;
-            let head_due = tokio::time::Instant::now() + header_read_timeout;
-            let waited = tokio::select! {
-                r = tokio::time::timeout_at(head_due, Primed::first_byte(tls)) => r,
-                _ = drain.stopped() => return,
-            };
-            let io = match waited {
-                Ok(Ok(Some(io))) => io,
-                Ok(Ok(None)) => return debug!("tunnel closed before its first request"),
-                Ok(Err(e)) => return debug!(error = %e, "tunnel failed before its first request"),
-                Err(_) => return debug!("no request in the tunnel within the header read timeout"),
-            };
+            let _ = Box::pin(serve_until_drained(conn, drain, "h2 tunnel")).await;
+            return;
+        }
+        // The HTTP/1 connection (and hyper's two 8 KiB buffers) is built when the first
+        // request begins, not for a tunnel the agent has opened but not used yet. Its head is
+        // still due within the header read timeout of the tunnel being ready, as every later
+        // head is of the connection going idle (hyper's timer).
+        let mut drain = drain;
+        let head_due = tokio::time::Instant::now() + header_read_timeout;
+        let waited = tokio::select! {
+            r = tokio::time::timeout_at(head_due, Primed::first_byte(tls)) => r,
+            _ = drain.stopped() => return,
+        };
+        let io = match waited {
+            Ok(Ok(Some(io))) => io,
+            Ok(Ok(None)) => return debug!("tunnel closed before its first request"),
+            Ok(Err(e)) => return debug!(error = %e, "tunnel failed before its first request"),
+            Err(_) => return debug!("no request in the tunnel within the header read timeout"),
+        };
+        let shared = shared.clone();
+        Box::pin(async move {
             let begun = Arc::new(AtomicBool::new(false));
             let service = {
                 let begun = begun.clone();
@@ -592,6 +549,77 @@ impl Tunnel {
             };
             if let Some(e) = ended {
                 record_refused_head(&shared, &e, authority.to_string(), Some(&claims));
+            }
+        })
+        .await;
+    }
+
+    /// The agent's TLS handshake inside the tunnel, with latchkey's leaf for the CONNECT host.
+    /// `None` (after saying why) when there is no session to serve.
+    async fn handshake(
+        &self,
+        io: TokioIo<hyper::upgrade::Upgraded>,
+    ) -> Option<tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>> {
+        let shared = &self.shared;
+        let limits = &shared.limits;
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = match tokio::time::timeout(limits.handshake_timeout, acceptor).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => {
+                debug!(error = %e, "no TLS ClientHello in tunnel");
+                return None;
+            }
+            Err(_) => {
+                debug!("TLS ClientHello timed out");
+                return None;
+            }
+        };
+        // SECURITY: domain fronting guard. A client that names another host in SNI than in
+        // CONNECT gets no certificate at all.
+        if let Some(sni) = start.client_hello().server_name() {
+            let sni_norm = sni.trim_end_matches('.').to_ascii_lowercase();
+            if sni_norm
+                != self
+                    .authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+            {
+                let mut rec = shared.recorder.open(
+                    &Method::CONNECT,
+                    self.authority.to_string(),
+                    String::new(),
+                );
+                rec.who = who(&self.claims);
+                let deny = Deny::HostMismatch {
+                    expected: self.authority.host().to_owned(),
+                    got: format!("TLS SNI {sni_norm}"),
+                };
+                deny.log(rec.request_id(), rec.who.agent.as_deref(), &rec.host);
+                // The agent gets no certificate rather than an answer; the line still says
+                // what it would have been told.
+                rec.responded(deny.status().as_u16());
+                rec.finish(Outcome::Denied, Some(deny.code()));
+                return None;
+            }
+        }
+        let config = match shared.leaves.server_config(self.authority.host()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mint a leaf certificate");
+                return None;
+            }
+        };
+        match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                debug!(error = %e, "agent TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!("agent TLS handshake timed out");
+                None
             }
         }
     }

@@ -65,9 +65,9 @@ impl<B: SecretBackend> SecretCache<B> {
         if let Some(hit) = self.entries.get(name).await {
             return Ok(hit);
         }
-        self.entries
-            .try_get_with_by_ref(name, self.fetch(name))
-            .await
+        // Boxed: a fetch from the backend is kilobytes of state that every request's future
+        // would otherwise carry, cache hit or not.
+        Box::pin(self.entries.try_get_with_by_ref(name, self.fetch(name))).await
     }
 
     /// Forget `name` (after this process changed it in the backend).
