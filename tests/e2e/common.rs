@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -1649,6 +1649,25 @@ pub fn agent_tls_config(latchkey_ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::Clien
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(cfg)
+}
+
+/// Read (and drop) whatever comes until EOF or a reset: how long after `since` the peer
+/// closed, or `None` when still open `limit` after it. The stream needs a read timeout.
+pub fn closed_within(stream: &mut dyn Read, since: Instant, limit: Duration) -> Option<Duration> {
+    let mut buf = [0u8; 1024];
+    while since.elapsed() < limit {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
+    None
 }
 
 /// A CONNECT tunnel through latchkey with TLS on top (trusting latchkey's CA, a chosen SNI),
