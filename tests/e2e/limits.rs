@@ -695,16 +695,16 @@ fn a_tunnel_waiting_for_its_first_request_is_held_to_the_head_deadline_and_ends_
     // A request begun 2.5 s in, then never finished: due at 3 s all the same (5.5 s if the
     // deadline restarted at its first byte).
     std::thread::sleep(Duration::from_millis(2500));
-    late.tls
-        .write_all(
-            format!(
-                "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
-                home.api_authority()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    late.tls.flush().unwrap();
+    // (On a machine slow enough to get here after 3 s the proxy has closed already; the
+    // timing below still holds, so a failed write is no failure.)
+    let half = format!(
+        "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
+        home.api_authority()
+    );
+    let _ = late
+        .tls
+        .write_all(half.as_bytes())
+        .and_then(|()| late.tls.flush());
     // Meanwhile a tunnel that is used is served as always.
     let mut used = home.tunnel(&proxy, &token);
     let r = used
