@@ -13,6 +13,7 @@ pub mod forward;
 pub mod gateway;
 pub mod limits;
 pub mod primed;
+pub mod readahead;
 pub mod request;
 pub mod server;
 pub mod websocket;

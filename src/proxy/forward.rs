@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::limits::{GlobalSlot, Pool};
+use super::readahead::ReadAhead;
 use crate::deny::Deny;
 use crate::netguard;
 
@@ -111,16 +112,18 @@ pub struct UpstreamPoolFull;
 /// An upstream TCP connection holding its place in the upstream pool until it closes.
 pub struct CountedStream {
     io: TokioIo<TcpStream>,
+    reads: ReadAhead,
     _slot: GlobalSlot,
 }
 
 impl hyper::rt::Read for CountedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.reads.poll_read(&mut this.io, cx, buf)
     }
 }
 
@@ -231,6 +234,7 @@ impl tower_service::Service<Uri> for PinnedConnector {
                         let _ = stream.set_nodelay(true);
                         return Ok(CountedStream {
                             io: TokioIo::new(stream),
+                            reads: ReadAhead::default(),
                             _slot: slot,
                         });
                     }
