@@ -17,6 +17,7 @@
 //! - S2 a new TLS connection per request (proxied: new CONNECT + TLS to latchkey): >= 1.0x.
 //! - S3 plain HTTP, absolute-form through latchkey (insecure_http route): >= 0.6x.
 //! - S4 one 100 MiB download through a credentialed route (body scanned): >= 0.8x.
+//! - S4-up one 100 MiB upload (POST, content-length) through the same route: >= 0.8x.
 //! - S5 2 000 idle CONNECT+TLS tunnels: <= 64 KiB of latchkey RSS per tunnel; reported for
 //!   tunnels not used yet and, opened while those stay open, for 2 000 that served one request.
 //! - S6 first request to 1 000 distinct hosts (leaf mint + both handshakes): p50 <= 3 ms.
@@ -25,7 +26,7 @@
 //! - peak RSS of latchkey (VmHWM) under load: <= 30 MiB.
 //!
 //! Knobs (environment): BENCH_SECS (5) per timed run, BENCH_RUNS (3) per path, BENCH_CONNS (32),
-//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s1gw,s4"),
+//! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s1gw,s4,s4up"),
 //! BENCH_HELD_AGENTS (50), BENCH_HELD_PER_AGENT (10),
 //! BENCH_PERF_DIR (profile latchkey with `perf record -e cpu-clock` during the first proxied run
 //! of each scenario, to DIR/<scenario>.data).
@@ -207,7 +208,14 @@ async fn serve_upstream(tls: TcpListener, plain: TcpListener, cfg: Arc<rustls::S
             };
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let r = respond(req.uri().path(), &big, big_len);
-                async move { Ok::<_, Infallible>(r) }
+                async move {
+                    if req.uri().path() == "/up" {
+                        // S4-up: take the whole upload before answering.
+                        let mut body = req.into_body();
+                        while let Some(Ok(_)) = body.frame().await {}
+                    }
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
@@ -476,8 +484,6 @@ struct Ctx {
     tls: Arc<rustls::ClientConfig>,
 }
 
-type Sender = SendRequest<Empty<Bytes>>;
-
 async fn tcp(addr: SocketAddr) -> Res<TcpStream> {
     let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
@@ -529,9 +535,12 @@ async fn open_tls(
         .await?)
 }
 
-async fn h1<T>(io: T) -> Res<Sender>
+async fn h1<T, B>(io: T) -> Res<SendRequest<B>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
@@ -563,7 +572,12 @@ fn gateway_get(ctx: &Ctx, target: &str) -> Request<Empty<Bytes>> {
 }
 
 /// Send one request and read the whole body; returns the body length.
-async fn fetch(send: &mut Sender, req: Request<Empty<Bytes>>) -> Res<u64> {
+async fn fetch<B>(send: &mut SendRequest<B>, req: Request<B>) -> Res<u64>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     send.ready().await?;
     let resp = send.send_request(req).await?;
     if !resp.status().is_success() {
@@ -786,18 +800,40 @@ async fn hold_requests(
     out
 }
 
-/// S4: one download of the big body over one new connection.
-async fn download(ctx: Arc<Ctx>, via: Via, lk_pid: u32) -> Res<(f64, u64, Usage)> {
+/// S4: one download of the big body over one new connection; S4-up: one upload of as many
+/// bytes (`/up`, which the upstream drains). Returns MB/s, bytes moved and the usage.
+async fn transfer(ctx: Arc<Ctx>, via: Via, lk_pid: u32, up: bool) -> Res<(f64, u64, Usage)> {
     let api = format!("{API_HOST}:{}", ctx.https.port());
     let tls = open_tls(&ctx, via, API_HOST).await?;
-    let mut s = h1(tls).await?;
+    let mut s: SendRequest<UpBody> = h1(tls).await?;
     // Warm the connection (and latchkey's upstream pool) with one small request.
-    fetch(&mut s, get(&api, "/small", None)).await?;
+    fetch(&mut s, get(&api, "/small", None).map(|b| b.boxed())).await?;
     let meter = Meter::start(lk_pid);
     let t0 = Instant::now();
-    let n = fetch(&mut s, get(&api, "/big", None)).await?;
+    let n = if up {
+        let len = big_len();
+        let req = Request::post("/up")
+            .header("host", api.as_str())
+            .header("content-length", len)
+            .header("content-type", "application/octet-stream")
+            .body(
+                Repeat {
+                    chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+                    left: len,
+                }
+                .boxed(),
+            )?;
+        fetch(&mut s, req).await?;
+        len
+    } else {
+        fetch(&mut s, get(&api, "/big", None).map(|b| b.boxed())).await?
+    };
     let secs = t0.elapsed().as_secs_f64();
     Ok((n as f64 / secs / 1e6, n, meter.stop()))
+}
+
+fn big_len() -> u64 {
+    env_num("BENCH_BIG_MIB", 100) as u64 * 1024 * 1024
 }
 
 /// S6: one new connection and one request per host, one host at a time.
@@ -969,8 +1005,8 @@ max_ttl = "2h"
 [[routes]]
 id = "api"
 host = "{API_HOST}:{hp}"
-methods = ["GET"]
-paths = ["/small", "/big"]
+methods = ["GET", "POST"]
+paths = ["/small", "/big", "/up"]
 credential = "bench_token"
 inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 
@@ -1322,19 +1358,22 @@ approval = "request"
         ]);
     }
 
-    if want("s4") {
+    for (key, up, what) in [("s4", false, "download"), ("s4up", true, "upload")] {
+        if !want(key) {
+            continue;
+        }
         let mut res: [Vec<(f64, Usage)>; 2] = [Vec::new(), Vec::new()];
         for i in 0..runs {
             for via in [Via::Direct, Via::Proxied] {
                 let perf = (i == 0 && via == Via::Proxied)
-                    .then(|| perf_start(pid, "s4"))
+                    .then(|| perf_start(pid, key))
                     .flatten();
-                let r = rt.block_on(download(ctx.clone(), via, pid));
+                let r = rt.block_on(transfer(ctx.clone(), via, pid, up));
                 perf_stop(perf);
                 match r {
                     Ok((mbs, n, u)) => {
                         log(&format!(
-                            "s4 run {i} {:>7}: {mbs:.0} MB/s ({n} bytes) core0 {:.0}% core1 {:.0}% \
+                            "{key} run {i} {:>7}: {mbs:.0} MB/s ({n} bytes) core0 {:.0}% core1 {:.0}% \
                              latchkey cpu {:.2} s",
                             via.name(),
                             u.core0 * 100.0,
@@ -1343,12 +1382,12 @@ approval = "request"
                         ));
                         res[via as usize].push((mbs, u));
                     }
-                    Err(e) => log(&format!("s4 run {i} {}: error {e}", via.name())),
+                    Err(e) => log(&format!("{key} run {i} {}: error {e}", via.name())),
                 }
             }
         }
         log(&format!(
-            "s4 done: latchkey VmRSS {} KiB VmHWM {} KiB",
+            "{key} done: latchkey VmRSS {} KiB VmHWM {} KiB",
             status_kib(pid, "VmRSS:"),
             status_kib(pid, "VmHWM:")
         ));
@@ -1357,13 +1396,17 @@ approval = "request"
         let lk_ns = median(
             res[1]
                 .iter()
-                .map(|x| x.1.lk_cpu * 1e9 / (env_num("BENCH_BIG_MIB", 100) as f64 * 1048576.0))
+                .map(|x| x.1.lk_cpu * 1e9 / big_len() as f64)
                 .collect(),
         );
         let d_u: Vec<Usage> = res[0].iter().map(|x| x.1).collect();
         let p_u: Vec<Usage> = res[1].iter().map(|x| x.1).collect();
         rows.push([
-            format!("S4 {} MiB download", env_num("BENCH_BIG_MIB", 100)),
+            format!(
+                "S4{} {} MiB {what}",
+                if up { "-up" } else { "" },
+                env_num("BENCH_BIG_MIB", 100)
+            ),
             format!("{} MB/s", fmt(d, 0)),
             format!("{} MB/s", fmt(p, 0)),
             format!("{}x", fmt(p / d, 2)),

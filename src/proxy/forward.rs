@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::limits::{GlobalSlot, Pool};
-use super::readahead::ReadAhead;
+use super::readahead::ReadAheadStream;
 use crate::deny::Deny;
 use crate::netguard;
 
@@ -111,8 +111,7 @@ pub struct UpstreamPoolFull;
 
 /// An upstream TCP connection holding its place in the upstream pool until it closes.
 pub struct CountedStream {
-    io: TokioIo<TcpStream>,
-    reads: ReadAhead,
+    io: TokioIo<ReadAheadStream>,
     _slot: GlobalSlot,
 }
 
@@ -122,8 +121,7 @@ impl hyper::rt::Read for CountedStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.reads.poll_read(&mut this.io, cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -159,7 +157,7 @@ impl hyper::rt::Write for CountedStream {
 
 impl hyper_util::client::legacy::connect::Connection for CountedStream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.connected()
+        self.io.inner().get_ref().connected()
     }
 }
 
@@ -233,8 +231,7 @@ impl tower_service::Service<Uri> for PinnedConnector {
                     Ok(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);
                         return Ok(CountedStream {
-                            io: TokioIo::new(stream),
-                            reads: ReadAhead::default(),
+                            io: TokioIo::new(ReadAheadStream::new(stream)),
                             _slot: slot,
                         });
                     }

@@ -1,33 +1,33 @@
-//! Larger socket reads under an upstream TLS connection while a body streams in.
+//! Larger socket reads under TLS while a body streams in.
 //!
 //! rustls asks its transport for 4 KiB at a time (a little more to finish a partial record), so
-//! a 10 MiB download took about 2 500 `recvfrom` calls, and the sending side's kernel did the
-//! TCP work of every small read. Once a read fills what the reader asked for (the socket held
-//! more), the next reads take up to [`CHUNK`] from the socket at once and hand it out from
-//! memory. The buffer exists only while it holds bytes: an idle or slow connection keeps none,
-//! and a short read (the socket ran dry) ends the bulk mode. This module only moves bytes.
+//! a 10 MiB download over an upstream TLS connection took about 2 500 `recvfrom` calls, and an
+//! upload through a tunnel as many; the sending side's kernel did the TCP work of every small
+//! read. Once a read fills what the reader asked for (the socket held more), the next reads
+//! take up to [`CHUNK`] from the socket at once and hand it out from memory. The buffer exists
+//! only while it holds bytes: an idle or slow connection keeps none, and a short read (the
+//! socket ran dry) ends the bulk mode. This module only moves bytes.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use hyper::rt::ReadBufCursor;
+use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The most one socket read takes in bulk mode.
 pub const CHUNK: usize = 64 * 1024;
 
-/// Reads asking for more than this (hyper's own adaptive buffers on plain HTTP) go straight
-/// to the socket; smaller ones (rustls: 4 KiB, up to one TLS record) go through a stack buffer
-/// so that their size is known.
+/// Reads asking for more than this (hyper's own adaptive buffers on plain HTTP) always go
+/// straight to the socket; smaller ones (rustls: 4 KiB, up to one TLS record) may be served
+/// from a chunk.
 const DIRECT_ABOVE: usize = 18 * 1024;
 
-/// Read state of one socket; see the module documentation.
-#[derive(Default)]
-pub struct ReadAhead {
+/// A TCP stream read as described in the module documentation; writes pass through.
+pub struct ReadAheadStream {
+    tcp: TcpStream,
     /// Bytes read from the socket and not handed on yet, from `pos`.
     ahead: Vec<u8>,
     pos: usize,
@@ -35,110 +35,219 @@ pub struct ReadAhead {
     bulk: bool,
 }
 
-impl ReadAhead {
-    /// Read from `io` into `buf`, as `hyper::rt::Read::poll_read`.
-    pub fn poll_read(
-        &mut self,
-        io: &mut TokioIo<TcpStream>,
+impl ReadAheadStream {
+    pub fn new(tcp: TcpStream) -> Self {
+        Self::with_pending(tcp, Bytes::new())
+    }
+
+    /// `tcp` with `pending` (bytes already read from it) handed out first.
+    pub fn with_pending(tcp: TcpStream, pending: Bytes) -> Self {
+        ReadAheadStream {
+            tcp,
+            ahead: pending.into(),
+            pos: 0,
+            bulk: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Bytes held for the reader.
+    pub fn held(&self) -> usize {
+        self.ahead.len() - self.pos
+    }
+}
+
+impl AsyncRead for ReadAheadStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         let want = buf.remaining();
-        if self.pos < self.ahead.len() {
-            let n = want.min(self.ahead.len() - self.pos);
-            buf.put_slice(&self.ahead[self.pos..self.pos + n]);
-            self.pos += n;
-            if self.pos == self.ahead.len() {
-                self.ahead = Vec::new();
-                self.pos = 0;
+        if this.pos < this.ahead.len() {
+            let n = want.min(this.ahead.len() - this.pos);
+            buf.put_slice(&this.ahead[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.pos = 0;
             }
             return Poll::Ready(Ok(()));
         }
         if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        if want > DIRECT_ABOVE {
-            self.bulk = false;
-            return hyper::rt::Read::poll_read(Pin::new(io), cx, buf);
-        }
-        let tcp = io.inner_mut();
-        if !self.bulk {
-            let mut stack = [MaybeUninit::<u8>::uninit(); DIRECT_ABOVE];
-            let mut read = ReadBuf::uninit(&mut stack[..want]);
-            ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
-            self.bulk = read.remaining() == 0;
-            buf.put_slice(read.filled());
+        if !this.bulk || want > DIRECT_ABOVE {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+            this.bulk = want <= DIRECT_ABOVE && buf.filled().len() - before == want;
             return Poll::Ready(Ok(()));
         }
         loop {
-            ready!(tcp.poll_read_ready(cx))?;
+            ready!(this.tcp.poll_read_ready(cx))?;
             let mut ahead = Vec::with_capacity(CHUNK);
-            match tcp.try_read_buf(&mut ahead) {
+            match this.tcp.try_read_buf(&mut ahead) {
                 Ok(n) => {
                     // Less than the reader wanted: the sender is slower than we are.
-                    self.bulk = n >= want;
+                    this.bulk = n >= want;
                     let given = want.min(n);
                     buf.put_slice(&ahead[..given]);
                     if given < n {
-                        self.ahead = ahead;
-                        self.pos = given;
+                        this.ahead = ahead;
+                        this.pos = given;
                     }
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
-                    self.bulk = false;
+                    this.bulk = false;
                     return Poll::Ready(Err(e));
                 }
             }
         }
     }
+}
 
-    /// Bytes held for the reader (tests and memory accounting).
-    pub fn held(&self) -> usize {
-        self.ahead.len() - self.pos
+impl AsyncWrite for ReadAheadStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// The agent's side of a CONNECT tunnel: its TCP stream read ahead when the tunnel came from
+/// the plain listener (hyper hands back the stream and what it had read past the CONNECT head),
+/// otherwise hyper's upgraded stream as it is (the TLS listener).
+pub enum TunnelStream {
+    Tcp(ReadAheadStream),
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl From<hyper::upgrade::Upgraded> for TunnelStream {
+    fn from(upgraded: hyper::upgrade::Upgraded) -> Self {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => TunnelStream::Tcp(ReadAheadStream::with_pending(
+                parts.io.into_inner(),
+                parts.read_buf,
+            )),
+            Err(upgraded) => TunnelStream::Upgraded(TokioIo::new(upgraded)),
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            TunnelStream::Tcp($s) => $e,
+            TunnelStream::Upgraded($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            TunnelStream::Tcp(s) => s.is_write_vectored(),
+            TunnelStream::Upgraded(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::poll_fn;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    async fn pair() -> (TcpStream, TokioIo<TcpStream>) {
+    async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (dialed.unwrap(), TokioIo::new(accepted.unwrap().0))
+        (dialed.unwrap(), accepted.unwrap().0)
     }
 
     /// One read of at most `len` bytes, as rustls makes them.
-    async fn read(ra: &mut ReadAhead, io: &mut TokioIo<TcpStream>, len: usize) -> Vec<u8> {
+    async fn read(ra: &mut ReadAheadStream, len: usize) -> Vec<u8> {
         let mut storage = vec![0u8; len];
-        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
-        poll_fn(|cx| ra.poll_read(io, cx, buf.unfilled()))
-            .await
-            .unwrap();
-        let n = buf.filled().len();
+        let n = ra.read(&mut storage).await.unwrap();
         storage.truncate(n);
         storage
     }
 
     #[tokio::test]
     async fn a_stream_arrives_whole_and_in_order_through_small_reads() {
-        let (mut sender, mut io) = pair().await;
+        let (mut sender, tcp) = pair().await;
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
             sender.write_all(&sent).await.unwrap();
         });
-        let mut ra = ReadAhead::default();
+        let mut ra = ReadAheadStream::new(tcp);
         let mut got = Vec::new();
         let mut most_held = 0;
         loop {
-            let chunk = read(&mut ra, &mut io, 4096).await;
+            let chunk = read(&mut ra, 4096).await;
             if chunk.is_empty() {
                 break;
             }
@@ -160,32 +269,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_trickle_is_read_directly_and_holds_no_buffer() {
-        let (mut sender, mut io) = pair().await;
-        let mut ra = ReadAhead::default();
+        let (mut sender, tcp) = pair().await;
+        let mut ra = ReadAheadStream::new(tcp);
         for i in 0..20u8 {
             sender.write_all(&[i; 100]).await.unwrap();
-            assert_eq!(read(&mut ra, &mut io, 4096).await, vec![i; 100]);
+            assert_eq!(read(&mut ra, 4096).await, vec![i; 100]);
             assert!(!ra.bulk);
             assert_eq!(ra.ahead.capacity(), 0);
         }
         drop(sender);
-        assert!(
-            read(&mut ra, &mut io, 4096).await.is_empty(),
-            "end of stream"
-        );
+        assert!(read(&mut ra, 4096).await.is_empty(), "end of stream");
     }
 
     #[tokio::test]
     async fn bytes_held_are_handed_on_before_the_end_of_the_stream() {
-        let (mut sender, mut io) = pair().await;
+        let (mut sender, tcp) = pair().await;
         sender.write_all(&[1u8; 40_000]).await.unwrap();
         drop(sender);
-        let mut ra = ReadAhead::default();
+        let mut ra = ReadAheadStream::new(tcp);
         // The first read fills 1 000 bytes (bulk begins), the second takes the rest at once.
-        assert_eq!(read(&mut ra, &mut io, 1000).await.len(), 1000);
+        assert_eq!(read(&mut ra, 1000).await.len(), 1000);
         let mut total = 1000;
         loop {
-            let chunk = read(&mut ra, &mut io, 1000).await;
+            let chunk = read(&mut ra, 1000).await;
             if chunk.is_empty() {
                 break;
             }
@@ -197,15 +303,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_read_goes_straight_to_the_socket() {
-        let (mut sender, mut io) = pair().await;
+        let (mut sender, tcp) = pair().await;
         sender.write_all(&[2u8; 30_000]).await.unwrap();
-        let mut ra = ReadAhead::default();
+        let mut ra = ReadAheadStream::new(tcp);
         let mut got = 0;
         while got < 30_000 {
-            let chunk = read(&mut ra, &mut io, 64 * 1024).await;
+            let chunk = read(&mut ra, 64 * 1024).await;
             got += chunk.len();
             assert_eq!(ra.held(), 0);
         }
         assert_eq!(got, 30_000);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_come_first_and_writes_pass_through() {
+        let (mut agent, tcp) = pair().await;
+        let mut ra = ReadAheadStream::with_pending(tcp, Bytes::from_static(b"\x16\x03\x01"));
+        agent.write_all(b"rest").await.unwrap();
+        assert_eq!(read(&mut ra, 2).await, b"\x16\x03");
+        assert_eq!(read(&mut ra, 4096).await, b"\x01");
+        assert_eq!(ra.ahead.capacity(), 0);
+        assert_eq!(read(&mut ra, 4096).await, b"rest");
+        ra.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let mut got = [0u8; 19];
+        agent.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"HTTP/1.1 200 OK\r\n\r\n");
     }
 }

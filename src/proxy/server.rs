@@ -31,6 +31,7 @@ use super::body::AuditedBody;
 use super::gateway;
 use super::limits::Admission;
 use super::primed::Primed;
+use super::readahead::TunnelStream;
 use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
@@ -436,7 +437,7 @@ async fn connect(
     tokio::spawn(
         async move {
             match upgrade.await {
-                Ok(upgraded) => tunnel.run(TokioIo::new(upgraded), drain).await,
+                Ok(upgraded) => tunnel.run(TunnelStream::from(upgraded), drain).await,
                 Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
             }
         }
@@ -456,7 +457,7 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    async fn run(self, io: TokioIo<hyper::upgrade::Upgraded>, drain: Drain) {
+    async fn run(self, io: TunnelStream, drain: Drain) {
         let shared = self.shared.clone();
         let _open = shared.metrics.tunnel();
         // Each stage that is large and passes is boxed, so the task, which lives as long as
@@ -558,8 +559,8 @@ impl Tunnel {
     /// `None` (after saying why) when there is no session to serve.
     async fn handshake(
         &self,
-        io: TokioIo<hyper::upgrade::Upgraded>,
-    ) -> Option<tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>> {
+        io: TunnelStream,
+    ) -> Option<tokio_rustls::server::TlsStream<TunnelStream>> {
         let shared = &self.shared;
         let limits = &shared.limits;
         let acceptor =

@@ -107,3 +107,65 @@ fn a_refused_5mb_upload_reaches_every_client_as_its_refusal() {
         assert!(l["bytes_up"].as_u64().unwrap_or(0) == 0, "{l}");
     }
 }
+
+/// The agent's side of a tunnel is read a chunk at a time while a body streams in
+/// (`proxy/readahead.rs`): an upload arrives upstream byte for byte, also when the agent put
+/// its TLS ClientHello in the same write as the CONNECT head (hyper has read it by then and
+/// hands it back with the stream, to be read first).
+#[test]
+fn an_upload_through_a_tunnel_arrives_byte_for_byte_with_the_hello_sent_early() {
+    use std::io::Write;
+    let (home, proxy, token) = ready_with(&[]);
+    let authority = format!("{API_HOST}:{}", home.https_port());
+    let cfg = agent_tls_config(&home.latchkey_ca(), &[b"http/1.1"]);
+    let name = rustls::pki_types::ServerName::try_from(API_HOST.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut first = format!(
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes();
+    conn.write_tls(&mut first).unwrap();
+    let mut sock = proxy_socket(proxy.addr);
+    sock.write_all(&first).unwrap();
+    let (status, head) = read_head(&mut sock).unwrap();
+    assert_eq!(status, 200, "{head}");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)
+            .expect("TLS handshake in the tunnel");
+    }
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+
+    // Not a repeating pattern: a byte moved, dropped or doubled changes what the upstream got.
+    let body: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut request = format!(
+        "POST /repos/acme/backend/issues HTTP/1.1\r\nHost: {authority}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    tls.write_all(&request).unwrap();
+    tls.flush().unwrap();
+    let r = read_response(&mut tls).unwrap();
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let echoed: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echoed["body_len"], body.len());
+
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_complete, Some(true));
+    assert!(
+        seen[0].body == body,
+        "the upstream got other bytes than were sent"
+    );
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    let lines = home.wait_audit(2);
+    let post = lines.iter().find(|l| l["method"] == "POST").unwrap();
+    assert_eq!(post["outcome"], "ok", "{post}");
+    assert_eq!(post["status"], 200);
+    assert_eq!(post["bytes_up"], body.len(), "{post}");
+}
