@@ -9,6 +9,7 @@ pub mod admin;
 pub mod approve;
 pub mod body;
 pub mod decode;
+pub mod dials;
 pub mod forward;
 pub mod gateway;
 pub mod limits;

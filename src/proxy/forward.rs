@@ -23,6 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::dials::{DialSlot, Dials};
 use super::limits::{GlobalSlot, Pool};
 use super::readahead::ReadAheadStream;
 use crate::deny::Deny;
@@ -99,6 +100,8 @@ pub enum ForwardError {
 pub struct PinnedConnector {
     pins: Arc<HashMap<(String, u16), IpAddr>>,
     allow_private: bool,
+    /// Connections being set up, per host (see `dials`).
+    dials: Arc<Dials>,
     /// Upstream connections open (pooled idle ones included), capped at `max_open`.
     open: Pool,
     max_open: usize,
@@ -112,7 +115,28 @@ pub struct UpstreamPoolFull;
 /// An upstream TCP connection holding its place in the upstream pool until it closes.
 pub struct CountedStream {
     io: TokioIo<ReadAheadStream>,
+    /// Until the upstream's first answer (for TLS its handshake flight).
+    dialing: Option<Dialing>,
     _slot: GlobalSlot,
+}
+
+/// A TLS upstream connection that has not answered yet: its dial slot, and when it must have.
+struct Dialing {
+    _slot: DialSlot,
+    due: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CountedStream {
+    fn new(tcp: TcpStream, slot: GlobalSlot, dial: DialSlot, answer_within: Duration) -> Self {
+        CountedStream {
+            io: TokioIo::new(ReadAheadStream::new(tcp)),
+            dialing: Some(Dialing {
+                _slot: dial,
+                due: Box::pin(tokio::time::sleep(answer_within)),
+            }),
+            _slot: slot,
+        }
+    }
 }
 
 impl hyper::rt::Read for CountedStream {
@@ -121,7 +145,24 @@ impl hyper::rt::Read for CountedStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(dialing) = &mut this.dialing {
+            // SECURITY: an upstream that takes the connection and never answers its TLS
+            // handshake would hold the dial slot (and the connection) for good, also when
+            // the dial was made in the background for the pool.
+            if dialing.due.as_mut().poll(cx).is_ready() {
+                this.dialing = None;
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the upstream did not answer the TLS handshake in time",
+                )));
+            }
+        }
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if read.is_ready() {
+            this.dialing = None;
+        }
+        read
     }
 }
 
@@ -180,12 +221,8 @@ impl tower_service::Service<Uri> for PinnedConnector {
         let allow_private = self.allow_private;
         let open = self.open.clone();
         let max_open = self.max_open;
+        let dials = self.dials.clone();
         Box::pin(async move {
-            // SECURITY: every upstream connection is a file descriptor; past the cap the
-            // request fails rather than the process (EMFILE would break every agent).
-            let slot = open
-                .try_take(max_open)
-                .ok_or_else(|| std::io::Error::other(UpstreamPoolFull))?;
             let host = uri
                 .host()
                 .ok_or_else(|| io_err("the upstream URI has no host"))?
@@ -196,6 +233,15 @@ impl tower_service::Service<Uri> for PinnedConnector {
                 Some("http") => 80,
                 _ => 443,
             });
+            let dial = dials.enter(&host, port).await.map_err(|e| {
+                tracing::debug!(%host, port, "background dial dropped: its request was served from the pool");
+                std::io::Error::other(e)
+            })?;
+            // SECURITY: every upstream connection is a file descriptor; past the cap the
+            // request fails rather than the process (EMFILE would break every agent).
+            let slot = open
+                .try_take(max_open)
+                .ok_or_else(|| std::io::Error::other(UpstreamPoolFull))?;
             let addrs: Vec<SocketAddr> = if let Some(ip) = pins.get(&(host.clone(), port)) {
                 // Pinned by the admin with --resolve: trusted, even on loopback.
                 vec![SocketAddr::new(*ip, port)]
@@ -230,10 +276,11 @@ impl tower_service::Service<Uri> for PinnedConnector {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                     Ok(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);
-                        return Ok(CountedStream {
-                            io: TokioIo::new(ReadAheadStream::new(stream)),
-                            _slot: slot,
-                        });
+                        let mut stream = CountedStream::new(stream, slot, dial, CONNECT_TIMEOUT);
+                        if uri.scheme_str() != Some("https") {
+                            stream.dialing = None; // no handshake to wait for
+                        }
+                        return Ok(stream);
                     }
                     Ok(Err(e)) => last = e,
                     Err(_) => {
@@ -290,6 +337,7 @@ impl Upstream {
                     .collect(),
             ),
             allow_private,
+            dials: Arc::default(),
             open: Pool::default(),
             max_open: max_connections,
         };
@@ -424,6 +472,58 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A read of the upstream connection, as hyper makes it.
+    async fn read_once(stream: &mut CountedStream) -> std::io::Result<usize> {
+        let mut storage = [0u8; 64];
+        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+        std::future::poll_fn(|cx| {
+            hyper::rt::Read::poll_read(Pin::new(&mut *stream), cx, buf.unfilled())
+        })
+        .await?;
+        Ok(buf.filled().len())
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_never_answers_the_handshake_is_given_up_and_frees_its_dial() {
+        let dials = Arc::new(Dials::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Taken by the kernel's backlog, never answered.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let slot = Pool::default().try_take(8).unwrap();
+        let dial = dials.enter("tarpit.test", addr.port()).await.unwrap();
+        let mut stream = CountedStream::new(tcp, slot, dial, Duration::from_millis(200));
+        assert_eq!(dials.in_progress("tarpit.test", addr.port()), 1);
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(5), read_once(&mut stream))
+            .await
+            .expect("the deadline ends the wait")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(dials.in_progress("tarpit.test", addr.port()), 0);
+
+        // An upstream that answers frees the slot at its first bytes, and the deadline is gone.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let _tarpit = listener.accept().await.unwrap(); // accepted at last
+        let (mut server, _) = listener.accept().await.unwrap();
+        let dial = dials.enter("tarpit.test", addr.port()).await.unwrap();
+        let slot = Pool::default().try_take(8).unwrap();
+        let mut stream = CountedStream::new(tcp, slot, dial, Duration::from_millis(200));
+        server.write_all(b"\x16\x03\x03").await.unwrap();
+        assert_eq!(read_once(&mut stream).await.unwrap(), 3);
+        assert!(stream.dialing.is_none());
+        assert_eq!(dials.in_progress("tarpit.test", addr.port()), 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.write_all(b"late").await.unwrap();
+        assert_eq!(
+            read_once(&mut stream).await.unwrap(),
+            4,
+            "no deadline once answered"
+        );
+    }
 
     #[test]
     fn resolve_pins_parse_like_curl() {

@@ -148,6 +148,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TCP connections accepted by the HTTPS listener (to prove pooling).
     pub tls_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The same for the HTTP/1.1-only listener.
+    pub tls1_connections: Arc<std::sync::atomic::AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -163,6 +165,8 @@ impl Upstream {
         let cfg1 = pki.server_config(&[b"http/1.1"]);
         let tls_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = tls_connections.clone();
+        let tls1_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter1 = tls1_connections.clone();
         let (https_addr, http_addr, https1_addr) = runtime.block_on(async {
             let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -174,12 +178,7 @@ impl Upstream {
             );
             tokio::spawn(accept_tls(tls_listener, cfg, seen.clone(), counter));
             tokio::spawn(accept_plain(plain_listener, seen.clone()));
-            tokio::spawn(accept_tls(
-                tls1_listener,
-                cfg1,
-                seen.clone(),
-                Arc::default(),
-            ));
+            tokio::spawn(accept_tls(tls1_listener, cfg1, seen.clone(), counter1));
             addrs
         });
         Upstream {
@@ -188,6 +187,7 @@ impl Upstream {
             https1_addr,
             seen,
             tls_connections,
+            tls1_connections,
             _runtime: runtime,
         }
     }

@@ -760,3 +760,92 @@ fn a_tunnel_waiting_for_its_first_request_is_held_to_the_head_deadline_and_ends_
     assert_eq!((connects, gets.len()), (4, 1), "{audit:?}");
     assert_eq!(gets[0]["status"], 200);
 }
+
+/// A burst of agents against an HTTP/1.1 upstream is served in full while dials are limited
+/// per host and waiting dials whose requests the pool served are dropped (`proxy/dials.rs`):
+/// no request fails for it, each carries the credential, each is audited, and latchkey opens
+/// about one upstream connection per agent. (The connection storm itself needs latchkey's core
+/// saturated: the peer harness shows it, 131-191 dials for 32 agents before, 33-36 after.)
+#[test]
+fn a_burst_of_agents_is_served_in_full_over_about_one_upstream_connection_each() {
+    const AGENTS: usize = 24;
+    const REQUESTS: usize = 40;
+    let home = Home::new();
+    let port = home.upstream.https1_addr.port();
+    home.standard_policy_with(&format!(
+        r#"
+[[routes]]
+id = "h1-only"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = ["/repos/acme/backend/issues"]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#
+    ));
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let pin = format!("{API_HOST}:{port}:127.0.0.1");
+    let proxy = home.serve(&["--resolve", &pin]);
+    let authority = format!("{API_HOST}:{port}");
+
+    // Every agent has its tunnel before any request, so the requests come as one burst.
+    let tunnels: Vec<RawTunnel> = (0..AGENTS)
+        .map(|_| {
+            RawTunnel::open(
+                proxy.addr,
+                &authority,
+                &token,
+                API_HOST,
+                &home.latchkey_ca(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(AGENTS));
+    let agents: Vec<_> = tunnels
+        .into_iter()
+        .map(|mut t| {
+            let start = start.clone();
+            let authority = authority.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut ok = 0;
+                for _ in 0..REQUESTS {
+                    let r = t
+                        .exchange(
+                            format!(
+                                "GET /repos/acme/backend/issues HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+                            )
+                            .as_bytes(),
+                        )
+                        .unwrap();
+                    ok += usize::from(r.status == 200);
+                }
+                ok
+            })
+        })
+        .collect();
+    let answered: usize = agents.into_iter().map(|a| a.join().unwrap()).sum();
+    assert_eq!(answered, AGENTS * REQUESTS, "every request answered 200");
+
+    let connections = home
+        .upstream
+        .tls1_connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=AGENTS + 4).contains(&connections),
+        "{connections} upstream connections for {AGENTS} agents"
+    );
+    let seen = home.upstream.seen();
+    assert_eq!(seen.len(), AGENTS * REQUESTS);
+    assert!(seen
+        .iter()
+        .all(|s| s.header("authorization") == Some(format!("Bearer {SECRET}").as_str())));
+    let lines = home.wait_audit(AGENTS * (REQUESTS + 1));
+    let gets = lines
+        .iter()
+        .filter(|l| l["method"] == "GET" && l["outcome"] == "ok")
+        .count();
+    assert_eq!(gets, AGENTS * REQUESTS);
+}

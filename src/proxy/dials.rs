@@ -1,0 +1,169 @@
+//! At most [`PER_HOST`] upstream connections being set up per host at a time, and no dial for
+//! a request the pool has served meanwhile.
+//!
+//! hyper-util's pool races each request that finds no idle connection between waiting for one
+//! and dialing a new one, and a dial it started goes on in the background when an idle
+//! connection wins. Under a burst (32 agents starting at once against an HTTP/1 upstream) that
+//! made 167 TLS connections to the upstream for 32 agents, and 64 stayed open. Here a dial
+//! past the per-host limit waits for one in progress to get its first answer from the upstream
+//! (for TLS the server's handshake flight); a waiting dial that hyper-util has moved to the
+//! background (it is polled from another task from then on: its request was served from the
+//! pool) gives up without dialing. A dial in progress is never cancelled: its connection joins
+//! the pool.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use tokio::sync::Notify;
+
+/// Connections being set up at once to one host and port.
+pub const PER_HOST: usize = 4;
+
+/// Connect error: the request this dial was for got a pooled connection while it waited.
+#[derive(Debug, thiserror::Error)]
+#[error("dial not needed: the request was served by a pooled connection")]
+pub struct NotNeeded;
+
+/// Dials in progress per (host, port).
+#[derive(Default)]
+pub struct Dials {
+    hosts: Mutex<HashMap<(String, u16), usize>>,
+    released: Notify,
+}
+
+impl Dials {
+    /// Wait for a dial slot for `host:port`. The waiting is done in the task that polls this
+    /// future first; polled from another one, it ends with [`NotNeeded`].
+    pub async fn enter(self: &Arc<Self>, host: &str, port: u16) -> Result<DialSlot, NotNeeded> {
+        let mut first: Option<Waker> = None;
+        loop {
+            let released = self.released.notified();
+            let mut released = pin!(released);
+            // Registered before looking, so a release in between is not missed.
+            released.as_mut().enable();
+            if let Some(slot) = self.try_enter(host, port) {
+                return Ok(slot);
+            }
+            let moved = poll_fn(|cx| {
+                match &first {
+                    None => first = Some(cx.waker().clone()),
+                    Some(w) if !w.will_wake(cx.waker()) => return Poll::Ready(true),
+                    Some(_) => {}
+                }
+                released.as_mut().poll(cx).map(|()| false)
+            })
+            .await;
+            if moved {
+                return Err(NotNeeded);
+            }
+        }
+    }
+
+    /// Dials to `host:port` in progress.
+    pub fn in_progress(&self, host: &str, port: u16) -> usize {
+        let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts.get(&(host.to_owned(), port)).copied().unwrap_or(0)
+    }
+
+    fn try_enter(self: &Arc<Self>, host: &str, port: u16) -> Option<DialSlot> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (host.to_owned(), port);
+        let n = hosts.entry(key.clone()).or_insert(0);
+        if *n >= PER_HOST {
+            return None;
+        }
+        *n += 1;
+        Some(DialSlot {
+            dials: Some(self.clone()),
+            key,
+        })
+    }
+}
+
+/// A dial in progress; released by [`DialSlot::release`] or when dropped.
+pub struct DialSlot {
+    dials: Option<Arc<Dials>>,
+    key: (String, u16),
+}
+
+impl DialSlot {
+    pub fn release(&mut self) {
+        let Some(dials) = self.dials.take() else {
+            return;
+        };
+        let mut hosts = dials.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = hosts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                hosts.remove(&self.key);
+            }
+        }
+        drop(hosts);
+        dials.released.notify_waiters();
+    }
+}
+
+impl Drop for DialSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn past_the_limit_a_dial_waits_for_a_release() {
+        let dials = Arc::new(Dials::default());
+        let mut slots = Vec::new();
+        for _ in 0..PER_HOST {
+            slots.push(dials.enter("api.test", 443).await.unwrap());
+        }
+        // Another host is not held up.
+        let other = dials.enter("other.test", 443).await.unwrap();
+        let waiting = {
+            let dials = dials.clone();
+            tokio::spawn(async move { dials.enter("api.test", 443).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a fifth dial to the same host waits"
+        );
+        slots[0].release();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("released slot taken")
+            .unwrap()
+            .unwrap();
+        drop(other);
+        drop(slots);
+        assert!(
+            dials.hosts.lock().unwrap().is_empty(),
+            "every slot given back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_dial_moved_to_another_task_gives_up() {
+        let dials = Arc::new(Dials::default());
+        let _slots: Vec<_> =
+            futures_util::future::join_all((0..PER_HOST).map(|_| dials.enter("api.test", 443)))
+                .await;
+        let d = dials.clone();
+        let mut waiting = Box::pin(async move { d.enter("api.test", 443).await.map(|_| ()) });
+        // First polled here, as a request's own connect is.
+        assert!(poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx).is_pending())).await);
+        // Then driven by a task of its own, as hyper-util does with a background connect.
+        let outcome = tokio::spawn(waiting).await.unwrap();
+        assert!(
+            outcome.is_err(),
+            "a dial its request no longer needs is not made"
+        );
+    }
+}
