@@ -3,7 +3,47 @@
 //! and its audit record; `body` the bodies on the way through (`decode` undoes an
 //! upstream's compression where redaction must read the body); `forward` the upstream client;
 //! `gateway` the base-URL mode (`/gw/<route>/...` in origin form, the token as an API key);
-//! `primed` a tunnel's stream with its first byte read ahead.
+//! `primed` a tunnel's stream with its first byte read ahead; `readahead` sockets read a chunk
+//! at a time under TLS while a body streams; `dials` the upstream connections being set up.
+
+/// `AsyncWrite` methods of a stream wrapper that writes straight to its `$field`.
+macro_rules! write_through {
+    ($field:ident) => {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.$field.is_write_vectored()
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+        }
+    };
+}
 
 pub mod admin;
 pub mod approve;
