@@ -127,12 +127,19 @@ struct Dialing {
 }
 
 impl CountedStream {
-    fn new(tcp: TcpStream, slot: GlobalSlot, dial: DialSlot, answer_within: Duration) -> Self {
+    /// `answer_within`: for TLS, how long the upstream has to answer the handshake (the dial
+    /// slot is held until it does); `None` for plain HTTP, where the slot goes at once.
+    fn new(
+        tcp: TcpStream,
+        slot: GlobalSlot,
+        dial: DialSlot,
+        answer_within: Option<Duration>,
+    ) -> Self {
         CountedStream {
             io: TokioIo::new(ReadAheadStream::new(tcp)),
-            dialing: Some(Dialing {
+            dialing: answer_within.map(|within| Dialing {
                 _slot: dial,
-                due: Box::pin(tokio::time::sleep(answer_within)),
+                due: Box::pin(tokio::time::sleep(within)),
             }),
             _slot: slot,
         }
@@ -276,11 +283,9 @@ impl tower_service::Service<Uri> for PinnedConnector {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                     Ok(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);
-                        let mut stream = CountedStream::new(stream, slot, dial, CONNECT_TIMEOUT);
-                        if uri.scheme_str() != Some("https") {
-                            stream.dialing = None; // no handshake to wait for
-                        }
-                        return Ok(stream);
+                        let tls = uri.scheme_str() == Some("https");
+                        let within = tls.then_some(CONNECT_TIMEOUT);
+                        return Ok(CountedStream::new(stream, slot, dial, within));
                     }
                     Ok(Err(e)) => last = e,
                     Err(_) => {
@@ -494,7 +499,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let slot = Pool::default().try_take(8).unwrap();
         let dial = dials.enter("tarpit.test", addr.port()).await.unwrap();
-        let mut stream = CountedStream::new(tcp, slot, dial, Duration::from_millis(200));
+        let mut stream = CountedStream::new(tcp, slot, dial, Some(Duration::from_millis(200)));
         assert_eq!(dials.in_progress("tarpit.test", addr.port()), 1);
         let started = std::time::Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(5), read_once(&mut stream))
@@ -511,7 +516,7 @@ mod tests {
         let (mut server, _) = listener.accept().await.unwrap();
         let dial = dials.enter("tarpit.test", addr.port()).await.unwrap();
         let slot = Pool::default().try_take(8).unwrap();
-        let mut stream = CountedStream::new(tcp, slot, dial, Duration::from_millis(200));
+        let mut stream = CountedStream::new(tcp, slot, dial, Some(Duration::from_millis(200)));
         server.write_all(b"\x16\x03\x03").await.unwrap();
         assert_eq!(read_once(&mut stream).await.unwrap(), 3);
         assert!(stream.dialing.is_none());
