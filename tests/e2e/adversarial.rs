@@ -2090,22 +2090,7 @@ inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
 fn an_upstream_switching_protocols_on_an_http2_agent_is_502_and_the_connection_lives_on() {
     let home = Home::new();
     // An HTTP/1.1-only upstream (HTTP/2 has no 101) on a port of its own.
-    let port = home.upstream.https1_addr.port();
-    home.standard_policy_with(&format!(
-        r#"
-[[routes]]
-id = "h1-only"
-host = "{API_HOST}:{port}"
-methods = ["GET"]
-paths = ["/switch", "/repos/acme/backend/issues"]
-credential = "github"
-inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
-"#
-    ));
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let pin = format!("{API_HOST}:{port}:127.0.0.1");
-    let proxy = home.serve(&["--resolve", &pin]);
+    let (proxy, token, port) = serve_h1_only(&home, &["/switch", "/repos/acme/backend/issues"]);
 
     let agent = H2Agent::open_to(&home, proxy.addr, &token, port);
     let (status, body) = agent

@@ -1784,6 +1784,30 @@ impl H2Agent {
     }
 }
 
+/// The standard policy plus a route `h1-only` (GET `paths`, the `github` credential as a
+/// bearer token) to the HTTP/1.1-only upstream, pinned by `--resolve`; latchkey serving it.
+/// Returns the proxy, a token for `bot` and the upstream's port.
+pub fn serve_h1_only(home: &Home, paths: &[&str]) -> (Proxy, String, u16) {
+    let port = home.upstream.https1_addr.port();
+    let paths: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+    home.standard_policy_with(&format!(
+        r#"
+[[routes]]
+id = "h1-only"
+host = "{API_HOST}:{port}"
+methods = ["GET"]
+paths = [{}]
+credential = "github"
+inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
+"#,
+        paths.join(", ")
+    ));
+    home.set_secret("github", SECRET);
+    let token = home.issue("bot", &[]);
+    let pin = format!("{API_HOST}:{port}:127.0.0.1");
+    (home.serve(&["--resolve", &pin]), token, port)
+}
+
 /// Poll `f` every 25 ms for up to `limit`; true once it held. For asynchronous effects (reloads,
 /// revocations) whose timing is bounded but not instantaneous.
 pub fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {

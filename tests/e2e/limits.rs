@@ -771,22 +771,7 @@ fn a_burst_of_agents_is_served_in_full_over_about_one_upstream_connection_each()
     const AGENTS: usize = 24;
     const REQUESTS: usize = 40;
     let home = Home::new();
-    let port = home.upstream.https1_addr.port();
-    home.standard_policy_with(&format!(
-        r#"
-[[routes]]
-id = "h1-only"
-host = "{API_HOST}:{port}"
-methods = ["GET"]
-paths = ["/repos/acme/backend/issues"]
-credential = "github"
-inject = {{ header = "authorization", value = "Bearer {{secret}}" }}
-"#
-    ));
-    home.set_secret("github", SECRET);
-    let token = home.issue("bot", &[]);
-    let pin = format!("{API_HOST}:{port}:127.0.0.1");
-    let proxy = home.serve(&["--resolve", &pin]);
+    let (proxy, token, port) = serve_h1_only(&home, &["/repos/acme/backend/issues"]);
     let authority = format!("{API_HOST}:{port}");
 
     // Every agent has its tunnel before any request, so the requests come as one burst.
