@@ -6,21 +6,32 @@
 //! connection wins. Under a burst (32 agents starting at once against an HTTP/1 upstream) that
 //! made 167 TLS connections to the upstream for 32 agents, and 64 stayed open. Here a dial
 //! past the per-host limit waits for one in progress to get its first answer from the upstream
-//! (for TLS the server's handshake flight); a waiting dial that hyper-util has moved to the
-//! background (it is polled from another task from then on: its request was served from the
-//! pool) gives up without dialing. A dial in progress is never cancelled: its connection joins
-//! the pool.
+//! (for TLS the server's handshake flight), for at most [`WAIT_AT_MOST`]: requests that hold
+//! their connections long (a burst of LLM completions to an HTTP/1 upstream) each need one, and
+//! wait no longer than that for it. A waiting dial that hyper-util has moved to the background
+//! (it is polled from another task from then on: its request was served from the pool) gives
+//! up without dialing. A dial in progress is never cancelled: its connection joins the pool.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// Connections being set up at once to one host and port.
+/// Connections being set up at once to one host and port...
 pub const PER_HOST: usize = 4;
+/// ...unless a dial has waited this long for its turn.
+pub const WAIT_AT_MOST: Duration = Duration::from_millis(50);
+
+/// Why a waiting dial woke.
+enum Woke {
+    Released,
+    Overdue,
+    Moved,
+}
 
 /// Connect error: the request this dial was for got a pooled connection while it waited.
 #[derive(Debug, thiserror::Error)]
@@ -39,25 +50,33 @@ impl Dials {
     /// future first; polled from another one, it ends with [`NotNeeded`].
     pub async fn enter(self: &Arc<Self>, host: &str, port: u16) -> Result<DialSlot, NotNeeded> {
         let mut first: Option<Waker> = None;
+        let mut overdue = None;
+        let mut limit = PER_HOST;
         loop {
             let released = self.released.notified();
             let mut released = pin!(released);
             // Registered before looking, so a release in between is not missed.
             released.as_mut().enable();
-            if let Some(slot) = self.try_enter(host, port) {
+            if let Some(slot) = self.try_enter(host, port, limit) {
                 return Ok(slot);
             }
-            let moved = poll_fn(|cx| {
+            let overdue = overdue.get_or_insert_with(|| Box::pin(tokio::time::sleep(WAIT_AT_MOST)));
+            let woke = poll_fn(|cx| {
                 match &first {
                     None => first = Some(cx.waker().clone()),
-                    Some(w) if !w.will_wake(cx.waker()) => return Poll::Ready(true),
+                    Some(w) if !w.will_wake(cx.waker()) => return Poll::Ready(Woke::Moved),
                     Some(_) => {}
                 }
-                released.as_mut().poll(cx).map(|()| false)
+                if overdue.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Overdue);
+                }
+                released.as_mut().poll(cx).map(|()| Woke::Released)
             })
             .await;
-            if moved {
-                return Err(NotNeeded);
+            match woke {
+                Woke::Released => {}
+                Woke::Moved => return Err(NotNeeded),
+                Woke::Overdue => limit = usize::MAX,
             }
         }
     }
@@ -68,11 +87,11 @@ impl Dials {
         hosts.get(&(host.to_owned(), port)).copied().unwrap_or(0)
     }
 
-    fn try_enter(self: &Arc<Self>, host: &str, port: u16) -> Option<DialSlot> {
+    fn try_enter(self: &Arc<Self>, host: &str, port: u16, limit: usize) -> Option<DialSlot> {
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let key = (host.to_owned(), port);
         let n = hosts.entry(key.clone()).or_insert(0);
-        if *n >= PER_HOST {
+        if *n >= limit {
             return None;
         }
         *n += 1;
@@ -115,7 +134,6 @@ impl Drop for DialSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn past_the_limit_a_dial_waits_for_a_release() {
@@ -165,5 +183,24 @@ mod tests {
             outcome.is_err(),
             "a dial its request no longer needs is not made"
         );
+    }
+
+    #[tokio::test]
+    async fn a_dial_that_waited_long_enough_goes_ahead_past_the_limit() {
+        let dials = Arc::new(Dials::default());
+        let mut slots = Vec::new();
+        for _ in 0..PER_HOST {
+            slots.push(dials.enter("api.test", 443).await.unwrap());
+        }
+        let started = std::time::Instant::now();
+        let extra = tokio::time::timeout(Duration::from_secs(5), dials.enter("api.test", 443))
+            .await
+            .expect("not held for good")
+            .unwrap();
+        assert!(started.elapsed() >= WAIT_AT_MOST);
+        assert_eq!(dials.in_progress("api.test", 443), PER_HOST + 1);
+        drop(extra);
+        drop(slots);
+        assert_eq!(dials.in_progress("api.test", 443), 0);
     }
 }
