@@ -16,6 +16,7 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// The most one socket read takes in bulk mode.
 pub const CHUNK: usize = 64 * 1024;
@@ -121,72 +122,16 @@ impl AsyncWrite for ReadAheadStream {
 /// The agent's side of a CONNECT tunnel: its TCP stream read ahead when the tunnel came from
 /// the plain listener (hyper hands back the stream and what it had read past the CONNECT head),
 /// otherwise hyper's upgraded stream as it is (the TLS listener).
-pub enum TunnelStream {
-    Tcp(ReadAheadStream),
-    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
-}
+pub type TunnelStream = Either<ReadAheadStream, TokioIo<hyper::upgrade::Upgraded>>;
 
-impl From<hyper::upgrade::Upgraded> for TunnelStream {
-    fn from(upgraded: hyper::upgrade::Upgraded) -> Self {
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => TunnelStream::Tcp(ReadAheadStream::with_pending(
-                parts.io.into_inner(),
-                parts.read_buf,
-            )),
-            Err(upgraded) => TunnelStream::Upgraded(TokioIo::new(upgraded)),
-        }
-    }
-}
-
-macro_rules! each {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            TunnelStream::Tcp($s) => $e,
-            TunnelStream::Upgraded($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            TunnelStream::Tcp(s) => s.is_write_vectored(),
-            TunnelStream::Upgraded(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_shutdown(cx))
+/// The [`TunnelStream`] of an upgraded CONNECT.
+pub fn tunnel_stream(upgraded: hyper::upgrade::Upgraded) -> TunnelStream {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Either::Left(ReadAheadStream::with_pending(
+            parts.io.into_inner(),
+            parts.read_buf,
+        )),
+        Err(upgraded) => Either::Right(TokioIo::new(upgraded)),
     }
 }
 

@@ -31,7 +31,7 @@ use super::body::AuditedBody;
 use super::gateway;
 use super::limits::Admission;
 use super::primed::Primed;
-use super::readahead::TunnelStream;
+use super::readahead::{tunnel_stream, TunnelStream};
 use super::request::{self, who};
 use super::Shared;
 use crate::audit::Outcome;
@@ -437,7 +437,7 @@ async fn connect(
     tokio::spawn(
         async move {
             match upgrade.await {
-                Ok(upgraded) => tunnel.run(TunnelStream::from(upgraded), drain).await,
+                Ok(upgraded) => tunnel.run(tunnel_stream(upgraded), drain).await,
                 Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
             }
         }
