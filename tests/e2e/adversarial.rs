@@ -2027,6 +2027,62 @@ fn upstream_cutting_the_body_short_closes_the_agents_connection() {
     env.still_serves();
 }
 
+/// A TLS upstream that takes connections and never answers the handshake, hit by more agents
+/// at once than latchkey sets up connections per host (`proxy/dials.rs`, 4): every agent gets
+/// its 504 within the response timeout (none waits behind another's stuck handshake for
+/// longer than the dial wait), nothing reaches an upstream, each request is audited as an
+/// upstream timeout, and the proxy serves on.
+#[test]
+fn a_tls_upstream_that_never_answers_the_handshake_holds_no_agent_past_its_timeout() {
+    const AGENTS: usize = 6;
+    let port = fault_upstream(Fault::Silent);
+    let env = fault_env(port, &["--upstream-timeout", "1s"]);
+    let authority = format!("fault.example.test:{port}");
+    let seen_before = env.seen().len();
+    let start = Instant::now();
+    let agents: Vec<_> = (0..AGENTS)
+        .map(|_| {
+            let mut t = RawTunnel::open(
+                env.proxy.addr,
+                &authority,
+                &env.token,
+                "fault.example.test",
+                &env.home.latchkey_ca(),
+            )
+            .unwrap();
+            let req = format!("GET /x HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+            std::thread::spawn(move || t.exchange(req.as_bytes()).unwrap())
+        })
+        .collect();
+    for agent in agents {
+        let r = agent.join().unwrap();
+        assert_denied(
+            &r,
+            504,
+            "upstream_timeout",
+            "TLS upstream silent in its handshake",
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{AGENTS} agents took {:?}",
+        start.elapsed()
+    );
+    let timeouts = env
+        .home
+        .wait_audit(AGENTS * 2)
+        .into_iter()
+        .filter(|l| l["method"] == "GET" && l["reason"] == "upstream_timeout")
+        .count();
+    assert_eq!(timeouts, AGENTS);
+    assert_eq!(
+        env.seen().len(),
+        seen_before,
+        "nothing reached the test upstream"
+    );
+    env.still_serves();
+}
+
 #[test]
 fn upstream_that_never_answers_is_504_upstream_timeout() {
     let port = fault_upstream(Fault::Silent);
