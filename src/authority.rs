@@ -85,6 +85,29 @@ impl Authority {
         Ok(Authority { host, port })
     }
 
+    /// Whether `text` is exactly this authority's canonical spelling, `host:port`, or `host`
+    /// alone when the port is `default_port`: what `parse(text, Some(default_port))` would
+    /// find equal to `self`, told without parsing or allocating (the `Host` header of nearly
+    /// every request in a tunnel). `false` says nothing: other spellings need [`Self::parse`].
+    pub fn is_spelled(&self, text: &str, default_port: u16) -> bool {
+        let same = match text.strip_prefix(&*self.host) {
+            Some("") => self.port == default_port,
+            Some(rest) => rest.strip_prefix(':').is_some_and(|digits| {
+                // The canonical digits only: no sign, no leading zero, no empty port.
+                !digits.starts_with('0')
+                    && digits.len() <= 5
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && digits.parse::<u16>() == Ok(self.port)
+            }),
+            None => false,
+        };
+        debug_assert!(
+            !same || Authority::parse(text, Some(default_port)).as_ref() == Ok(self),
+            "a canonical spelling parses to its authority"
+        );
+        same
+    }
+
     /// The normalised host (lower-case name, canonical IPv4, or bracketed IPv6).
     pub fn host(&self) -> &str {
         &self.host
@@ -106,6 +129,34 @@ impl Authority {
         }
         // Names never end in a numeric label (see `normalize_name`), so only IPv4 parses.
         self.host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+    }
+}
+
+impl Authority {
+    /// `host:port`, as [`fmt::Display`] writes it, without the formatting machinery (once per
+    /// request, for its audit record).
+    pub fn text(&self) -> String {
+        let mut text = String::with_capacity(self.host.len() + 6);
+        self.push_text(&mut text);
+        text
+    }
+
+    /// Append `host:port` to `out` (see [`Self::text`]).
+    pub fn push_text(&self, out: &mut String) {
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut port = self.port;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (port % 10) as u8;
+            port /= 10;
+            if port == 0 {
+                break;
+            }
+        }
+        out.push_str(&self.host);
+        out.push(':');
+        out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
     }
 }
 
@@ -237,6 +288,53 @@ fn normalize_name(host: &str) -> Result<Box<str>, AuthorityError> {
 mod tests {
     use super::*;
     use AuthorityError as E;
+
+    #[test]
+    fn a_canonical_spelling_is_told_without_parsing_and_nothing_else_is() {
+        let cases = [
+            ("api.example.com:443", 443, "api.example.com", true),
+            ("api.example.com:443", 443, "api.example.com:443", true),
+            ("api.example.com:8443", 443, "api.example.com:8443", true),
+            ("api.example.com:8443", 443, "api.example.com", false),
+            ("api.example.com:443", 80, "api.example.com", false),
+            ("10.0.0.1:443", 443, "10.0.0.1", true),
+            ("[::1]:443", 443, "[::1]:443", true),
+            ("[::1]:443", 443, "[::1]", true),
+            // Spellings that may still match, but only through the parser:
+            ("api.example.com:443", 443, "API.example.com", false),
+            ("api.example.com:443", 443, "api.example.com.", false),
+            ("api.example.com:443", 443, "api.example.com:0443", false),
+            ("[::1]:443", 443, "[0::1]:443", false),
+            // Never a match:
+            ("api.example.com:443", 443, "api.example.com:", false),
+            ("api.example.com:443", 443, "api.example.com:+443", false),
+            ("api.example.com:443", 443, "api.example.com:443:443", false),
+            ("api.example.com:443", 443, "api.example.com:65979", false),
+            ("api.example.com:443", 443, "api.example.com.evil", false),
+            (
+                "api.example.com:443",
+                443,
+                "api.example.com@evil:443",
+                false,
+            ),
+            ("api.example.com:443", 443, "api.example.co", false),
+            ("api.example.com:443", 443, "", false),
+            ("a.example:1", 443, "a.example:1", true),
+            ("a.example:65535", 443, "a.example:65535", true),
+        ];
+        for (bound, default_port, text, spelled) in cases {
+            let bound = Authority::parse(bound, None).unwrap();
+            assert_eq!(bound.text(), bound.to_string());
+            assert_eq!(
+                bound.is_spelled(text, default_port),
+                spelled,
+                "{bound} {text:?}"
+            );
+            if spelled {
+                assert_eq!(Authority::parse(text, Some(default_port)), Ok(bound));
+            }
+        }
+    }
 
     #[test]
     fn authority_table() {

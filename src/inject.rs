@@ -222,10 +222,8 @@ fn rewrite_head(
     ));
     target.push_str(scheme_str);
     target.push_str("://");
-    {
-        use std::fmt::Write as _;
-        let _ = write!(&mut *target, "{authority}{path}");
-    }
+    authority.push_text(&mut target);
+    target.push_str(path);
 
     match (inject, prepared) {
         (Some(Inject::Query { name }), Some(prepared)) => {

@@ -35,7 +35,7 @@ pub struct Metrics {
     credential_events: DashMap<(String, &'static str), AtomicU64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct RequestKey {
     agent: String,
     route: String,
@@ -43,6 +43,75 @@ struct RequestKey {
     outcome: &'static str,
     reason: &'static str,
 }
+
+/// A [`RequestKey`] as borrowed from a completed record: the counter of a key seen before is
+/// found without allocating (every request but the first of its kind).
+#[derive(PartialEq, Eq, Hash, Clone, Copy)]
+struct KeyRef<'a> {
+    agent: &'a str,
+    route: &'a str,
+    decision: &'static str,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+/// Either form of a key, so the map (keyed by owned keys) can be asked with a borrowed one.
+trait AsKey {
+    fn key(&self) -> KeyRef<'_>;
+}
+
+impl AsKey for RequestKey {
+    fn key(&self) -> KeyRef<'_> {
+        KeyRef {
+            agent: &self.agent,
+            route: &self.route,
+            decision: self.decision,
+            outcome: self.outcome,
+            reason: self.reason,
+        }
+    }
+}
+
+impl AsKey for KeyRef<'_> {
+    fn key(&self) -> KeyRef<'_> {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AsKey + 'a> for RequestKey {
+    fn borrow(&self) -> &(dyn AsKey + 'a) {
+        self
+    }
+}
+
+// Hash and equality of both forms are those of `KeyRef`, as `Borrow` requires.
+impl std::hash::Hash for dyn AsKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for dyn AsKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn AsKey + '_ {}
+
+impl std::hash::Hash for RequestKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for RequestKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for RequestKey {}
 
 /// Decrements a gauge when dropped, so every exit path (errors and panics included) counts.
 pub struct GaugeGuard<'a>(&'a AtomicI64);
@@ -63,17 +132,24 @@ impl Metrics {
         outcome: &'static str,
         reason: &'static str,
     ) {
-        let key = RequestKey {
-            agent: agent.unwrap_or("").to_owned(),
-            route: route.unwrap_or("").to_owned(),
+        let key = KeyRef {
+            agent: agent.unwrap_or(""),
+            route: route.unwrap_or(""),
             decision,
             outcome,
             reason,
         };
-        if let Some(c) = self.requests.get(&key) {
+        if let Some(c) = self.requests.get(&key as &dyn AsKey) {
             c.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let key = RequestKey {
+            agent: key.agent.to_owned(),
+            route: key.route.to_owned(),
+            decision,
+            outcome,
+            reason,
+        };
         self.requests
             .entry(key)
             .or_insert_with(|| AtomicU64::new(0))

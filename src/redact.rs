@@ -53,6 +53,9 @@ pub struct Needles {
     /// `starts[b]`: some needle begins with byte `b` (a cheap first test for held tails).
     starts: [bool; 256],
     longest: usize,
+    /// No haystack shorter than this can hold a needle: most header values are skipped
+    /// without running the automaton.
+    shortest: usize,
 }
 
 impl std::fmt::Debug for Needles {
@@ -71,6 +74,7 @@ impl Needles {
             }
         }
         let longest = needles.iter().map(|n| n.len()).max()?;
+        let shortest = needles.iter().map(|n| n.len()).min()?;
         let patterns = needles.iter().map(|n| n.as_slice());
         // Leftmost-longest, the semantics that keep the SIMD prefilter (Teddy) on the whole
         // pass; `matches` restarts just after each match's start so that one encoding cannot
@@ -100,12 +104,16 @@ impl Needles {
             name_searcher,
             starts,
             longest,
+            shortest,
         }))
     }
 
     /// Sorted, non-overlapping match ranges in `hay`.
     fn matches(&self, hay: &[u8]) -> Vec<(usize, usize)> {
         let mut found: Vec<(usize, usize)> = Vec::new();
+        if hay.len() < self.shortest {
+            return found;
+        }
         let mut from = 0;
         // Matches come in order of start; a match that starts inside the previous one (an
         // encoding inside another) extends it.
@@ -165,7 +173,10 @@ impl Needles {
         // value.
         let doomed: Vec<HeaderName> = headers
             .keys()
-            .filter(|name| self.name_searcher.is_match(name.as_str().as_bytes()))
+            .filter(|name| {
+                name.as_str().len() >= self.shortest
+                    && self.name_searcher.is_match(name.as_str().as_bytes())
+            })
             .cloned()
             .collect();
         let mut changed = !doomed.is_empty();

@@ -224,6 +224,9 @@ pub struct Tripwire {
     /// Bytes of a body held back so a needle or format split across chunks is caught: the
     /// longest needle (or format span) less one.
     hold: usize,
+    /// The fewest bytes any hit takes (a stored value's shortest form, or a format's prefix
+    /// and its shortest run): a whole value shorter than this is not searched.
+    shortest: usize,
 }
 
 impl std::fmt::Debug for Tripwire {
@@ -260,6 +263,12 @@ impl Tripwire {
             .chain(FORMATS.iter().map(Format::span))
             .max()
             .unwrap_or(1);
+        let shortest = needles
+            .iter()
+            .map(|n| n.len())
+            .chain(FORMATS.iter().map(|f| f.prefix.len() + f.min))
+            .min()
+            .unwrap_or(0);
         let patterns: Vec<&[u8]> = needles
             .iter()
             .map(|n| n.as_slice())
@@ -273,6 +282,7 @@ impl Tripwire {
             searcher,
             owners,
             hold: longest - 1,
+            shortest,
         }
     }
 
@@ -307,6 +317,9 @@ impl Tripwire {
     /// The first credential in `hay`, ignoring formats of kind `allowed` (the route's own).
     /// The end of `hay` counts as the end of a run (see [`BodyScan`] for streams).
     pub fn find(&self, hay: &[u8], allowed: Option<Kind>) -> Option<Hit> {
+        if hay.len() < self.shortest {
+            return None;
+        }
         self.find_in(hay, allowed, true)
     }
 
@@ -448,6 +461,22 @@ mod tests {
         assert!(tw
             .find(b"see https://auth.example.test/token", None)
             .is_none());
+    }
+
+    #[test]
+    fn the_shortest_hit_is_still_found_and_shorter_values_are_not_searched() {
+        // The shortest format hit: a Slack prefix and its 10-byte minimum run.
+        assert_eq!(kind("xoxb-0123456789"), Some(Kind::Slack));
+        assert_eq!(kind("xoxb-012345678"), None);
+        let tw = Tripwire::new(vec![(
+            Arc::from("short"),
+            Zeroizing::new(b"abcdefgh-12345678".to_vec()),
+        )]);
+        assert_eq!(tw.shortest, "xoxb-0123456789".len());
+        assert!(matches!(
+            tw.find(b"abcdefgh-12345678", None),
+            Some(Hit::Stored(_))
+        ));
     }
 
     fn kind(s: &str) -> Option<Kind> {

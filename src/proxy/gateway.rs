@@ -247,7 +247,7 @@ fn admit(
             route: route.id().to_owned(),
             host: route.host().to_owned(),
         })?;
-    rec.host = authority.to_string();
+    rec.host = authority.text();
     // SECURITY: the token never goes upstream, in whichever header it came. `Host` (which
     // names latchkey, or whatever the agent wrote) is ignored: the upstream is the route's
     // host alone, and `inject::apply` rebuilds the target from it.

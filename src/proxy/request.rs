@@ -178,6 +178,9 @@ pub fn check_bound_authority(
         got,
     };
     let check = |text: &str| {
+        if bound.is_spelled(text, default_port) {
+            return Ok(());
+        }
         // SECURITY: the refusal is logged; an unparsed name goes there without userinfo.
         let parsed = Authority::parse(text, Some(default_port))
             .map_err(|_| mismatch(authority::without_userinfo(text).to_owned()))?;
@@ -701,11 +704,10 @@ pub async fn in_tunnel(
     hold: TunnelHold,
 ) -> Response<AuditedBody> {
     let (parts, body) = req.into_parts();
-    let mut rec = shared.recorder.open(
-        &parts.method,
-        authority.to_string(),
-        parts.uri.path().to_owned(),
-    );
+    let mut rec =
+        shared
+            .recorder
+            .open(&parts.method, authority.text(), parts.uri.path().to_owned());
     rec.who = who(&claims);
     let mut ctx = Ctx {
         rec,
@@ -757,7 +759,7 @@ pub async fn plain(
         }
         let authority = Authority::parse(&host_text, Some(80))
             .map_err(|e| Deny::BadRequest(format!("request target: {e}")))?;
-        rec.host = authority.to_string();
+        rec.host = authority.text();
         let claims = authenticate(&shared, &parts.headers, &mut rec)?;
         if !admission.admit(&shared.limits_state, shared.limits.max_connections) {
             return Err(Deny::TooManyConnections("this proxy"));
