@@ -625,6 +625,7 @@ async fn follow_picks_up_appended_and_replaced_lines_and_stops_on_signal() {
 // ---- rotation ----
 
 use super::rotate::segment_path;
+use super::sink::{FLUSH_BYTES, MAX_BATCH};
 
 /// 2 KiB files hold a handful of ~450-byte lines, so 200 records give dozens of rotations.
 const TINY: Rotation = Rotation {
@@ -747,6 +748,39 @@ async fn verify_checks_the_chain_across_every_rotated_file() {
         let newer: serde_json::Value = serde_json::from_str(&read_lines(&pair[1])[0]).unwrap();
         assert_eq!(newer["prev_hash"], older["hash"]);
     }
+}
+
+/// A backlog far larger than one batch, with rotation thresholds that fall both inside and
+/// across the writer's mid-batch flushes: every line once, in order, chained, no file over
+/// its limit or ending mid-line.
+#[tokio::test]
+async fn a_backlog_is_written_in_bounded_pieces_with_rotation_in_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let rotation = Rotation {
+        max_bytes: (FLUSH_BYTES + FLUSH_BYTES / 3) as u64,
+        keep: 1000,
+    };
+    let (sink, writer) = AuditSink::open_rotating(&path, Some(rotation))
+        .await
+        .unwrap();
+    // Queued without yielding (the queue has room): the writer finds them all waiting.
+    let n = 3 * MAX_BATCH as u64 + 17;
+    for i in 0..n {
+        sink.record(event(i)).await;
+    }
+    assert_eq!(writer.shutdown().await.unwrap(), n);
+    assert_eq!(request_ids(&path), ids(0..n));
+    let files = all_files(&path);
+    assert!(files.len() >= 3, "only {} files", files.len());
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(bytes.len() as u64 <= rotation.max_bytes, "{}", f.display());
+        assert_eq!(bytes.last(), Some(&b'\n'), "{} ends mid-line", f.display());
+    }
+    let report = verify(&path).unwrap();
+    assert_eq!(report.lines, n);
+    assert!(report.anchored_at_genesis);
 }
 
 #[tokio::test]
