@@ -95,7 +95,7 @@ impl Chain {
     /// Encode `event` as one line (with trailing `\n`) appended to `out`, and advance the chain.
     pub fn append(&mut self, event: &AuditEvent, out: &mut Vec<u8>) {
         let start = out.len();
-        let ts = event.ts_string();
+        let ts = super::event::ts_text(&event.ts);
         let canonical = Canonical {
             agent: &event.agent,
             approval_id: &event.approval.approval_id,
@@ -123,7 +123,7 @@ impl Chain {
             session: &event.session,
             status: event.status,
             task: &event.task,
-            ts: &ts,
+            ts: ts.as_str(),
             ttfb_ms: event.ttfb_ms.map(normalise_duration_ms),
         };
         // Writing to a Vec cannot fail, and every field is a plain string, number or null.

@@ -155,8 +155,51 @@ pub struct ApprovalFacts {
 impl AuditEvent {
     /// `ts` as written to the log: RFC 3339, milliseconds, `Z`.
     pub fn ts_string(&self) -> String {
-        self.ts.to_rfc3339_opts(SecondsFormat::Millis, true)
+        ts_text(&self.ts).as_str().to_owned()
     }
+}
+
+/// A timestamp as the log writes it, built on the stack (once per line, by the writer).
+pub(crate) enum TsText {
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the only form a timestamp from the clock takes.
+    Fixed([u8; 24]),
+    /// What chrono writes for the rest (years outside 0-9999, a leap second).
+    Other(String),
+}
+
+impl TsText {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            TsText::Fixed(b) => std::str::from_utf8(b).expect("ASCII digits and separators"),
+            TsText::Other(s) => s,
+        }
+    }
+}
+
+/// `ts` as chrono's `to_rfc3339_opts(SecondsFormat::Millis, true)` writes it, without its
+/// formatting machinery or an allocation.
+pub(crate) fn ts_text(ts: &DateTime<Utc>) -> TsText {
+    use chrono::{Datelike, Timelike};
+    let year = ts.year();
+    let nanos = ts.nanosecond();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        return TsText::Other(ts.to_rfc3339_opts(SecondsFormat::Millis, true));
+    }
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, ts.month());
+    put(8, 2, ts.day());
+    put(11, 2, ts.hour());
+    put(14, 2, ts.minute());
+    put(17, 2, ts.second());
+    put(20, 3, nanos / 1_000_000);
+    TsText::Fixed(b)
 }
 
 /// Round a duration to whole microseconds and clamp non-finite or negative values to 0.
@@ -175,12 +218,12 @@ pub fn normalise_duration_ms(ms: f64) -> f64 {
 
 /// chrono's `serde` feature is not enabled in this crate, and we want a fixed format anyway.
 pub(crate) mod ts_millis {
-    use chrono::{DateTime, SecondsFormat, Utc};
+    use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
     /// Write `ts` as `2026-11-22T18:00:00.123Z`.
     pub fn serialize<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&ts.to_rfc3339_opts(SecondsFormat::Millis, true))
+        s.serialize_str(super::ts_text(ts).as_str())
     }
 
     /// Read any RFC 3339 timestamp and convert it to UTC.
@@ -243,6 +286,43 @@ mod tests {
         assert_eq!(e.status, Some(200));
         assert_eq!(e.outcome, None);
         assert_eq!(e.bytes_down, None);
+    }
+
+    #[test]
+    fn the_stack_timestamp_is_chronos_to_the_byte() {
+        let chrono_text = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut cases = vec![
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap()
+                + chrono::Duration::nanoseconds(999_999_999),
+            Utc.with_ymd_and_hms(2024, 2, 29, 12, 34, 56).unwrap()
+                + chrono::Duration::microseconds(7_890),
+            // Outside the fixed form: chrono's own text.
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(-1, 6, 15, 8, 0, 0).unwrap(),
+            Utc::now(),
+        ];
+        // A spread of instants from 1970 to about 2310, at odd nanoseconds.
+        let mut t: i64 = 0;
+        for _ in 0..5000 {
+            t = t
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let secs = (t as u64 % 10_700_000_000) as i64;
+            let nanos = (t as u64 >> 33) as u32 % 1_000_000_000;
+            cases.push(DateTime::from_timestamp(secs, nanos).unwrap());
+        }
+        for ts in &cases {
+            assert_eq!(ts_text(ts).as_str(), chrono_text(ts), "{ts:?}");
+        }
+        // A leap second (chrono keeps it in the nanoseconds) goes to chrono too.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_milli_opt(23, 59, 59, 1_500)
+            .unwrap()
+            .and_utc();
+        assert!(matches!(ts_text(&leap), TsText::Other(_)));
+        assert_eq!(ts_text(&leap).as_str(), chrono_text(&leap));
     }
 
     #[test]
