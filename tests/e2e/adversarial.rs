@@ -1929,6 +1929,8 @@ enum Fault {
     TruncatedBody,
     /// Reads the request and never answers.
     Silent,
+    /// Answers 200 with a head of about this many bytes of padding fields, then a body "ok".
+    HeadOf(usize),
 }
 
 /// A plain-HTTP fake upstream on 127.0.0.1:0; returns its port.
@@ -1957,6 +1959,16 @@ fn fault_upstream(fault: Fault) -> u16 {
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort");
                 }
                 Fault::Silent => held.push(s),
+                Fault::HeadOf(bytes) => {
+                    let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+                    for i in 0..bytes / 1024 {
+                        head.extend_from_slice(format!("X-Pad-{i:04}: ").as_bytes());
+                        head.extend_from_slice(&[b'p'; 1010]);
+                        head.extend_from_slice(b"\r\n");
+                    }
+                    head.extend_from_slice(b"\r\nok");
+                    let _ = s.write_all(&head);
+                }
             }
         }
     });
@@ -1998,6 +2010,32 @@ fn upstream_answering_garbage_is_502_upstream_protocol() {
         audit_line_with(&env.home, "upstream_protocol")["status"],
         502
     );
+    env.still_serves();
+}
+
+/// A hostile upstream's response head is bounded by hyper's read buffer (about 400 KiB on
+/// upstream connections; bodies stream through it): a head of 48 KiB goes through whole, one
+/// of 512 KiB is the upstream's broken answer, a 502 said once and audited, and the proxy
+/// serves on.
+#[test]
+fn an_upstream_head_past_the_read_buffer_is_502_upstream_protocol_and_one_below_passes() {
+    let port = fault_upstream(Fault::HeadOf(48 * 1024));
+    let env = fault_env(port, &[]);
+    let r = plain_get(&env, port).unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "ok");
+    assert!(
+        r.head.contains("x-pad-0046: ppp"),
+        "a padding field is missing"
+    );
+
+    let port = fault_upstream(Fault::HeadOf(512 * 1024));
+    let env = fault_env(port, &[]);
+    let r = plain_get(&env, port).unwrap();
+    assert_denied(&r, 502, "upstream_protocol", "a 512 KiB response head");
+    let line = audit_line_with(&env.home, "upstream_protocol");
+    assert_eq!(line["status"], 502);
+    assert_eq!(line["decision"], "allow", "the request went out: {line}");
     env.still_serves();
 }
 
