@@ -806,6 +806,20 @@ mod tests {
     }
 
     #[test]
+    fn a_value_or_name_exactly_the_needle_is_caught_and_one_byte_short_is_not_scanned() {
+        let n = needles(&["SECRETVALUE"]);
+        assert_eq!(n.shortest, "SECRETVALUE".len());
+        let mut h = HeaderMap::new();
+        h.insert("x-exact", HeaderValue::from_static("SECRETVALUE"));
+        h.insert("x-short", HeaderValue::from_static("SECRETVALU"));
+        h.insert("secretvalue", HeaderValue::from_static("1"));
+        assert!(n.redact_headers(&mut h));
+        assert_eq!(h["x-exact"], "[REDACTED]");
+        assert_eq!(h["x-short"], "SECRETVALU");
+        assert!(!h.contains_key("secretvalue"));
+    }
+
+    #[test]
     fn a_header_whose_name_holds_the_secret_is_removed_whatever_its_case() {
         let mut h = HeaderMap::new();
         h.insert("x-secretvalue-echo", HeaderValue::from_static("1"));
