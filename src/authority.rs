@@ -108,31 +108,6 @@ impl Authority {
         same
     }
 
-    /// The normalised host (lower-case name, canonical IPv4, or bracketed IPv6).
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The IP if host is an IP literal (v4 or bracketed v6).
-    pub fn ip(&self) -> Option<IpAddr> {
-        if let Some(inner) = self
-            .host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-        {
-            return inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
-        }
-        // Names never end in a numeric label (see `normalize_name`), so only IPv4 parses.
-        self.host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
-    }
-}
-
-impl Authority {
     /// `host:port`, as [`fmt::Display`] writes it, without the formatting machinery (once per
     /// request, for its audit record).
     pub fn text(&self) -> String {
@@ -157,6 +132,29 @@ impl Authority {
         out.push_str(&self.host);
         out.push(':');
         out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    }
+
+    /// The normalised host (lower-case name, canonical IPv4, or bracketed IPv6).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The IP if host is an IP literal (v4 or bracketed v6).
+    pub fn ip(&self) -> Option<IpAddr> {
+        if let Some(inner) = self
+            .host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+        {
+            return inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+        }
+        // Names never end in a numeric label (see `normalize_name`), so only IPv4 parses.
+        self.host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
     }
 }
 
