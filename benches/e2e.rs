@@ -922,6 +922,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The last column of a scenario's row: where the CPU went, direct and through latchkey.
+fn usage_cell(direct: &[Usage], proxied: &[Usage]) -> String {
+    format!(
+        "direct: {}; proxied: {}",
+        usage_note(direct),
+        usage_note(proxied)
+    )
+}
+
 fn usage_note(u: &[Usage]) -> String {
     let c0 = median(u.iter().map(|x| x.core0).collect());
     let c1 = median(u.iter().map(|x| x.core1).collect());
@@ -1243,11 +1252,7 @@ approval = "request"
                 fmt(p99 - d99, 2)
             ),
             format!("latchkey {} µs CPU/req", fmt(lk_us, 1)),
-            format!(
-                "direct: {}; proxied: {}",
-                usage_note(&d_u),
-                usage_note(&p_u)
-            ),
+            usage_cell(&d_u, &p_u),
         ]);
     }
 
@@ -1304,11 +1309,7 @@ approval = "request"
             format!("{} MB/s", fmt(p, 0)),
             format!("{}x", fmt(p / d, 2)),
             format!("latchkey {} ns CPU/byte", fmt(lk_ns, 2)),
-            format!(
-                "direct: {}; proxied: {}",
-                usage_note(&d_u),
-                usage_note(&p_u)
-            ),
+            usage_cell(&d_u, &p_u),
         ]);
     }
 
@@ -1479,11 +1480,7 @@ approval = "request"
                 fmt(p50 - d50, 2)
             ),
             format!("latchkey {} µs CPU/host", fmt(lk_us, 0)),
-            format!(
-                "direct: {}; proxied: {}",
-                usage_note(&d_u),
-                usage_note(&p_u)
-            ),
+            usage_cell(&d_u, &p_u),
         ]);
     }
 

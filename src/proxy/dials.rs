@@ -82,6 +82,7 @@ impl Dials {
     }
 
     /// Dials to `host:port` in progress.
+    #[cfg(test)]
     pub fn in_progress(&self, host: &str, port: u16) -> usize {
         let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         hosts.get(&(host.to_owned(), port)).copied().unwrap_or(0)
@@ -135,13 +136,19 @@ impl Drop for DialSlot {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn past_the_limit_a_dial_waits_for_a_release() {
-        let dials = Arc::new(Dials::default());
+    /// All [`PER_HOST`] dial slots of `api.test:443`.
+    async fn every_slot(dials: &Arc<Dials>) -> Vec<DialSlot> {
         let mut slots = Vec::new();
         for _ in 0..PER_HOST {
             slots.push(dials.enter("api.test", 443).await.unwrap());
         }
+        slots
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_a_dial_waits_for_a_release() {
+        let dials = Arc::new(Dials::default());
+        let mut slots = every_slot(&dials).await;
         // Another host is not held up.
         let other = dials.enter("other.test", 443).await.unwrap();
         let waiting = {
@@ -170,9 +177,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_dial_moved_to_another_task_gives_up() {
         let dials = Arc::new(Dials::default());
-        let _slots: Vec<_> =
-            futures_util::future::join_all((0..PER_HOST).map(|_| dials.enter("api.test", 443)))
-                .await;
+        let _slots = every_slot(&dials).await;
         let d = dials.clone();
         let mut waiting = Box::pin(async move { d.enter("api.test", 443).await.map(|_| ()) });
         // First polled here, as a request's own connect is.
@@ -188,10 +193,7 @@ mod tests {
     #[tokio::test]
     async fn a_dial_that_waited_long_enough_goes_ahead_past_the_limit() {
         let dials = Arc::new(Dials::default());
-        let mut slots = Vec::new();
-        for _ in 0..PER_HOST {
-            slots.push(dials.enter("api.test", 443).await.unwrap());
-        }
+        let slots = every_slot(&dials).await;
         let started = std::time::Instant::now();
         let extra = tokio::time::timeout(Duration::from_secs(5), dials.enter("api.test", 443))
             .await

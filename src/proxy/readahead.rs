@@ -58,6 +58,7 @@ impl ReadAheadStream {
     }
 
     /// Bytes held for the reader.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.ahead.len() - self.pos
     }
